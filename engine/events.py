@@ -1,0 +1,270 @@
+"""The event protocol v1: one typed event per thing that happens in a run.
+
+Every event carries the envelope ``v, type, run_id, seq, ts, stage, path, attempt``; the payload
+fields follow ``../shared/DESIGN.md`` §4. Every field is always present on the wire (``null`` where
+it does not apply), so a frontend never has to test for a missing key.
+
+Events are plain slotted dataclasses: cheap to build on the per-token path. ``RUN_EVENT`` (a
+pydantic ``TypeAdapter``) gives the JSON schema and validation for readers; ``event_to_json`` is
+the one serializer writers use (CLI NDJSON, SSE ``data:``), with a hand-written fast path for
+tokens, which are the bulk of every stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, Literal, NewType
+
+from pydantic import Discriminator, TypeAdapter
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "RUN_EVENT",
+    "ChainInfo",
+    "ErrorInfo",
+    "InputRequired",
+    "PlanStep",
+    "RunEnded",
+    "RunEvent",
+    "RunId",
+    "RunStarted",
+    "Source",
+    "SourceFound",
+    "StageEnded",
+    "StageId",
+    "StageProgress",
+    "StageRetried",
+    "StageStarted",
+    "Token",
+    "Usage",
+    "event_from_json",
+    "event_to_dict",
+    "event_to_json",
+]
+
+PROTOCOL_VERSION: Literal[1] = 1
+
+RunId = NewType("RunId", str)
+StageId = NewType("StageId", str)
+
+PathItem = str | int
+RunStatus = Literal["succeeded", "failed", "cancelled"]
+StageStatus = Literal["succeeded", "failed", "skipped", "cancelled"]
+
+
+@dataclass(slots=True, kw_only=True)
+class Usage:
+    """Token usage of a stage or a run."""
+
+    input_tokens: int = 0
+    """Tokens sent to the model (prompt)."""
+    output_tokens: int = 0
+    """Tokens the model produced."""
+    cost: float | None = None
+    """Cost in USD when the model entry has prices, else null."""
+
+    def add(self, other: Usage) -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        if other.cost is not None:
+            self.cost = (self.cost or 0.0) + other.cost
+
+
+@dataclass(slots=True, kw_only=True)
+class ErrorInfo:
+    """A structured error: what went wrong, and where."""
+
+    type: str
+    """A short machine-readable kind, e.g. ``timeout``, ``model_error``, ``invalid_json``."""
+    message: str
+    """A human-readable explanation."""
+    stage: str | None = None
+    """The stage that failed (on run-end), else null."""
+
+
+@dataclass(slots=True, kw_only=True)
+class ChainInfo:
+    """Which chain a run executes."""
+
+    id: str
+    title: str | None
+    version: int | str | None
+
+
+@dataclass(slots=True, kw_only=True)
+class PlanStep:
+    """One top-level stage of the plan, sent up front in run-start."""
+
+    stage: str
+    label: str
+    kind: str
+    needs: list[str]
+    """The stages this one waits for (references and explicit ``needs``)."""
+    weight: float
+    """This stage's share of the progress bar, relative to the others."""
+    fan_out: bool
+    """True for ``map`` stages: their items report stage-progress."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Source:
+    """A passage a stage found or produced (a document chunk, a retrieved passage)."""
+
+    id: str
+    title: str | None = None
+    text: str = ""
+    url: str | None = None
+    score: float | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class _Envelope:
+    v: Literal[1] = PROTOCOL_VERSION
+    run_id: str
+    seq: int
+    """1, 2, 3 … per run, no gaps; the SSE ``id:``."""
+    ts: int
+    """Milliseconds since the epoch."""
+    stage: str | None = None
+    """The stage id on stage events (for a map item, the map's id), else null."""
+    path: list[PathItem] | None = None
+    """The path from the top: ``["draft"]``, or ``["section_summaries", 3]`` for a map item."""
+    attempt: int | None = None
+    """The attempt on stage events, from 1."""
+
+
+@dataclass(slots=True, kw_only=True)
+class RunStarted(_Envelope):
+    """The run started; the whole plan comes up front so a UI can draw every step at once."""
+
+    type: Literal["run-start"] = "run-start"
+    chain: ChainInfo
+    plan: list[PlanStep]
+    model: str
+    """The model the run uses by default, e.g. ``offline`` or ``openai:gpt-4o-mini``."""
+
+
+@dataclass(slots=True, kw_only=True)
+class StageStarted(_Envelope):
+    """A stage (or one item of a map) started."""
+
+    type: Literal["stage-start"] = "stage-start"
+    label: str
+    kind: str
+    index: int | None = None
+    """For a map item, its index; else null."""
+    total: int | None = None
+    """For a map item, the number of items; else null."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Token(_Envelope):
+    """Streamed text; several tokens when coalescing is on."""
+
+    type: Literal["token"] = "token"
+    text: str
+
+
+@dataclass(slots=True, kw_only=True)
+class SourceFound(_Envelope):
+    """A source, as soon as it is known, tagged with its stage."""
+
+    type: Literal["source"] = "source"
+    source: Source
+
+
+@dataclass(slots=True, kw_only=True)
+class StageProgress(_Envelope):
+    """A fan-out stage finished one more item."""
+
+    type: Literal["stage-progress"] = "stage-progress"
+    completed: int
+    total: int
+
+
+@dataclass(slots=True, kw_only=True)
+class StageRetried(_Envelope):
+    """``attempt`` failed and the stage tries again; discard that attempt's tokens."""
+
+    type: Literal["stage-retry"] = "stage-retry"
+    error: ErrorInfo
+
+
+@dataclass(slots=True, kw_only=True)
+class InputRequired(_Envelope):
+    """The run is paused until a person answers."""
+
+    type: Literal["input-required"] = "input-required"
+    prompt: str
+    schema: dict[str, Any] | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class StageEnded(_Envelope):
+    """A stage (or a map item) ended; always after its last token."""
+
+    type: Literal["stage-end"] = "stage-end"
+    status: StageStatus
+    output: Any = None
+    usage: Usage = field(default_factory=Usage)
+    duration_ms: int = 0
+    error: ErrorInfo | None = None
+    progress: float = 0.0
+    """How much of the run is done, 0..1, by weight."""
+
+
+@dataclass(slots=True, kw_only=True)
+class RunEnded(_Envelope):
+    """The run ended. Exactly one, always last."""
+
+    type: Literal["run-end"] = "run-end"
+    status: RunStatus
+    outputs: Any = None
+    usage: Usage = field(default_factory=Usage)
+    duration_ms: int = 0
+    error: ErrorInfo | None = None
+
+
+RunEvent = Annotated[
+    RunStarted
+    | StageStarted
+    | Token
+    | SourceFound
+    | StageProgress
+    | StageRetried
+    | InputRequired
+    | StageEnded
+    | RunEnded,
+    Discriminator("type"),
+]
+RUN_EVENT: TypeAdapter[RunEvent] = TypeAdapter(RunEvent)
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+_TOKEN_HEAD = '{"v":1,"type":"token","run_id":'
+
+
+def event_to_dict(event: RunEvent) -> dict[str, Any]:
+    """The event as the plain dict that goes on the wire (key order: envelope, then payload)."""
+    data = asdict(event)
+    out = {"v": data.pop("v"), "type": data.pop("type")}
+    out.update(data)
+    return out
+
+
+def event_to_json(event: RunEvent) -> str:
+    """The event's wire JSON: one line, UTF-8 text, identical in NDJSON and SSE ``data:``."""
+    if type(event) is Token:
+        # The hot path: a token is most of every stream, so skip the generic walk.
+        return (
+            f"{_TOKEN_HEAD}{_dumps(event.run_id)},\"seq\":{event.seq},\"ts\":{event.ts},"
+            f"\"stage\":{_dumps(event.stage)},\"path\":{_dumps(event.path)},"
+            f"\"attempt\":{event.attempt},\"text\":{_dumps(event.text)}}}"
+        )
+    return _dumps(event_to_dict(event))
+
+
+def event_from_json(data: str | bytes) -> RunEvent:
+    """Parse and validate one event's JSON."""
+    return RUN_EVENT.validate_json(data)

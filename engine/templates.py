@@ -1,0 +1,125 @@
+"""Jinja2 templates in a sandbox with strict undefined.
+
+A field whose whole value is one ``{{ expression }}`` keeps the expression's type (a list for
+``over``, a boolean for ``when``); anything else renders to text. Values are data: a value that
+holds ``{{ 7*7 }}`` is never rendered again. ``references`` reads a template's AST to find which
+``stages.<id>`` and ``inputs.<name>`` it uses, which is how the orchestrator derives the DAG and
+how validation finds unknown names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, nodes
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from engine.errors import TemplateError
+
+__all__ = ["ENV", "References", "Template", "compile_template", "references"]
+
+ENV = ImmutableSandboxedEnvironment(
+    undefined=StrictUndefined,
+    autoescape=False,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+ENV.filters["tojson_pretty"] = lambda v: __import__("json").dumps(v, indent=2, ensure_ascii=False)
+
+_WHOLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}|\{\{).)*)\}\}\s*$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A compiled template: render(context) -> str, or the expression's own value."""
+
+    source: str
+    is_expression: bool
+    _compiled: Any = field(repr=False, compare=False)
+
+    def render(self, context: dict[str, Any]) -> Any:
+        try:
+            if self.is_expression:
+                value = self._compiled(**context)
+                if isinstance(value, StrictUndefined):
+                    str(value)  # raises the UndefinedError with jinja's own message
+                return value
+            return self._compiled.render(context)
+        except SecurityError as exc:
+            raise TemplateError(f"unsafe template: {exc}", type="template_unsafe") from None
+        except UndefinedError as exc:
+            message = str(exc)
+            if "unsafe" in message:
+                raise TemplateError(f"unsafe template: {message}", type="template_unsafe") from None
+            raise TemplateError(f"template error: {message}") from None
+        except TemplateError:
+            raise
+        except Exception as exc:  # a filter or an operator failed on the data
+            raise TemplateError(f"template error: {type(exc).__name__}: {exc}") from None
+
+    def render_text(self, context: dict[str, Any]) -> str:
+        value = self.render(context)
+        return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+@lru_cache(maxsize=4096)
+def compile_template(source: str) -> Template:
+    """Compile once; raises jinja2's TemplateSyntaxError (with ``lineno``) on bad syntax."""
+    match = _WHOLE_EXPRESSION.match(source)
+    if match:
+        return Template(source, True, ENV.compile_expression(match["expr"], undefined_to_none=False))
+    return Template(source, False, ENV.from_string(source))
+
+
+@dataclass
+class References:
+    """What a template reads from its context."""
+
+    names: set[str] = field(default_factory=set)
+    """Top-level names it reads (``inputs``, ``stages``, a map's ``as`` …), minus its own locals."""
+    stages: dict[str, int] = field(default_factory=dict)
+    """``stages.<id>`` it reads -> the line (1-based, inside the template) of the first use."""
+    inputs: dict[str, int] = field(default_factory=dict)
+    """``inputs.<name>`` it reads -> the line of the first use."""
+
+
+def references(source: str) -> References:
+    """Parse ``source`` and list what it references. Raises TemplateSyntaxError."""
+    match = _WHOLE_EXPRESSION.match(source)
+    ast = ENV.parse(source if not match else "{{" + match["expr"] + "}}")
+    refs = References()
+    from jinja2 import meta
+
+    refs.names = set(meta.find_undeclared_variables(ast))
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        base = node.node
+        key = _key(node)
+        if not isinstance(base, nodes.Name) or key is None:
+            continue
+        if base.name == "stages":
+            refs.stages.setdefault(key, node.lineno)
+        elif base.name == "inputs":
+            refs.inputs.setdefault(key, node.lineno)
+    return refs
+
+
+def _key(node: nodes.Getattr | nodes.Getitem) -> str | None:
+    if isinstance(node, nodes.Getattr):
+        return node.attr
+    if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+        return node.arg.value
+    return None
+
+
+def check_syntax(source: str) -> TemplateSyntaxError | None:
+    """The syntax error of ``source``, or None."""
+    try:
+        compile_template(source)
+    except TemplateSyntaxError as exc:
+        return exc
+    return None
