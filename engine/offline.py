@@ -1,0 +1,178 @@
+"""The offline model: deterministic, no network, streams word by word.
+
+It derives its text from the prompt, so outputs differ per input and read as clearly placeholder,
+and for ``output: json`` stages it returns JSON valid against the stage's schema, so every chain
+runs end to end with no API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.language_models import BaseChatModel
+
+__all__ = ["OfflineChatModel", "fake_json", "offline_text"]
+
+_WORD = re.compile(r"[^\W\d_][\w'-]{3,}", re.UNICODE)
+_TOKEN = re.compile(r"\S+\s*|\s+")
+
+
+def _salient_words(text: str, limit: int) -> list[str]:
+    seen: dict[str, None] = {}
+    for word in _WORD.findall(text):
+        key = word.lower()
+        if key not in seen:
+            seen[key] = None
+            if len(seen) >= limit:
+                break
+    return list(seen)
+
+
+def _message_text(message: BaseMessage) -> str:
+    content = message.content
+    if isinstance(content, str):
+        return content
+    return " ".join(part if isinstance(part, str) else str(part.get("text", "")) for part in content)
+
+
+def offline_text(messages: Sequence[BaseMessage], max_words: int = 60) -> str:
+    """A deterministic placeholder answer built from the prompt's own words."""
+    user = "\n".join(_message_text(m) for m in messages if m.type == "human") or "".join(
+        _message_text(m) for m in messages
+    )
+    digest = hashlib.sha256(user.encode()).hexdigest()[:6]
+    words = _salient_words(user, max(8, max_words - 6))
+    body = " ".join(words) if words else "nothing to work with"
+    return f"[offline {digest}] {body}."
+
+
+def fake_json(schema: dict[str, Any] | None, words: list[str], name: str = "value") -> Any:
+    """A value valid against ``schema``, filled with ``words`` so it reads as placeholder."""
+    schema = schema or {}
+    pool = words or ["offline"]
+
+    def text(n: int, key: str) -> str:
+        start = (sum(map(ord, key)) + n) % len(pool)
+        return " ".join(pool[(start + i) % len(pool)] for i in range(min(6, len(pool))))
+
+    counter = iter(range(1_000_000))
+
+    def gen(s: dict[str, Any], key: str) -> Any:
+        if "const" in s:
+            return s["const"]
+        if s.get("enum"):
+            return s["enum"][0]
+        for combo in ("anyOf", "oneOf", "allOf"):
+            if s.get(combo):
+                return gen(s[combo][0], key)
+        kind = s.get("type", "object" if "properties" in s else "string")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "null")
+        if kind == "object":
+            props: dict[str, Any] = s.get("properties", {})
+            return {k: gen(v, k) for k, v in props.items()}
+        if kind == "array":
+            low = int(s.get("minItems", 0))
+            high = int(s.get("maxItems", max(low, 3)))
+            count = max(low, min(3, high))
+            return [gen(s.get("items", {}), key) for _ in range(count)]
+        if kind == "integer" or kind == "number":
+            low_n = s.get("minimum", s.get("exclusiveMinimum", 0) + 1 if "exclusiveMinimum" in s else 1)
+            high_n = s.get("maximum")
+            value = low_n if high_n is None else min(max(low_n, 1), high_n)
+            return int(value) if kind == "integer" else float(value)
+        if kind == "boolean":
+            return True
+        if kind == "null":
+            return None
+        value_s = f"(offline {key}) {text(next(counter), key)}"
+        if "maxLength" in s:
+            value_s = value_s[: int(s["maxLength"])]
+        if "minLength" in s and len(value_s) < int(s["minLength"]):
+            value_s = value_s.ljust(int(s["minLength"]), ".")
+        return value_s
+
+    return gen(schema, name)
+
+
+class OfflineChatModel(BaseChatModel):
+    """A chat model that needs no network: deterministic placeholder text, streamed per word."""
+
+    delay_ms: float = 0.0
+    """Wait this long before each token (to watch progress)."""
+    max_words: int = 60
+    """About how many words a text answer has."""
+    json_schema: dict[str, Any] | None = None
+    """When set, answer with JSON valid against this schema (set per call by the orchestrator)."""
+    json_mode: bool = False
+    """Answer with JSON (an object when no schema is set)."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "stagecast-offline"
+
+    def answer(self, messages: Sequence[BaseMessage]) -> str:
+        if self.json_mode or self.json_schema is not None:
+            words = _salient_words(" ".join(_message_text(m) for m in messages), 40)
+            return json.dumps(fake_json(self.json_schema, words), ensure_ascii=False)
+        return offline_text(messages, self.max_words)
+
+    def _usage(self, messages: Sequence[BaseMessage], output_tokens: int) -> UsageMetadata:
+        prompt_tokens = sum(len(_message_text(m).split()) for m in messages)
+        return UsageMetadata(
+            input_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            total_tokens=prompt_tokens + output_tokens,
+        )
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        text = self.answer(messages)
+        usage = self._usage(messages, len(_TOKEN.findall(text)))
+        message = AIMessage(content=text, usage_metadata=usage)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        text = self.answer(messages)
+        tokens = _TOKEN.findall(text)
+        for token in tokens:
+            yield ChatGenerationChunk(message=AIMessageChunk(content=token))
+        usage = self._usage(messages, len(tokens))
+        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage))
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        text = self.answer(messages)
+        tokens = _TOKEN.findall(text)
+        delay = self.delay_ms / 1000
+        for token in tokens:
+            if delay:
+                await asyncio.sleep(delay)
+            yield ChatGenerationChunk(message=AIMessageChunk(content=token))
+        usage = self._usage(messages, len(tokens))
+        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage))

@@ -1,0 +1,783 @@
+"""Runs a chain's DAG and emits protocol v1 events.
+
+``ChainRun`` executes one run and hands every event to a ``sink`` callable, synchronously, in
+``seq`` order: the CLI prints them, the HTTP API appends them to its event log, ``run_chain``
+turns them into an async iterator. Sequence numbers are assigned here and nowhere else.
+
+The per-token path is hot (see FIELD-NOTES.md): a token costs one dataclass and one sink call —
+no task, no queue hand-off, no thread hop, no pydantic validation. Each stage iterates its model's
+``astream()`` itself and tags the chunks, instead of running LangChain's callback-based event
+streaming over the whole chain.
+
+Cancellation is real: ``cancel()`` cancels the task that runs the scheduler, which cancels the
+stage tasks, whose ``astream()`` generators are closed (for an HTTP model, the connection to the
+provider closes). Every stage that started ends (``cancelled``), then one ``run-end``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jsonschema
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+
+from engine.chain import Chain
+from engine.errors import StageError, TemplateError, TransientError
+from engine.events import (
+    ChainInfo,
+    ErrorInfo,
+    PlanStep,
+    RunEnded,
+    RunEvent,
+    RunStarted,
+    Source,
+    SourceFound,
+    StageEnded,
+    StageProgress,
+    StageRetried,
+    StageStarted,
+    Token,
+    Usage,
+)
+from engine.inputs import validate_inputs
+from engine.providers import ModelRegistry, ResolvedModel, classify_error, prepare_json_model
+from engine.spec import (
+    InputStage,
+    LlmStage,
+    MapStage,
+    RetrieveStage,
+    SplitStage,
+    StageSpec,
+    TemplateStage,
+)
+from engine.splitting import split_text
+from engine.templates import compile_template
+
+__all__ = ["ChainRun", "RunStatus", "StageState", "new_run_id", "run_chain"]
+
+RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+Sink = Callable[[RunEvent], None]
+Path = list[str | int]
+
+
+def new_run_id() -> str:
+    return "run_" + uuid.uuid4().hex[:20]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class StageState:
+    """What a status endpoint shows of one top-level stage."""
+
+    status: str = "waiting"
+    attempt: int = 0
+    completed: int | None = None
+    total: int | None = None
+    output: Any = None
+    usage: Usage = field(default_factory=Usage)
+    duration_ms: int | None = None
+    error: ErrorInfo | None = None
+
+
+class _StageFailed(Exception):
+    """A stage ended ``failed`` (its stage-end is already emitted)."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass
+class _Unit:
+    """One thing that emits stage-start/stage-end: a top-level stage or one map item."""
+
+    spec: StageSpec
+    stage_id: str
+    path: Path
+    context: dict[str, Any]
+    share: float
+    index: int | None = None
+    total: int | None = None
+    usage: Usage = field(default_factory=Usage)
+    status: str | None = None
+
+
+_FENCE = re.compile(r"^\s*```(?:json)?\s*\n?(.*?)\n?```\s*$", re.DOTALL)
+
+
+def parse_json_output(
+    text: str, schema: dict[str, Any] | None, unwrap: Callable[[Any], Any] | None = None
+) -> Any:
+    """Parse a model's JSON answer (code fences tolerated) and validate it against ``schema``."""
+    match = _FENCE.match(text)
+    body = match.group(1) if match else text
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise TransientError(f"the answer is not valid JSON: {exc}", type="invalid_json") from None
+    if unwrap is not None:
+        value = unwrap(value)
+    if schema is not None:
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(schema).iter_errors(value)
+        )
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(top)"
+            raise TransientError(
+                f"the JSON answer does not match the schema at {where}: {error.message}",
+                type="invalid_json",
+            )
+    return value
+
+
+class ChainRun:
+    """One run of a chain. Build it (inputs are checked now), then ``await execute()``.
+
+    Args:
+        chain: the loaded chain.
+        inputs: input values; defaults are applied and types checked (``InputError``).
+        models: a ``ModelRegistry``, or a mapping of model name -> LangChain chat model.
+        model: run-wide model name (overrides the chain's and stages' models), or a chat model.
+        sink: called with every event, in order. Must not block.
+        max_concurrency: most leaf stages (llm, template, split) running at once.
+        coalesce_ms: when > 0, tokens of one stage arriving within this many ms become one event.
+        retry_backoff: base seconds of the exponential backoff between attempts.
+    """
+
+    def __init__(
+        self,
+        chain: Chain,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        models: ModelRegistry | Mapping[str, BaseChatModel] | None = None,
+        model: str | BaseChatModel | None = None,
+        run_id: str | None = None,
+        sink: Sink | None = None,
+        max_concurrency: int | None = None,
+        coalesce_ms: float = 0.0,
+        retry_backoff: float = 0.5,
+    ) -> None:
+        self.chain = chain
+        self.inputs = validate_inputs(chain, inputs)
+        if isinstance(models, ModelRegistry):
+            self.registry = models
+        else:
+            self.registry = ModelRegistry(overrides=models)
+        if isinstance(model, BaseChatModel):
+            self.registry.overrides["__run__"] = model
+            model = "__run__"
+        self.model_override = model
+        self.run_id = run_id or new_run_id()
+        self.sink: Sink = sink or (lambda event: None)
+        self.retry_backoff = retry_backoff
+        self.coalesce_s = coalesce_ms / 1000
+        self.status: RunStatus = "pending"
+        self.outputs: Any = None
+        self.usage = Usage()
+        self.error: ErrorInfo | None = None
+        self.stages = {s.id or "": StageState() for s in chain.spec.stages}
+        self.default_model = self._resolve(None)
+        for stage in self._all_llm_stages():
+            self._resolve(stage)  # unknown models and missing keys fail before the run starts
+        self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self._seq = 0
+        self._done_weight = 0.0
+        self._total_weight = sum(s.weight for s in chain.spec.stages) or 1.0
+        self._results: dict[str, dict[str, Any]] = {}
+        self._task: asyncio.Task[Any] | None = None
+        self._cancel_requested = False
+        self._pending_tokens: dict[int, list[Any]] = {}
+        self._flush_handle: asyncio.TimerHandle | None = None
+        if self.coalesce_s > 0:
+            self.emit_token = self._emit_token_coalesced
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def cancel(self) -> None:
+        """Stop the run: model calls stop, running stages end ``cancelled``, then run-end."""
+        self._cancel_requested = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def execute(self) -> RunEnded:
+        """Run to the end and return the run-end event. Never raises for a failed stage."""
+        if self._task is not None:
+            raise RuntimeError("a ChainRun executes once")
+        self._task = asyncio.current_task()
+        started = time.monotonic()
+        self.status = "running"
+        spec = self.chain.spec
+        self._emit(
+            RunStarted,
+            chain=ChainInfo(id=self.chain.id, title=self.chain.title, version=spec.version),
+            plan=[
+                PlanStep(
+                    stage=s.id or "",
+                    label=s.label or s.id or "",
+                    kind=s.kind,
+                    needs=list(self.chain.deps.get(s.id or "", [])),
+                    weight=s.weight,
+                    fan_out=isinstance(s, MapStage),
+                )
+                for s in spec.stages
+            ],
+            model=self.default_model.label,
+        )
+        error: ErrorInfo | None = None
+        outputs: Any = None
+        try:
+            if self._cancel_requested:
+                raise asyncio.CancelledError
+            error = await self._schedule()
+            if error is None:
+                outputs = self._render_outputs()
+            status: Literal["succeeded", "failed", "cancelled"] = (
+                "succeeded" if error is None else "failed"
+            )
+        except asyncio.CancelledError:
+            status = "cancelled"
+            task = asyncio.current_task()
+            if self._cancel_requested and task is not None:
+                task.uncancel()
+            else:
+                self._finish(status, None, None, started)
+                raise
+        except _StageFailed as exc:  # an output template failed
+            status, error = "failed", exc.error
+        return self._finish(status, outputs, error, started)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _emit(self, cls: type[Any], **fields: Any) -> Any:
+        if self._pending_tokens:
+            self._flush_tokens()
+        self._seq += 1
+        event = cls(run_id=self.run_id, seq=self._seq, ts=_now_ms(), **fields)
+        self.sink(event)
+        return event
+
+    def emit_token(self, stage: str, path: Path, attempt: int, text: str) -> None:
+        self._seq += 1
+        self.sink(
+            Token(
+                run_id=self.run_id,
+                seq=self._seq,
+                ts=_now_ms(),
+                stage=stage,
+                path=path,
+                attempt=attempt,
+                text=text,
+            )
+        )
+
+    def _emit_token_coalesced(self, stage: str, path: Path, attempt: int, text: str) -> None:
+        key = id(path)
+        pending = self._pending_tokens.get(key)
+        if pending is not None and pending[2] == attempt:
+            pending[3].append(text)
+            return
+        if pending is not None:
+            self._flush_tokens()
+        self._pending_tokens[key] = [stage, path, attempt, [text]]
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(self.coalesce_s, self._flush_tokens)
+
+    def _flush_tokens(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        pending, self._pending_tokens = self._pending_tokens, {}
+        for stage, path, attempt, parts in pending.values():
+            ChainRun.emit_token(self, stage, path, attempt, "".join(parts))
+
+    def _progress(self) -> float:
+        return min(1.0, round(self._done_weight / self._total_weight, 6))
+
+    def _finish(
+        self, status: Literal["succeeded", "failed", "cancelled"], outputs: Any,
+        error: ErrorInfo | None, started: float,
+    ) -> RunEnded:
+        self.status = status
+        self.outputs = outputs
+        self.error = error
+        for state in self.stages.values():
+            self.usage.add(state.usage)
+        event: RunEnded = self._emit(
+            RunEnded,
+            status=status,
+            outputs=outputs,
+            usage=self.usage,
+            duration_ms=int((time.monotonic() - started) * 1000),
+            error=error,
+        )
+        return event
+
+    # -- scheduling -----------------------------------------------------------------------
+
+    async def _schedule(self) -> ErrorInfo | None:
+        """Start each top-level stage once its dependencies ended; stop at the first failure."""
+        order = [s for s in self.chain.spec.stages]
+        waiting = {s.id or "": s for s in order}
+        finished: set[str] = set()
+        running: dict[asyncio.Task[Any], str] = {}
+        try:
+            while waiting or running:
+                for stage_id, stage in list(waiting.items()):
+                    if all(d in finished for d in self.chain.deps.get(stage_id, [])):
+                        del waiting[stage_id]
+                        unit = _Unit(stage, stage_id, [stage_id], self._context(), stage.weight)
+                        running[asyncio.create_task(self._run_unit(unit))] = stage_id
+                if not running:  # only reachable with a cycle, which validation rejects
+                    raise RuntimeError(f"stages can never start: {', '.join(waiting)}")
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    stage_id = running.pop(task)
+                    exc = task.exception()
+                    if isinstance(exc, _StageFailed):
+                        await self._cancel_tasks(running)
+                        return ErrorInfo(
+                            type=exc.error.type, message=exc.error.message, stage=stage_id
+                        )
+                    if exc is not None:
+                        raise exc
+                    self._results[stage_id] = {"output": task.result()}
+                    finished.add(stage_id)
+        except asyncio.CancelledError:
+            await self._cancel_tasks(running)
+            raise
+        return None
+
+    @staticmethod
+    async def _cancel_tasks(tasks: Mapping[asyncio.Task[Any], Any]) -> None:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def _render_outputs(self) -> Any:
+        spec = self.chain.spec
+        context = self._context()
+        if spec.outputs is None:
+            last = spec.stages[-1].id or ""
+            return {"output": self._results.get(last, {}).get("output")}
+        outputs: dict[str, Any] = {}
+        for name, value in spec.outputs.items():
+            if not isinstance(value, str):
+                outputs[name] = value
+                continue
+            try:
+                outputs[name] = compile_template(value).render(context)
+            except TemplateError as exc:
+                raise _StageFailed(ErrorInfo(type=exc.type, message=f"outputs.{name}: {exc}"))
+        return outputs
+
+    def _context(self) -> dict[str, Any]:
+        return {"inputs": self.inputs, "stages": dict(self._results)}
+
+    def _resolve(self, stage: StageSpec | None) -> ResolvedModel:
+        name = self.model_override
+        if name is None and isinstance(stage, LlmStage):
+            name = stage.model
+        if name is None:
+            name = self.chain.spec.defaults.model
+        return self.registry.resolve(name if isinstance(name, str) else None)
+
+    def _all_llm_stages(self) -> list[LlmStage]:
+        found: list[LlmStage] = []
+        todo: list[StageSpec] = list(self.chain.spec.stages)
+        while todo:
+            stage = todo.pop()
+            if isinstance(stage, LlmStage):
+                found.append(stage)
+            elif isinstance(stage, MapStage):
+                todo.append(stage.stage)
+        return found
+
+    # -- one unit: a stage or a map item --------------------------------------------------
+
+    def _state(self, unit: _Unit) -> StageState | None:
+        return self.stages.get(unit.stage_id) if len(unit.path) == 1 else None
+
+    async def _run_unit(self, unit: _Unit) -> Any:
+        spec = unit.spec
+        state = self._state(unit)
+        if spec.when is not None:
+            try:
+                go = compile_template(spec.when).render(unit.context)
+            except TemplateError as exc:
+                go, error = None, ErrorInfo(type=exc.type, message=f"when: {exc}")
+                self._end(unit, "failed", 0.0, None, Usage(), 1, error)
+                raise _StageFailed(error) from None
+            if not go:
+                self._done_weight += unit.share
+                self._end(unit, "skipped", None, None, Usage(), 1, None)
+                return None
+        started = time.monotonic()
+        if state is not None:
+            state.status, state.attempt = "running", 1
+        self._emit(
+            StageStarted,
+            stage=unit.stage_id,
+            path=unit.path,
+            attempt=1,
+            label=spec.label or unit.stage_id,
+            kind=spec.kind,
+            index=unit.index,
+            total=unit.total,
+        )
+        if isinstance(spec, MapStage):
+            return await self._run_map(unit, spec, started)
+        usage = unit.usage
+        attempt = 1
+        retries = spec.retries
+        timeout = spec.timeout
+        if isinstance(spec, LlmStage):
+            defaults = self.chain.spec.defaults
+            retries = defaults.retries if retries is None else retries
+            timeout = defaults.timeout if timeout is None else timeout
+        retries = retries or 0
+        try:
+            while True:
+                try:
+                    if self._limit is not None:
+                        async with self._limit:
+                            output = await self._attempt(unit, attempt, usage, timeout)
+                    else:
+                        output = await self._attempt(unit, attempt, usage, timeout)
+                    break
+                except (StageError, TimeoutError, Exception) as raw:
+                    if isinstance(raw, asyncio.CancelledError):
+                        raise
+                    exc = self._as_stage_error(raw, unit, timeout)
+                    if not isinstance(exc, TransientError) or attempt > retries:
+                        tries = f" (after {attempt} attempts)" if attempt > 1 else ""
+                        error = ErrorInfo(type=exc.type, message=f"{exc}{tries}")
+                        self._end(unit, "failed", started, None, usage, attempt, error)
+                        raise _StageFailed(error) from None
+                    self._emit(
+                        StageRetried,
+                        stage=unit.stage_id,
+                        path=unit.path,
+                        attempt=attempt,
+                        error=ErrorInfo(type=exc.type, message=str(exc)),
+                    )
+                    await asyncio.sleep(self._backoff(attempt, exc.retry_after))
+                    attempt += 1
+                    if state is not None:
+                        state.attempt = attempt
+        except asyncio.CancelledError:
+            self._end(unit, "cancelled", started, None, usage, attempt, None)
+            raise
+        self._done_weight += unit.share
+        self._end(unit, "succeeded", started, output, usage, attempt, None)
+        return output
+
+    def _as_stage_error(self, exc: BaseException, unit: _Unit, timeout: float | None) -> StageError:
+        if isinstance(exc, TimeoutError):
+            return TransientError(f"timed out after {timeout:g} s", type="timeout")
+        if isinstance(exc, StageError):
+            return exc
+        name = self._resolve(unit.spec).name if isinstance(unit.spec, LlmStage) else ""
+        return classify_error(exc, name)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, 60.0)
+        base = self.retry_backoff * (2 ** (attempt - 1))
+        return min(base, 30.0) * (0.5 + random.random() / 2)
+
+    def _end(
+        self,
+        unit: _Unit,
+        status: Literal["succeeded", "failed", "skipped", "cancelled"],
+        started: float | None,
+        output: Any,
+        usage: Usage,
+        attempt: int,
+        error: ErrorInfo | None,
+    ) -> None:
+        duration = int((time.monotonic() - started) * 1000) if started else 0
+        unit.status, unit.usage = status, usage
+        state = self._state(unit)
+        if state is not None:
+            state.status, state.output, state.usage = status, output, usage
+            state.duration_ms, state.error = duration, error
+        self._emit(
+            StageEnded,
+            stage=unit.stage_id,
+            path=unit.path,
+            attempt=attempt,
+            status=status,
+            output=output,
+            usage=usage,
+            duration_ms=duration,
+            error=error,
+            progress=self._progress(),
+        )
+
+    async def _attempt(
+        self, unit: _Unit, attempt: int, usage: Usage, timeout: float | None
+    ) -> Any:
+        if timeout is None:
+            return await self._work(unit, attempt, usage)
+        async with asyncio.timeout(timeout):
+            return await self._work(unit, attempt, usage)
+
+    async def _work(self, unit: _Unit, attempt: int, usage: Usage) -> Any:
+        spec = unit.spec
+        if isinstance(spec, LlmStage):
+            return await self._run_llm(unit, spec, attempt, usage)
+        if isinstance(spec, TemplateStage):
+            return compile_template(spec.text).render_text(unit.context)
+        if isinstance(spec, SplitStage):
+            return self._run_split(unit, spec, attempt)
+        if isinstance(spec, (RetrieveStage, InputStage)):
+            raise StageError(f"stage kind {spec.kind!r} is not available yet", type="unsupported")
+        raise StageError(f"unknown stage kind {spec.kind!r}")  # pragma: no cover
+
+    def _run_split(self, unit: _Unit, spec: SplitStage, attempt: int) -> Any:
+        text = compile_template(spec.text).render_text(unit.context)
+        chunks = split_text(text, spec.chunk_size, min(spec.overlap, spec.chunk_size - 1))
+        if spec.sources:
+            total = len(chunks)
+            for chunk in chunks:
+                self._emit(
+                    SourceFound,
+                    stage=unit.stage_id,
+                    path=unit.path,
+                    attempt=attempt,
+                    source=Source(
+                        id=f"{unit.stage_id}-{chunk['index']}",
+                        title=f"Section {chunk['index'] + 1} of {total}",
+                        text=chunk["text"],
+                        metadata={"start": chunk["start"], "end": chunk["end"]},
+                    ),
+                )
+        return chunks
+
+    def _messages(self, spec: LlmStage, context: dict[str, Any]) -> list[BaseMessage]:
+        prompt = spec.prompt
+        if isinstance(prompt, str):
+            return [HumanMessage(compile_template(prompt).render_text(context))]
+        if isinstance(prompt, list):
+            kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
+            return [
+                kinds[m.role](compile_template(m.content).render_text(context)) for m in prompt
+            ]
+        messages: list[BaseMessage] = []
+        if prompt.system is not None:
+            messages.append(SystemMessage(compile_template(prompt.system).render_text(context)))
+        messages.append(HumanMessage(compile_template(prompt.user).render_text(context)))
+        return messages
+
+    async def _run_llm(self, unit: _Unit, spec: LlmStage, attempt: int, usage: Usage) -> Any:
+        messages = self._messages(spec, unit.context)
+        resolved = self._resolve(spec)
+        kwargs: dict[str, Any] = {}
+        temperature = spec.temperature
+        if temperature is None:
+            temperature = self.chain.spec.defaults.temperature
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        max_tokens = spec.max_tokens or self.chain.spec.defaults.max_tokens
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
+        runnable: Any = resolved.chat_model
+        unwrap: Callable[[Any], Any] = _identity
+        if spec.output == "json":
+            runnable, messages, unwrap = prepare_json_model(runnable, messages, spec.schema_)
+        parts: list[str] = []
+        stage_id, path, emit = unit.stage_id, unit.path, self.emit_token
+        stream = spec.stream
+        input_tokens = output_tokens = 0
+        async with contextlib.aclosing(runnable.astream(messages, **kwargs)) as chunks:
+            async for chunk in chunks:
+                text = chunk.content
+                if text:
+                    if not isinstance(text, str):
+                        text = _content_text(text)
+                    parts.append(text)
+                    if stream:
+                        emit(stage_id, path, attempt, text)
+                meta = chunk.usage_metadata
+                if meta:
+                    input_tokens += meta.get("input_tokens", 0)
+                    output_tokens += meta.get("output_tokens", 0)
+        usage.input_tokens += input_tokens
+        usage.output_tokens += output_tokens
+        cost = resolved.cost(input_tokens, output_tokens)
+        if cost is not None:
+            usage.cost = (usage.cost or 0.0) + cost
+        text_out = "".join(parts)
+        if spec.output == "json":
+            return parse_json_output(text_out, spec.schema_, unwrap)
+        return text_out
+
+    async def _run_map(self, unit: _Unit, spec: MapStage, started: float) -> Any:
+        state = self._state(unit)
+        try:
+            items = compile_template(spec.over).render(unit.context)
+        except TemplateError as exc:
+            error = ErrorInfo(type=exc.type, message=f"over: {exc}")
+            self._end(unit, "failed", started, None, Usage(), 1, error)
+            raise _StageFailed(error) from None
+        if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+            error = ErrorInfo(
+                type="template_error",
+                message=f"over: expected a list, got {type(items).__name__}",
+            )
+            self._end(unit, "failed", started, None, Usage(), 1, error)
+            raise _StageFailed(error)
+        items = list(items)
+        total = len(items)
+        if state is not None:
+            state.completed, state.total = 0, total
+        results: list[Any] = [None] * total
+        item_units = [
+            _Unit(
+                spec.stage,
+                unit.stage_id,
+                [*unit.path, i],
+                {**unit.context, spec.as_: item, "index": i},
+                unit.share / total,
+                index=i,
+                total=total,
+            )
+            for i, item in enumerate(items)
+        ]
+        queue = deque(item_units)
+        completed = 0
+
+        async def worker() -> None:
+            nonlocal completed
+            while queue:
+                item = queue.popleft()
+                index = item.index or 0
+                results[index] = await self._run_unit(item)
+                completed += 1
+                if state is not None:
+                    state.completed = completed
+                self._emit(
+                    StageProgress,
+                    stage=unit.stage_id,
+                    path=unit.path,
+                    attempt=1,
+                    completed=completed,
+                    total=total,
+                )
+
+        workers = {asyncio.create_task(worker()): i for i in range(min(spec.concurrency, total))}
+        try:
+            failure: _StageFailed | None = None
+            pending = set(workers)
+            while pending and failure is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    exc = task.exception()
+                    if isinstance(exc, _StageFailed):
+                        failure = exc
+                    elif exc is not None:
+                        raise exc
+            if failure is not None:
+                await self._cancel_tasks({t: None for t in pending})
+        except asyncio.CancelledError:
+            await self._cancel_tasks(workers)
+            self._end(unit, "cancelled", started, None, _sum_usage(item_units), 1, None)
+            raise
+        usage = _sum_usage(item_units)
+        if failure is not None:
+            index = next((u.index for u in item_units if u.status == "failed"), None)
+            where = f"item {index}: " if index is not None else ""
+            error = ErrorInfo(type=failure.error.type, message=where + failure.error.message)
+            self._end(unit, "failed", started, None, usage, 1, error)
+            raise _StageFailed(error)
+        self._done_weight += unit.share - sum(u.share for u in item_units)
+        self._end(unit, "succeeded", started, results, usage, 1, None)
+        return results
+
+
+
+def _sum_usage(units: list[_Unit]) -> Usage:
+    total = Usage()
+    for unit in units:
+        total.add(unit.usage)
+    return total
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(
+            part if isinstance(part, str) else str(part.get("text", ""))
+            for part in content
+            if isinstance(part, (str, dict))
+        )
+    return str(content)
+
+
+async def run_chain(chain: Chain, inputs: Mapping[str, Any] | None = None, **options: Any
+                    ) -> AsyncIterator[RunEvent]:
+    """Run ``chain`` and yield its events as they happen. Closing the iterator cancels the run.
+
+    ``options`` are ``ChainRun``'s keyword arguments (models, model, max_concurrency, …).
+    """
+    buffer: deque[RunEvent] = deque()
+    loop = asyncio.get_running_loop()
+    waiter: list[asyncio.Future[None] | None] = [None]
+
+    def sink(event: RunEvent) -> None:
+        buffer.append(event)
+        fut = waiter[0]
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    run = ChainRun(chain, inputs, sink=sink, **options)
+    task = loop.create_task(run.execute())
+
+    def wake(_: asyncio.Task[Any]) -> None:
+        fut = waiter[0]
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    task.add_done_callback(wake)
+    try:
+        while True:
+            while buffer:
+                event = buffer.popleft()
+                yield event
+                if event.type == "run-end":
+                    return
+            if task.done():
+                task.result()  # re-raises a crash; a normal end always left run-end behind
+                return
+            fut = loop.create_future()
+            waiter[0] = fut
+            await fut
+            waiter[0] = None
+    finally:
+        if not task.done():
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
