@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal, NewType
 
-from pydantic import Discriminator, TypeAdapter
+from pydantic import ConfigDict, Discriminator, TypeAdapter
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -40,6 +40,7 @@ __all__ = [
     "Usage",
     "event_from_json",
     "event_to_dict",
+    "events_json_schema",
     "event_to_json",
 ]
 
@@ -49,6 +50,9 @@ RunId = NewType("RunId", str)
 StageId = NewType("StageId", str)
 
 PathItem = str | int
+
+# Field docstrings become schema descriptions; every field is required on the wire.
+_CONFIG = ConfigDict(use_attribute_docstrings=True, json_schema_serialization_defaults_required=True)
 RunStatus = Literal["succeeded", "failed", "cancelled"]
 StageStatus = Literal["succeeded", "failed", "skipped", "cancelled"]
 
@@ -56,6 +60,8 @@ StageStatus = Literal["succeeded", "failed", "skipped", "cancelled"]
 @dataclass(slots=True, kw_only=True)
 class Usage:
     """Token usage of a stage or a run."""
+
+    __pydantic_config__ = _CONFIG
 
     input_tokens: int = 0
     """Tokens sent to the model (prompt)."""
@@ -75,6 +81,8 @@ class Usage:
 class ErrorInfo:
     """A structured error: what went wrong, and where."""
 
+    __pydantic_config__ = _CONFIG
+
     type: str
     """A short machine-readable kind, e.g. ``timeout``, ``model_error``, ``invalid_json``."""
     message: str
@@ -87,6 +95,8 @@ class ErrorInfo:
 class ChainInfo:
     """Which chain a run executes."""
 
+    __pydantic_config__ = _CONFIG
+
     id: str
     title: str | None
     version: int | str | None
@@ -95,6 +105,8 @@ class ChainInfo:
 @dataclass(slots=True, kw_only=True)
 class PlanStep:
     """One top-level stage of the plan, sent up front in run-start."""
+
+    __pydantic_config__ = _CONFIG
 
     stage: str
     label: str
@@ -111,6 +123,8 @@ class PlanStep:
 class Source:
     """A passage a stage found or produced (a document chunk, a retrieved passage)."""
 
+    __pydantic_config__ = _CONFIG
+
     id: str
     title: str | None = None
     text: str = ""
@@ -121,6 +135,8 @@ class Source:
 
 @dataclass(slots=True, kw_only=True)
 class _Envelope:
+    __pydantic_config__ = _CONFIG
+
     v: Literal[1] = PROTOCOL_VERSION
     run_id: str
     seq: int
@@ -139,6 +155,8 @@ class _Envelope:
 class RunStarted(_Envelope):
     """The run started; the whole plan comes up front so a UI can draw every step at once."""
 
+    __pydantic_config__ = _CONFIG
+
     type: Literal["run-start"] = "run-start"
     chain: ChainInfo
     plan: list[PlanStep]
@@ -149,6 +167,8 @@ class RunStarted(_Envelope):
 @dataclass(slots=True, kw_only=True)
 class StageStarted(_Envelope):
     """A stage (or one item of a map) started."""
+
+    __pydantic_config__ = _CONFIG
 
     type: Literal["stage-start"] = "stage-start"
     label: str
@@ -163,6 +183,8 @@ class StageStarted(_Envelope):
 class Token(_Envelope):
     """Streamed text; several tokens when coalescing is on."""
 
+    __pydantic_config__ = _CONFIG
+
     type: Literal["token"] = "token"
     text: str
 
@@ -171,6 +193,8 @@ class Token(_Envelope):
 class SourceFound(_Envelope):
     """A source, as soon as it is known, tagged with its stage."""
 
+    __pydantic_config__ = _CONFIG
+
     type: Literal["source"] = "source"
     source: Source
 
@@ -178,6 +202,8 @@ class SourceFound(_Envelope):
 @dataclass(slots=True, kw_only=True)
 class StageProgress(_Envelope):
     """A fan-out stage finished one more item."""
+
+    __pydantic_config__ = _CONFIG
 
     type: Literal["stage-progress"] = "stage-progress"
     completed: int
@@ -188,6 +214,8 @@ class StageProgress(_Envelope):
 class StageRetried(_Envelope):
     """``attempt`` failed and the stage tries again; discard that attempt's tokens."""
 
+    __pydantic_config__ = _CONFIG
+
     type: Literal["stage-retry"] = "stage-retry"
     error: ErrorInfo
 
@@ -195,6 +223,8 @@ class StageRetried(_Envelope):
 @dataclass(slots=True, kw_only=True)
 class InputRequired(_Envelope):
     """The run is paused until a person answers."""
+
+    __pydantic_config__ = _CONFIG
 
     type: Literal["input-required"] = "input-required"
     prompt: str
@@ -204,6 +234,8 @@ class InputRequired(_Envelope):
 @dataclass(slots=True, kw_only=True)
 class StageEnded(_Envelope):
     """A stage (or a map item) ended; always after its last token."""
+
+    __pydantic_config__ = _CONFIG
 
     type: Literal["stage-end"] = "stage-end"
     status: StageStatus
@@ -218,6 +250,8 @@ class StageEnded(_Envelope):
 @dataclass(slots=True, kw_only=True)
 class RunEnded(_Envelope):
     """The run ended. Exactly one, always last."""
+
+    __pydantic_config__ = _CONFIG
 
     type: Literal["run-end"] = "run-end"
     status: RunStatus
@@ -268,3 +302,34 @@ def event_to_json(event: RunEvent) -> str:
 def event_from_json(data: str | bytes) -> RunEvent:
     """Parse and validate one event's JSON."""
     return RUN_EVENT.validate_json(data)
+
+
+_ENVELOPE_DOCS = {
+    "v": "Protocol version, 1.",
+    "type": "The event type; clients ignore types they do not know.",
+    "run_id": "The run.",
+    "seq": "1, 2, 3 … per run, no gaps; the SSE id.",
+    "ts": "Milliseconds since the epoch.",
+    "stage": "The stage id on stage events (for a map item, the map's id), else null.",
+    "path": "The path from the top: [stage] or [map stage, item index]; null on run events.",
+    "attempt": "The attempt on stage events, from 1; null on run events.",
+}
+
+
+def events_json_schema() -> dict[str, Any]:
+    """The JSON Schema of the event union (committed as api/schema/run-events.json)."""
+    schema = RUN_EVENT.json_schema(mode="serialization")
+    for definition in schema["$defs"].values():
+        for name, prop in definition.get("properties", {}).items():
+            if name in _ENVELOPE_DOCS and "description" not in prop:
+                prop["description"] = _ENVELOPE_DOCS[name]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "stagecast/run-events/v1",
+        "title": "Stagecast run event (protocol v1)",
+        "description": (
+            "One event of a run's stream: the envelope (v, type, run_id, seq, ts, stage, path, "
+            "attempt) plus the payload of its type. Clients must ignore unknown types."
+        ),
+        **schema,
+    }

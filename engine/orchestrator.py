@@ -156,6 +156,8 @@ class ChainRun:
         max_concurrency: most leaf stages (llm, template, split) running at once.
         coalesce_ms: when > 0, tokens of one stage arriving within this many ms become one event.
         retry_backoff: base seconds of the exponential backoff between attempts.
+        on_prompt: called with (stage id, path, messages) each time an llm stage's prompt is
+            rendered, before the model call (``stagecast dry-run`` prints them).
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class ChainRun:
         max_concurrency: int | None = None,
         coalesce_ms: float = 0.0,
         retry_backoff: float = 0.5,
+        on_prompt: Callable[[str, Path, list[BaseMessage]], None] | None = None,
     ) -> None:
         self.chain = chain
         self.inputs = validate_inputs(chain, inputs)
@@ -184,6 +187,7 @@ class ChainRun:
         self.run_id = run_id or new_run_id()
         self.sink: Sink = sink or (lambda event: None)
         self.retry_backoff = retry_backoff
+        self.on_prompt = on_prompt
         self.coalesce_s = coalesce_ms / 1000
         self.status: RunStatus = "pending"
         self.outputs: Any = None
@@ -213,6 +217,8 @@ class ChainRun:
 
     def cancel(self) -> None:
         """Stop the run: model calls stop, running stages end ``cancelled``, then run-end."""
+        if self.status in ("succeeded", "failed", "cancelled"):
+            return
         self._cancel_requested = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -262,6 +268,9 @@ class ChainRun:
                 raise
         except _StageFailed as exc:  # an output template failed
             status, error = "failed", exc.error
+        except Exception as exc:  # a bug of ours: still end the stream properly
+            status = "failed"
+            error = ErrorInfo(type="internal_error", message=f"{type(exc).__name__}: {exc}")
         return self._finish(status, outputs, error, started)
 
     # -- events ---------------------------------------------------------------------------
@@ -335,8 +344,7 @@ class ChainRun:
 
     async def _schedule(self) -> ErrorInfo | None:
         """Start each top-level stage once its dependencies ended; stop at the first failure."""
-        order = [s for s in self.chain.spec.stages]
-        waiting = {s.id or "": s for s in order}
+        waiting = {s.id or "": s for s in self.chain.spec.stages}
         finished: set[str] = set()
         running: dict[asyncio.Task[Any], str] = {}
         try:
@@ -361,7 +369,7 @@ class ChainRun:
                         raise exc
                     self._results[stage_id] = {"output": task.result()}
                     finished.add(stage_id)
-        except asyncio.CancelledError:
+        except BaseException:
             await self._cancel_tasks(running)
             raise
         return None
@@ -419,19 +427,26 @@ class ChainRun:
 
     async def _run_unit(self, unit: _Unit) -> Any:
         spec = unit.spec
-        state = self._state(unit)
         if spec.when is not None:
             try:
                 go = compile_template(spec.when).render(unit.context)
             except TemplateError as exc:
-                go, error = None, ErrorInfo(type=exc.type, message=f"when: {exc}")
-                self._end(unit, "failed", 0.0, None, Usage(), 1, error)
+                error = ErrorInfo(type=exc.type, message=f"when: {exc}")
+                self._end(unit, "failed", None, None, Usage(), 1, error)
                 raise _StageFailed(error) from None
             if not go:
                 self._done_weight += unit.share
                 self._end(unit, "skipped", None, None, Usage(), 1, None)
                 return None
-        started = time.monotonic()
+        if isinstance(spec, MapStage):
+            return await self._run_map(unit, spec, self._start(unit))
+        if self._limit is None:
+            return await self._run_leaf(unit)
+        async with self._limit:  # held from stage-start to stage-end: a stable order at 1
+            return await self._run_leaf(unit)
+
+    def _start(self, unit: _Unit) -> float:
+        state = self._state(unit)
         if state is not None:
             state.status, state.attempt = "running", 1
         self._emit(
@@ -439,34 +454,36 @@ class ChainRun:
             stage=unit.stage_id,
             path=unit.path,
             attempt=1,
-            label=spec.label or unit.stage_id,
-            kind=spec.kind,
+            label=unit.spec.label or unit.stage_id,
+            kind=unit.spec.kind,
             index=unit.index,
             total=unit.total,
         )
-        if isinstance(spec, MapStage):
-            return await self._run_map(unit, spec, started)
-        usage = unit.usage
-        attempt = 1
-        retries = spec.retries
-        timeout = spec.timeout
+        return time.monotonic()
+
+    def _retry_policy(self, spec: StageSpec) -> tuple[int, float | None]:
+        retries, timeout = spec.retries, spec.timeout
         if isinstance(spec, LlmStage):
             defaults = self.chain.spec.defaults
             retries = defaults.retries if retries is None else retries
             timeout = defaults.timeout if timeout is None else timeout
-        retries = retries or 0
+            entry = self._resolve(spec).entry
+            if retries is None and entry is not None:
+                retries = entry.max_retries
+        return retries or 0, timeout
+
+    async def _run_leaf(self, unit: _Unit) -> Any:
+        started = self._start(unit)
+        state = self._state(unit)
+        usage = unit.usage
+        retries, timeout = self._retry_policy(unit.spec)
+        attempt = 1
         try:
             while True:
                 try:
-                    if self._limit is not None:
-                        async with self._limit:
-                            output = await self._attempt(unit, attempt, usage, timeout)
-                    else:
-                        output = await self._attempt(unit, attempt, usage, timeout)
+                    output = await self._attempt(unit, attempt, usage, timeout)
                     break
-                except (StageError, TimeoutError, Exception) as raw:
-                    if isinstance(raw, asyncio.CancelledError):
-                        raise
+                except Exception as raw:
                     exc = self._as_stage_error(raw, unit, timeout)
                     if not isinstance(exc, TransientError) or attempt > retries:
                         tries = f" (after {attempt} attempts)" if attempt > 1 else ""
@@ -591,6 +608,8 @@ class ChainRun:
 
     async def _run_llm(self, unit: _Unit, spec: LlmStage, attempt: int, usage: Usage) -> Any:
         messages = self._messages(spec, unit.context)
+        if self.on_prompt is not None:
+            self.on_prompt(unit.stage_id, unit.path, messages)
         resolved = self._resolve(spec)
         kwargs: dict[str, Any] = {}
         temperature = spec.temperature
@@ -699,7 +718,7 @@ class ChainRun:
                         raise exc
             if failure is not None:
                 await self._cancel_tasks({t: None for t in pending})
-        except asyncio.CancelledError:
+        except BaseException:
             await self._cancel_tasks(workers)
             self._end(unit, "cancelled", started, None, _sum_usage(item_units), 1, None)
             raise

@@ -1,0 +1,526 @@
+"""The orchestrator: exact event sequences, retries, timeouts, cancel, JSON, coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import anyio
+import pytest
+import yaml
+
+from engine.chain import Chain
+from engine.errors import InputError, ModelConfigError, TransientError
+from engine.events import RunEvent, event_from_json, event_to_json
+from engine.orchestrator import ChainRun, run_chain
+from engine.spec import ChainSpec
+from tests.fakes import ScriptedChatModel, fmt
+
+pytestmark = pytest.mark.anyio
+
+
+def chain_of(text: str) -> Chain:
+    return Chain.from_spec(ChainSpec.model_validate(yaml.safe_load(text)), id="test")
+
+
+async def collect(chain: Chain, inputs: dict[str, Any] | None = None, **options: Any) -> list[Any]:
+    options.setdefault("retry_backoff", 0.0)
+    with anyio.fail_after(5):
+        return [e async for e in run_chain(chain, inputs or {}, **options)]
+
+
+TWO_STAGES = """
+inputs:
+  topic: {type: string}
+defaults: {model: fake}
+stages:
+  - id: outline
+    kind: llm
+    label: Outlining
+    prompt: "Outline {{ inputs.topic }}"
+  - id: draft
+    kind: llm
+    prompt:
+      system: You write drafts.
+      user: "Draft from: {{ stages.outline.output }}"
+  - id: shout
+    kind: template
+    text: "{{ stages.draft.output | upper }}"
+outputs:
+  text: "{{ stages.shout.output }}"
+  outline: "{{ stages.outline.output }}"
+"""
+
+
+async def test_two_llm_stages_and_a_template_emit_the_exact_sequence() -> None:
+    model = ScriptedChatModel(scripts=[["an", " outline"], ["the", " draft"]], usage=(7, 2))
+    events = await collect(chain_of(TWO_STAGES), {"topic": "cats"}, models={"fake": model})
+    assert [fmt(e) for e in events] == [
+        "run-start",
+        "stage-start outline",
+        "token outline 'an'",
+        "token outline ' outline'",
+        "stage-end outline succeeded",
+        "stage-start draft",
+        "token draft 'the'",
+        "token draft ' draft'",
+        "stage-end draft succeeded",
+        "stage-start shout",
+        "stage-end shout succeeded",
+        "run-end succeeded",
+    ]
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    start, end = events[0], events[-1]
+    assert start.model == "fake"
+    assert [(p.stage, p.label, p.kind, p.needs, p.weight, p.fan_out) for p in start.plan] == [
+        ("outline", "Outlining", "llm", [], 1.0, False),
+        ("draft", "draft", "llm", ["outline"], 1.0, False),
+        ("shout", "shout", "template", ["draft"], 1.0, False),
+    ]
+    assert end.outputs == {"text": "THE DRAFT", "outline": "an outline"}
+    assert (end.usage.input_tokens, end.usage.output_tokens) == (14, 4)
+    ends = [e for e in events if e.type == "stage-end"]
+    assert [round(e.progress, 4) for e in ends] == [0.3333, 0.6667, 1.0]
+    assert ends[0].output == "an outline" and ends[0].usage.input_tokens == 7
+    # the prompt reached the model as rendered, roles included
+    assert [m.content for m in model.calls[0]] == ["Outline cats"]
+    assert [(m.type, m.content) for m in model.calls[1]] == [
+        ("system", "You write drafts."),
+        ("human", "Draft from: an outline"),
+    ]
+    # every event round-trips through the wire JSON and the schema-checked reader
+    for event in events:
+        assert event_from_json(event_to_json(event)) == event
+
+
+MAP_CHAIN = """
+defaults: {model: fake}
+inputs:
+  items: {type: array}
+stages:
+  - id: each
+    kind: map
+    label: Each item
+    over: "{{ inputs['items'] }}"
+    as: thing
+    concurrency: 3
+    weight: 3
+    stage:
+      kind: llm
+      prompt: "{{ index }}:{{ thing }}"
+  - id: joined
+    kind: template
+    text: "{{ stages.each.output | join(',') }}"
+"""
+
+
+async def test_map_runs_items_in_parallel_and_keeps_item_order() -> None:
+    # item 0 is the slowest, so items finish out of order; results still come in item order
+    model = ScriptedChatModel(scripts=[[0.05, "A"], [0.01, "B"], ["C"], ["D"]])
+    events = await collect(
+        chain_of(MAP_CHAIN), {"items": ["a", "b", "c", "d"]}, models={"fake": model}
+    )
+    assert events[-1].status == "succeeded"
+    assert events[-1].outputs == {"output": "A,B,C,D"}
+    assert {m[0].content for m in model.calls} == {"0:a", "1:b", "2:c", "3:d"}
+    item_starts = [e for e in events if e.type == "stage-start" and len(e.path) == 2]
+    assert [(e.index, e.total) for e in item_starts] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    progress = [(e.completed, e.total) for e in events if e.type == "stage-progress"]
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    item_ends = [e for e in events if e.type == "stage-end" and len(e.path) == 2]
+    assert [e.path[1] for e in item_ends][0] != 0  # item 0 really finished later
+    # progress has a real denominator through the fan-out: 3/4 of the weight is the map
+    assert [round(e.progress, 4) for e in item_ends] == [0.1875, 0.375, 0.5625, 0.75]
+    map_end = next(e for e in events if e.type == "stage-end" and e.path == ["each"])
+    assert map_end.output == ["A", "B", "C", "D"] and map_end.progress == 0.75
+    assert events[-2].type == "stage-end" and events[-2].progress == 1.0
+
+
+async def test_empty_map_succeeds_with_an_empty_list() -> None:
+    model = ScriptedChatModel(scripts=[])
+    events = await collect(chain_of(MAP_CHAIN), {"items": []}, models={"fake": model})
+    assert [fmt(e) for e in events] == [
+        "run-start",
+        "stage-start each",
+        "stage-end each succeeded",
+        "stage-start joined",
+        "stage-end joined succeeded",
+        "run-end succeeded",
+    ]
+
+
+async def test_independent_stages_run_concurrently() -> None:
+    chain = chain_of(
+        """
+defaults: {model: fake}
+stages:
+  - {id: a, kind: llm, prompt: "a"}
+  - {id: b, kind: llm, prompt: "b"}
+  - {id: c, kind: template, text: "{{ stages.a.output }}+{{ stages.b.output }}"}
+"""
+    )
+    model = ScriptedChatModel(scripts=[["a1", 0.02, "a2"], ["b1", 0.02, "b2"]])
+    events = await collect(chain, models={"fake": model})
+    lines = [fmt(e) for e in events]
+    # b starts before a ends: they overlap
+    assert lines.index("stage-start b") < lines.index("stage-end a succeeded")
+    assert events[-1].outputs == {"output": "a1a2+b1b2"}
+
+
+async def test_max_concurrency_one_gives_yaml_order() -> None:
+    chain = chain_of(
+        """
+defaults: {model: fake}
+stages:
+  - {id: a, kind: llm, prompt: "a"}
+  - {id: b, kind: llm, prompt: "b"}
+"""
+    )
+    model = ScriptedChatModel(scripts=[["a1", 0.01, "a2"], ["b1"]])
+    events = await collect(chain, models={"fake": model}, max_concurrency=1)
+    assert [fmt(e) for e in events] == [
+        "run-start",
+        "stage-start a",
+        "token a 'a1'",
+        "token a 'a2'",
+        "stage-end a succeeded",
+        "stage-start b",
+        "token b 'b1'",
+        "stage-end b succeeded",
+        "run-end succeeded",
+    ]
+
+
+RETRY_CHAIN = """
+defaults: {model: fake}
+stages:
+  - id: ask
+    kind: llm
+    retries: 2
+    prompt: "q"
+"""
+
+
+async def test_transient_error_is_retried_and_the_next_attempt_is_tagged() -> None:
+    model = ScriptedChatModel(
+        scripts=[["par", TransientError("connection reset", type="connection_error")], ["ok"]]
+    )
+    events = await collect(chain_of(RETRY_CHAIN), models={"fake": model})
+    assert [fmt(e) for e in events] == [
+        "run-start",
+        "stage-start ask",
+        "token ask 'par'",
+        "stage-retry ask connection_error",
+        "token ask#2 'ok'",
+        "stage-end ask#2 succeeded",
+        "run-end succeeded",
+    ]
+    retry = events[3]
+    assert retry.attempt == 1 and retry.error.message == "connection reset"
+    assert events[-1].outputs == {"output": "ok"}
+    assert model.closed == [0]
+
+
+async def test_permanent_error_fails_at_once_with_a_structured_error() -> None:
+    model = ScriptedChatModel(scripts=[[ValueError("bad request body")]])
+    events = await collect(chain_of(RETRY_CHAIN), models={"fake": model})
+    assert [fmt(e) for e in events] == [
+        "run-start",
+        "stage-start ask",
+        "stage-end ask failed",
+        "run-end failed",
+    ]
+    assert events[2].error.type == "model_error"
+    assert events[2].error.message == "model 'fake': ValueError: bad request body"
+    end = events[-1]
+    assert (end.error.type, end.error.stage) == ("model_error", "ask")
+    assert end.outputs is None
+
+
+async def test_stage_timeout_is_retried_then_fails_naming_the_attempts() -> None:
+    chain = chain_of(
+        """
+defaults: {model: fake}
+stages:
+  - {id: slow, kind: llm, prompt: "q", timeout: 0.05, retries: 1}
+"""
+    )
+    model = ScriptedChatModel(scripts=[["t", 5.0, "never"]], cycle=True)
+    events = await collect(chain, models={"fake": model})
+    assert [fmt(e) for e in events] == [
+        "run-start",
+        "stage-start slow",
+        "token slow 't'",
+        "stage-retry slow timeout",
+        "token slow#2 't'",
+        "stage-end slow#2 failed",
+        "run-end failed",
+    ]
+    assert events[-2].error.message == "timed out after 0.05 s (after 2 attempts)"
+    assert model.closed == [0, 1]
+
+
+JSON_CHAIN = """
+defaults: {model: fake}
+stages:
+  - id: facts
+    kind: llm
+    output: json
+    retries: 1
+    schema:
+      type: array
+      minItems: 1
+      items: {type: object, required: [name], properties: {name: {type: string}}}
+    prompt: "list"
+"""
+
+
+async def test_json_output_is_parsed_and_validated() -> None:
+    model = ScriptedChatModel(scripts=[["```json\n", '[{"name": ', '"x"}]', "\n```"]])
+    events = await collect(chain_of(JSON_CHAIN), models={"fake": model})
+    assert events[-1].status == "succeeded"
+    assert events[-2].output == [{"name": "x"}]
+    # the model was told to answer with JSON matching the schema
+    assert model.calls[0][0].type == "system" and '"minItems": 1' in model.calls[0][0].content
+
+
+async def test_json_parse_failure_is_retried_then_fails_clearly() -> None:
+    model = ScriptedChatModel(scripts=[["not json"], ['[{"nome": "x"}]']])
+    events = await collect(chain_of(JSON_CHAIN), models={"fake": model})
+    assert [fmt(e) for e in events][-4:] == [
+        "stage-retry facts invalid_json",
+        "token facts#2 '[{\"nome\": \"x\"}]'",
+        "stage-end facts#2 failed",
+        "run-end failed",
+    ]
+    assert events[3].error.message.startswith("the answer is not valid JSON: Expecting value")
+    assert events[-2].error.message == (
+        "the JSON answer does not match the schema at 0: 'name' is a required property"
+        " (after 2 attempts)"
+    )
+
+
+async def test_when_false_skips_the_stage_and_downstream_sees_null() -> None:
+    chain = chain_of(
+        """
+defaults: {model: fake}
+inputs:
+  polish: {type: boolean, default: false}
+stages:
+  - {id: draft, kind: llm, prompt: "d"}
+  - id: polished
+    kind: llm
+    when: "{{ inputs.polish }}"
+    prompt: "polish {{ stages.draft.output }}"
+  - id: final
+    kind: template
+    text: "{{ stages.polished.output or stages.draft.output }}"
+"""
+    )
+    model = ScriptedChatModel(scripts=[["rough"]])
+    events = await collect(chain, models={"fake": model})
+    assert [fmt(e) for e in events] == [
+        "run-start",
+        "stage-start draft",
+        "token draft 'rough'",
+        "stage-end draft succeeded",
+        "stage-end polished skipped",
+        "stage-start final",
+        "stage-end final succeeded",
+        "run-end succeeded",
+    ]
+    assert events[-1].outputs == {"output": "rough"}
+    assert events[4].progress == pytest.approx(2 / 3, abs=1e-6)
+    assert len(model.calls) == 1
+
+
+async def test_a_failed_stage_cancels_what_is_still_running() -> None:
+    chain = chain_of(
+        """
+defaults: {model: fake}
+stages:
+  - {id: slow, kind: llm, prompt: "slow"}
+  - {id: broken, kind: llm, prompt: "broken"}
+  - {id: after, kind: template, text: "{{ stages.slow.output }}{{ stages.broken.output }}"}
+"""
+    )
+
+    model = ScriptedChatModel(scripts=[["s", 5.0, "never"], [0.01, PermissionError("denied")]])
+    events = await collect(chain, models={"fake": model})
+    lines = [fmt(e) for e in events]
+    assert lines == [
+        "run-start",
+        "stage-start slow",
+        "token slow 's'",
+        "stage-start broken",
+        "stage-end broken failed",
+        "stage-end slow cancelled",
+        "run-end failed",
+    ]
+    assert events[-1].error.stage == "broken"
+    assert sorted(model.closed) == [0, 1]
+
+
+async def test_cancel_mid_token_closes_the_model_stream() -> None:
+    chain = chain_of(MAP_CHAIN)
+    model = ScriptedChatModel(scripts=[["x", 0.01]], cycle=True)
+    model.scripts[0] = ["t1", "t2", 0.01] + ["t", 0.01] * 200
+    got: list[RunEvent] = []
+    tokens = asyncio.Event()
+
+    def sink(event: RunEvent) -> None:
+        got.append(event)
+        if sum(e.type == "token" for e in got) >= 3:
+            tokens.set()
+
+    run = ChainRun(chain, {"items": ["a", "b"]}, models={"fake": model}, sink=sink)
+    with anyio.fail_after(5):
+        task = asyncio.create_task(run.execute())
+        await tokens.wait()
+        run.cancel()
+        run.cancel()  # idempotent
+        end = await task
+    assert end.status == "cancelled" and run.status == "cancelled"
+    assert got[-1] is end
+    lines = [fmt(e) for e in got]
+    assert lines[-4:] == [
+        "stage-end each[0] cancelled",
+        "stage-end each[1] cancelled",
+        "stage-end each cancelled",
+        "run-end cancelled",
+    ]
+    assert sorted(model.closed) == [0, 1] and model.completed == []
+    assert sum(e.type == "run-end" for e in got) == 1
+
+
+async def test_closing_the_iterator_cancels_the_run() -> None:
+    model = ScriptedChatModel(scripts=[["a", 0.01] * 100])
+    chain = chain_of(RETRY_CHAIN)
+    with anyio.fail_after(5):
+        stream = run_chain(chain, {}, models={"fake": model})
+        async for event in stream:
+            if event.type == "token":
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert model.closed == [0]
+
+
+async def test_token_coalescing_merges_tokens_within_the_window() -> None:
+    model = ScriptedChatModel(scripts=[["a", "b", "c", 0.08, "d", "e"]])
+    events = await collect(chain_of(RETRY_CHAIN), models={"fake": model}, coalesce_ms=40)
+    assert [fmt(e) for e in events] == [
+        "run-start",
+        "stage-start ask",
+        "token ask 'abc'",
+        "token ask 'de'",
+        "stage-end ask succeeded",
+        "run-end succeeded",
+    ]
+
+
+async def test_input_values_are_data_never_templates() -> None:
+    chain = chain_of(TWO_STAGES)
+    model = ScriptedChatModel(scripts=[["o"], ["d"]])
+    await collect(chain, {"topic": "{{ 7*7 }} {% raw %}"}, models={"fake": model})
+    assert model.calls[0][0].content == "Outline {{ 7*7 }} {% raw %}"
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ inputs.__class__ }}",
+        "{{ cycler.__init__.__globals__ }}",
+    ],
+)
+async def test_sandbox_escapes_fail_with_a_clear_error(expression: str) -> None:
+    chain = chain_of(
+        f"""
+defaults: {{model: fake}}
+stages:
+  - id: evil
+    kind: template
+    text: "{expression}"
+"""
+    )
+    events = await collect(chain, models={"fake": ScriptedChatModel(scripts=[])})
+    end = events[-2]
+    assert (end.type, end.status, end.error.type) == ("stage-end", "failed", "template_unsafe")
+    assert end.error.message.startswith("unsafe template: ")
+    assert "is unsafe" in end.error.message or "not safely callable" in end.error.message
+
+
+async def test_undefined_value_at_run_time_names_it() -> None:
+    chain = chain_of(
+        """
+stages:
+  - {id: t, kind: template, text: "{{ inputs.missing.deeper }}"}
+"""
+    )
+    events = await collect(chain)
+    assert events[-2].error.type == "template_error"
+    assert events[-2].error.message == "template error: 'dict object' has no attribute 'missing'"
+
+
+def test_bad_inputs_are_rejected_before_the_run_naming_each_field() -> None:
+    chain = chain_of(
+        """
+inputs:
+  text: {type: string, max_length: 3}
+  n: {type: integer, minimum: 1}
+stages:
+  - {id: t, kind: template, text: "{{ inputs.text }}"}
+"""
+    )
+    with pytest.raises(InputError) as caught:
+        ChainRun(chain, {"text": "toolong", "n": "0", "tetx": 1})
+    assert caught.value.errors == {
+        "tetx": "unknown input (did you mean 'text'?)",
+        "text": "must have at most 3 characters (has 7)",
+        "n": "must be >= 1",
+    }
+    with pytest.raises(InputError, match=r"inputs\.text: required"):
+        ChainRun(chain, {"n": 2})
+
+
+def test_unknown_model_fails_before_the_run_starts() -> None:
+    chain = chain_of("stages: [{id: a, kind: llm, prompt: x, model: nope}]")
+    with pytest.raises(ModelConfigError, match=r"unknown model 'nope'; models are: auto, "):
+        ChainRun(chain, {})
+
+
+async def test_offline_model_runs_json_stages_against_their_schema() -> None:
+    chain = chain_of(
+        """
+defaults: {model: offline}
+stages:
+  - id: q
+    kind: llm
+    output: json
+    schema:
+      type: object
+      required: [questions, level]
+      properties:
+        questions: {type: array, minItems: 2, maxItems: 4, items: {type: string}}
+        level: {type: string, enum: [junior, senior]}
+        score: {type: integer, minimum: 1, maximum: 5}
+    prompt: "Ask about Kubernetes operators"
+"""
+    )
+    events = await collect(chain)
+    output = events[-1].outputs["output"]
+    assert output["level"] == "junior" and 2 <= len(output["questions"]) <= 4
+    assert 1 <= output["score"] <= 5
+    assert events[0].model == "offline"
+    tokens = "".join(e.text for e in events if e.type == "token")
+    assert json.loads(tokens) == output
+
+
+async def test_offline_text_differs_per_input_and_reads_as_placeholder() -> None:
+    chain = chain_of('stages: [{id: a, kind: llm, prompt: "{{ inputs.t }}"}]\ninputs: {t: {}}')
+    one = (await collect(chain, {"t": "quarterly revenue grew"}))[-1].outputs["output"]
+    two = (await collect(chain, {"t": "the database migration failed"}))[-1].outputs["output"]
+    assert one != two
+    assert one.startswith("[offline ") and "revenue" in one
