@@ -23,7 +23,9 @@ class Chain:
     """Top-level stage id -> the stages it waits for (template references + ``needs``)."""
 
     @classmethod
-    def from_spec(cls, spec: ChainSpec, *, id: str | None = None, path: Path | None = None) -> Chain:
+    def from_spec(
+        cls, spec: ChainSpec, *, id: str | None = None, path: Path | None = None
+    ) -> Chain:
         chain_id = spec.id or id or (path.stem if path else "chain")
         return cls(spec=spec, id=chain_id, path=path, deps=stage_dependencies(spec))
 

@@ -1,12 +1,12 @@
 """Errors, in two branches: the author's chain is wrong, or a run failed.
 
-    ChainError
-    ├── ChainSpecError        the chain YAML is wrong; holds every Problem found (file:line:col)
-    ├── InputError            the run's inputs do not match the chain's declared inputs
-    ├── ModelConfigError      configs/models.yaml is wrong, or a model name is unknown
-    └── StageError            a stage failed while running (raised inside the orchestrator)
-        ├── TransientError    worth retrying (timeouts, connection drops, 429, 5xx, bad JSON)
-        └── TemplateError     a template failed to render (undefined value, sandbox violation)
+ChainError
+├── ChainSpecError        the chain YAML is wrong; holds every Problem found (file:line:col)
+├── InputError            the run's inputs do not match the chain's declared inputs
+├── ModelConfigError      configs/models.yaml is wrong, or a model name is unknown
+└── StageError            a stage failed while running (raised inside the orchestrator)
+    ├── TransientError    worth retrying (timeouts, connection drops, 429, 5xx, bad JSON)
+    └── TemplateError     a template failed to render (undefined value, sandbox violation)
 """
 
 from __future__ import annotations

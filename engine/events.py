@@ -52,7 +52,9 @@ StageId = NewType("StageId", str)
 PathItem = str | int
 
 # Field docstrings become schema descriptions; every field is required on the wire.
-_CONFIG = ConfigDict(use_attribute_docstrings=True, json_schema_serialization_defaults_required=True)
+_CONFIG = ConfigDict(
+    use_attribute_docstrings=True, json_schema_serialization_defaults_required=True
+)
 RunStatus = Literal["succeeded", "failed", "cancelled"]
 StageStatus = Literal["succeeded", "failed", "skipped", "cancelled"]
 
@@ -292,9 +294,9 @@ def event_to_json(event: RunEvent) -> str:
     if type(event) is Token:
         # The hot path: a token is most of every stream, so skip the generic walk.
         return (
-            f"{_TOKEN_HEAD}{_dumps(event.run_id)},\"seq\":{event.seq},\"ts\":{event.ts},"
-            f"\"stage\":{_dumps(event.stage)},\"path\":{_dumps(event.path)},"
-            f"\"attempt\":{event.attempt},\"text\":{_dumps(event.text)}}}"
+            f'{_TOKEN_HEAD}{_dumps(event.run_id)},"seq":{event.seq},"ts":{event.ts},'
+            f'"stage":{_dumps(event.stage)},"path":{_dumps(event.path)},'
+            f'"attempt":{event.attempt},"text":{_dumps(event.text)}}}'
         )
     return _dumps(event_to_dict(event))
 

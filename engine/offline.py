@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.language_models import BaseChatModel
 
 __all__ = ["OfflineChatModel", "fake_json", "offline_text"]
 
@@ -41,7 +41,9 @@ def _message_text(message: BaseMessage) -> str:
     content = message.content
     if isinstance(content, str):
         return content
-    return " ".join(part if isinstance(part, str) else str(part.get("text", "")) for part in content)
+    return " ".join(
+        part if isinstance(part, str) else str(part.get("text", "")) for part in content
+    )
 
 
 def offline_text(messages: Sequence[BaseMessage], max_words: int = 60) -> str:
@@ -86,7 +88,9 @@ def fake_json(schema: dict[str, Any] | None, words: list[str], name: str = "valu
             count = max(low, min(3, high))
             return [gen(s.get("items", {}), key) for _ in range(count)]
         if kind == "integer" or kind == "number":
-            low_n = s.get("minimum", s.get("exclusiveMinimum", 0) + 1 if "exclusiveMinimum" in s else 1)
+            low_n = s.get(
+                "minimum", s.get("exclusiveMinimum", 0) + 1 if "exclusiveMinimum" in s else 1
+            )
             high_n = s.get("maximum")
             value = low_n if high_n is None else min(max(low_n, 1), high_n)
             return int(value) if kind == "integer" else float(value)

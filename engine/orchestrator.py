@@ -206,8 +206,9 @@ class ChainRun:
         self._cancel_requested = False
         self._pending_tokens: dict[int, list[Any]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
-        if self.coalesce_s > 0:
-            self.emit_token = self._emit_token_coalesced
+        self.emit_token: Callable[[str, Path, int, str], None] = (
+            self._emit_token_coalesced if self.coalesce_s > 0 else self._emit_token_direct
+        )
 
     # -- public ---------------------------------------------------------------------------
 
@@ -283,7 +284,7 @@ class ChainRun:
         self.sink(event)
         return event
 
-    def emit_token(self, stage: str, path: Path, attempt: int, text: str) -> None:
+    def _emit_token_direct(self, stage: str, path: Path, attempt: int, text: str) -> None:
         self._seq += 1
         self.sink(
             Token(
@@ -316,14 +317,17 @@ class ChainRun:
             self._flush_handle = None
         pending, self._pending_tokens = self._pending_tokens, {}
         for stage, path, attempt, parts in pending.values():
-            ChainRun.emit_token(self, stage, path, attempt, "".join(parts))
+            self._emit_token_direct(stage, path, attempt, "".join(parts))
 
     def _progress(self) -> float:
         return min(1.0, round(self._done_weight / self._total_weight, 6))
 
     def _finish(
-        self, status: Literal["succeeded", "failed", "cancelled"], outputs: Any,
-        error: ErrorInfo | None, started: float,
+        self,
+        status: Literal["succeeded", "failed", "cancelled"],
+        outputs: Any,
+        error: ErrorInfo | None,
+        started: float,
     ) -> RunEnded:
         self.status = status
         self.outputs = outputs
@@ -395,7 +399,8 @@ class ChainRun:
             try:
                 outputs[name] = compile_template(value).render(context)
             except TemplateError as exc:
-                raise _StageFailed(ErrorInfo(type=exc.type, message=f"outputs.{name}: {exc}"))
+                error = ErrorInfo(type=exc.type, message=f"outputs.{name}: {exc}")
+                raise _StageFailed(error) from None
         return outputs
 
     def _context(self) -> dict[str, Any]:
@@ -520,7 +525,7 @@ class ChainRun:
         if retry_after is not None:
             return min(retry_after, 60.0)
         base = self.retry_backoff * (2 ** (attempt - 1))
-        return min(base, 30.0) * (0.5 + random.random() / 2)
+        return float(min(base, 30.0) * (0.5 + random.random() / 2))
 
     def _end(
         self,
@@ -551,9 +556,7 @@ class ChainRun:
             progress=self._progress(),
         )
 
-    async def _attempt(
-        self, unit: _Unit, attempt: int, usage: Usage, timeout: float | None
-    ) -> Any:
+    async def _attempt(self, unit: _Unit, attempt: int, usage: Usage, timeout: float | None) -> Any:
         if timeout is None:
             return await self._work(unit, attempt, usage)
         async with asyncio.timeout(timeout):
@@ -597,9 +600,7 @@ class ChainRun:
             return [HumanMessage(compile_template(prompt).render_text(context))]
         if isinstance(prompt, list):
             kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
-            return [
-                kinds[m.role](compile_template(m.content).render_text(context)) for m in prompt
-            ]
+            return [kinds[m.role](compile_template(m.content).render_text(context)) for m in prompt]
         messages: list[BaseMessage] = []
         if prompt.system is not None:
             messages.append(SystemMessage(compile_template(prompt.system).render_text(context)))
@@ -711,11 +712,11 @@ class ChainRun:
             while pending and failure is None:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
-                    exc = task.exception()
-                    if isinstance(exc, _StageFailed):
-                        failure = exc
-                    elif exc is not None:
-                        raise exc
+                    err = task.exception()
+                    if isinstance(err, _StageFailed):
+                        failure = err
+                    elif err is not None:
+                        raise err
             if failure is not None:
                 await self._cancel_tasks({t: None for t in pending})
         except BaseException:
@@ -732,7 +733,6 @@ class ChainRun:
         self._done_weight += unit.share - sum(u.share for u in item_units)
         self._end(unit, "succeeded", started, results, usage, 1, None)
         return results
-
 
 
 def _sum_usage(units: list[_Unit]) -> Usage:
@@ -756,8 +756,9 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
-async def run_chain(chain: Chain, inputs: Mapping[str, Any] | None = None, **options: Any
-                    ) -> AsyncIterator[RunEvent]:
+async def run_chain(
+    chain: Chain, inputs: Mapping[str, Any] | None = None, **options: Any
+) -> AsyncIterator[RunEvent]:
     """Run ``chain`` and yield its events as they happen. Closing the iterator cancels the run.
 
     ``options`` are ``ChainRun``'s keyword arguments (models, model, max_concurrency, …).

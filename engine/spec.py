@@ -1,7 +1,7 @@
 """Chain YAML v1: these pydantic models *are* the schema template authors write against.
 
-``chains/chain.schema.json`` is generated from ``ChainSpec`` (``stagecast schema``); every field has a
-description because editors show it on hover. Cross-stage rules (references, cycles, template
+``chains/chain.schema.json`` is generated from ``ChainSpec`` (``stagecast schema``); every field
+has a description because editors show it on hover. Cross-stage rules (references, cycles, template
 variables, model names) live in ``engine.validation``.
 """
 
@@ -63,9 +63,7 @@ class Defaults(_Model):
     temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature.")
     max_tokens: int | None = Field(None, gt=0, description="Most tokens a model may produce.")
     timeout: float | None = Field(None, gt=0, description="Seconds one stage attempt may take.")
-    retries: int | None = Field(
-        None, ge=0, le=10, description="Retries after a transient failure."
-    )
+    retries: int | None = Field(None, ge=0, le=10, description="Retries after a transient failure.")
 
 
 class Message(_Model):

@@ -72,7 +72,9 @@ def compile_template(source: str) -> Template:
     """Compile once; raises jinja2's TemplateSyntaxError (with ``lineno``) on bad syntax."""
     match = _WHOLE_EXPRESSION.match(source)
     if match:
-        return Template(source, True, ENV.compile_expression(match["expr"], undefined_to_none=False))
+        return Template(
+            source, True, ENV.compile_expression(match["expr"], undefined_to_none=False)
+        )
     return Template(source, False, ENV.from_string(source))
 
 
@@ -97,6 +99,7 @@ def references(source: str) -> References:
 
     refs.names = set(meta.find_undeclared_variables(ast))
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        assert isinstance(node, (nodes.Getattr, nodes.Getitem))
         base = node.node
         key = _key(node)
         if not isinstance(base, nodes.Name) or key is None:

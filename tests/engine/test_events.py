@@ -29,7 +29,15 @@ SCHEMA_FILE = ROOT / "api" / "schema" / "run-events.json"
     ("event", "expected"),
     [
         (
-            Token(run_id="r1", seq=5, ts=1700, stage="draft", path=["draft"], attempt=1, text='a "b"\n'),
+            Token(
+                run_id="r1",
+                seq=5,
+                ts=1700,
+                stage="draft",
+                path=["draft"],
+                attempt=1,
+                text='a "b"\n',
+            ),
             '{"v":1,"type":"token","run_id":"r1","seq":5,"ts":1700,"stage":"draft",'
             '"path":["draft"],"attempt":1,"text":"a \\"b\\"\\n"}',
         ),
@@ -39,7 +47,13 @@ SCHEMA_FILE = ROOT / "api" / "schema" / "run-events.json"
             '"attempt":2,"text":"한국어"}',
         ),
         (
-            RunEnded(run_id="r1", seq=9, ts=2, status="failed", error=ErrorInfo(type="timeout", message="slow", stage="x")),
+            RunEnded(
+                run_id="r1",
+                seq=9,
+                ts=2,
+                status="failed",
+                error=ErrorInfo(type="timeout", message="slow", stage="x"),
+            ),
             '{"v":1,"type":"run-end","run_id":"r1","seq":9,"ts":2,"stage":null,"path":null,'
             '"attempt":null,"status":"failed","outputs":null,"usage":{"input_tokens":0,'
             '"output_tokens":0,"cost":null},"duration_ms":0,"error":{"type":"timeout",'
@@ -56,8 +70,20 @@ def test_every_field_is_present_even_when_null() -> None:
     end = StageEnded(run_id="r", seq=2, ts=3, stage="s", path=["s"], attempt=1, status="skipped")
     data = json.loads(event_to_json(end))
     assert list(data) == [
-        "v", "type", "run_id", "seq", "ts", "stage", "path", "attempt",
-        "status", "output", "usage", "duration_ms", "error", "progress",
+        "v",
+        "type",
+        "run_id",
+        "seq",
+        "ts",
+        "stage",
+        "path",
+        "attempt",
+        "status",
+        "output",
+        "usage",
+        "duration_ms",
+        "error",
+        "progress",
     ]
     assert data["usage"] == {"input_tokens": 0, "output_tokens": 0, "cost": None}
 
@@ -73,11 +99,15 @@ def test_committed_event_schema_is_current() -> None:
 def test_schema_accepts_real_events_and_rejects_missing_fields() -> None:
     schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
     validator = jsonschema.Draft202012Validator(schema)
-    token = json.loads(event_to_json(Token(run_id="r", seq=1, ts=1, stage="a", path=["a"], attempt=1, text="x")))
+    token = json.loads(
+        event_to_json(Token(run_id="r", seq=1, ts=1, stage="a", path=["a"], attempt=1, text="x"))
+    )
     validator.validate(token)
     del token["attempt"]
     assert not validator.is_valid(token)
-    token_only = jsonschema.Draft202012Validator({"$ref": "#/$defs/Token", "$defs": schema["$defs"]})
+    token_only = jsonschema.Draft202012Validator(
+        {"$ref": "#/$defs/Token", "$defs": schema["$defs"]}
+    )
     error = jsonschema.exceptions.best_match(token_only.iter_errors(token))
     assert error is not None and error.message == "'attempt' is a required property"
     usage = Usage(input_tokens=3)

@@ -30,12 +30,12 @@ def dag_chains(draw: st.DrawFn) -> tuple[dict[str, Any], list[list[Any]], str | 
         else:
             stage.update(
                 kind="map",
-                over="{{ range(%d) | list }}" % draw(st.integers(0, 4)),
+                over=f"{{{{ range({draw(st.integers(0, 4))}) | list }}}}",
                 concurrency=draw(st.integers(1, 3)),
                 stage={"kind": "llm", "prompt": f"m{i} {{{{ item }}}} {refs}", "retries": 1},
             )
         if draw(st.booleans()) and i:
-            stage["when"] = "{{ %s }}" % draw(st.sampled_from(["true", "false"]))
+            stage["when"] = f"{{{{ {draw(st.sampled_from(['true', 'false']))} }}}}"
         stages.append(stage)
     scripts = draw(
         st.lists(

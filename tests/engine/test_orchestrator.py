@@ -290,7 +290,7 @@ async def test_json_parse_failure_is_retried_then_fails_clearly() -> None:
     events = await collect(chain_of(JSON_CHAIN), models={"fake": model})
     assert [fmt(e) for e in events][-4:] == [
         "stage-retry facts invalid_json",
-        "token facts#2 '[{\"nome\": \"x\"}]'",
+        'token facts#2 \'[{"nome": "x"}]\'',
         "stage-end facts#2 failed",
         "run-end failed",
     ]
