@@ -1,0 +1,626 @@
+"""``stagecast``: validate, run, dry-run and draw chains from a terminal.
+
+Exit codes: 0 the run succeeded (or every file is valid); 1 the run failed, or a chain has
+problems; 2 bad usage or input (unknown chain, unknown model, bad ``-i``); 130 cancelled (Ctrl-C:
+the run is cancelled cleanly and still ends with run-end ``cancelled``).
+
+``--events`` prints exactly ``engine.events.event_to_json`` per line on stdout and nothing else;
+every diagnostic goes to stderr. Without a terminal on stdout ``run`` prints a plain log instead of
+the live view. The web stack (``serve``, ``--server``) is imported only inside those commands, so
+the engine never imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from engine.chain import Chain
+from engine.errors import ChainSpecError, InputError, ModelConfigError, Problem
+from engine.events import RUN_EVENT, RunEnded, RunEvent
+from engine.loading import CHAINS_DIR, find_chain, load_chain, validate_chain_file
+from engine.orchestrator import ChainRun
+from engine.providers import ModelRegistry, load_models_config
+from engine.spec import ChainSpec, InputSpec, MapStage
+from engine.templates import references
+
+__all__ = ["app", "main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+
+app = typer.Typer(
+    name="stagecast",
+    help="Run multi-step LLM prompt chains declared in YAML, stage by stage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+# -- output helpers ---------------------------------------------------------------------------
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _fail(message: str, code: int = EXIT_USAGE, hint: str = "") -> NoReturn:
+    _err(f"error: {message}")
+    if hint:
+        _err(f"  hint: {hint}")
+    raise typer.Exit(code)
+
+
+def _problem_lines(problem: Problem) -> str:
+    """A problem with a place as ``file:line:col: key: problem``; one without, as its message."""
+    if problem.line is None and not problem.key:
+        where = "" if problem.file == str(CHAINS_DIR) else f"{problem.file}: "
+        text = f"{where}{problem.problem}"
+        return text + (f"\n  hint: {problem.hint}" if problem.hint else "")
+    return str(problem)
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def _registry() -> ModelRegistry:
+    try:
+        return ModelRegistry(load_models_config())
+    except ModelConfigError as exc:
+        _fail(str(exc))
+
+
+def _find(name: str) -> Path:
+    try:
+        return find_chain(name)
+    except ChainSpecError as exc:
+        for problem in exc.problems:
+            _err(f"error: {_problem_lines(problem)}")
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _load(path: Path, registry: ModelRegistry | None) -> Chain:
+    names = registry.names() if registry is not None else None
+    try:
+        return load_chain(path, model_names=names)
+    except ChainSpecError as exc:
+        for problem in exc.problems:
+            _err(_problem_lines(problem))
+        count = len(exc.problems)
+        _err(f"{path}: {count} problem{'s' if count != 1 else ''}; the chain was not run")
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        _fail(f"{what}: {path}: no such file")
+    except IsADirectoryError:
+        _fail(f"{what}: {path}: is a directory")
+    except UnicodeDecodeError:
+        _fail(f"{what}: {path}: not UTF-8 text")
+    except OSError as exc:
+        _fail(f"{what}: {path}: {exc.strerror or exc}")
+
+
+def collect_inputs(
+    declared: Mapping[str, InputSpec], pairs: Iterable[str], inputs_file: Path | None
+) -> dict[str, Any]:
+    """The run's inputs from ``--inputs FILE.json`` then ``-i k=v`` / ``-i k=@file`` (exit 2)."""
+    values: dict[str, Any] = {}
+    if inputs_file is not None:
+        text = _read_text(str(inputs_file), "--inputs")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            _fail(f"{inputs_file}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}")
+        if not isinstance(data, dict):
+            _fail(f"{inputs_file}: expected a JSON object of inputs, got {type(data).__name__}")
+        values.update(data)
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            _fail(f"-i {pair!r}: expected key=value or key=@file")
+        value: Any = raw
+        if raw.startswith("@@"):
+            value = raw[1:]  # a literal value that starts with @
+        elif raw.startswith("@"):
+            value = _read_text(raw[1:], f"-i {key}")
+        spec = declared.get(key)
+        if spec is not None and spec.type in ("array", "object") and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                _fail(f"inputs.{key}: expected {spec.type} as JSON, got invalid JSON ({exc.msg})")
+        values[key] = value
+    return values
+
+
+# -- validate ---------------------------------------------------------------------------------
+
+
+def _chain_files(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")))
+        elif path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+            files.append(path)
+        else:
+            try:
+                files.append(find_chain(name))
+            except ChainSpecError:
+                files.append(path)
+    return files
+
+
+@app.command()
+def validate(
+    paths: Annotated[
+        list[str], typer.Argument(help="Chain files, directories of chains, or chain ids.")
+    ],
+) -> None:
+    """Check chain files; print every problem as file:line:col: key: problem (exit 1 if any)."""
+    names = _registry().names()
+    files = _chain_files(paths)
+    total = broken = 0
+    for path in files:
+        problems = validate_chain_file(path, model_names=names)
+        if not problems:
+            print(f"{path}: ok")
+            continue
+        broken += 1
+        total += len(problems)
+        for problem in problems:
+            print(_problem_lines(problem))
+    if not files:
+        _fail("no chain files found in " + ", ".join(paths))
+    if total:
+        _err(
+            f"{total} problem{'s' if total != 1 else ''} in {broken} "
+            f"file{'s' if broken != 1 else ''}"
+        )
+        raise typer.Exit(EXIT_FAILED)
+
+
+# -- run / dry-run ----------------------------------------------------------------------------
+
+ChainArg = Annotated[
+    str, typer.Argument(metavar="CHAIN", help="A chain file, or the id of a chain in chains/.")
+]
+InputOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "-i",
+        "--input",
+        metavar="KEY=VALUE",
+        help="An input: key=value, or key=@file to read the value from a file (@- is stdin).",
+    ),
+]
+InputsFileOpt = Annotated[
+    Path | None,
+    typer.Option("--inputs", metavar="FILE.json", help="Inputs as a JSON object file."),
+]
+EventsOpt = Annotated[
+    bool,
+    typer.Option("--events", help="Print the events as NDJSON on stdout, and nothing else."),
+]
+CoalesceOpt = Annotated[
+    float,
+    typer.Option("--coalesce-ms", min=0, metavar="N", help="Merge tokens arriving within N ms."),
+]
+
+
+@app.command()
+def run(
+    chain: ChainArg,
+    input: InputOpt = None,
+    inputs: InputsFileOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="A model name from configs/models.yaml."),
+    ] = None,
+    events: EventsOpt = False,
+    coalesce_ms: CoalesceOpt = 0.0,
+    server: Annotated[
+        str | None,
+        typer.Option("--server", metavar="URL", help="Run on a Stagecast server instead."),
+    ] = None,
+) -> None:
+    """Run a chain with a live view of every stage (exit 0 succeeded, 1 failed, 130 cancelled)."""
+    if server is not None:
+        _run_remote(server, chain, input or [], inputs, model, events)
+    _run_local(chain, input or [], inputs, model, events, coalesce_ms, dry_run=False)
+
+
+@app.command("dry-run")
+def dry_run(
+    chain: ChainArg,
+    input: InputOpt = None,
+    inputs: InputsFileOpt = None,
+    events: EventsOpt = False,
+    coalesce_ms: CoalesceOpt = 0.0,
+) -> None:
+    """Run a chain on the offline model and print each stage's rendered prompt."""
+    _run_local(chain, input or [], inputs, "offline", events, coalesce_ms, dry_run=True)
+
+
+def _make_view(events: bool) -> Any:
+    from engine._live import EventsView, LiveView, PlainView
+
+    if events:
+        return EventsView(sys.stdout)
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        return LiveView(Console())
+    return PlainView(sys.stdout)
+
+
+def _run_local(
+    chain_name: str,
+    pairs: list[str],
+    inputs_file: Path | None,
+    model: str | None,
+    events: bool,
+    coalesce_ms: float,
+    *,
+    dry_run: bool,
+) -> NoReturn:
+    path = _find(chain_name)
+    registry = _registry()
+    if dry_run and "offline" not in registry.config.models:
+        from engine.offline import OfflineChatModel
+
+        registry.overrides["offline"] = OfflineChatModel()
+    chain = _load(path, registry)
+    values = collect_inputs(chain.spec.inputs, pairs, inputs_file)
+    view = _make_view(events)
+    try:
+        chain_run = ChainRun(
+            chain,
+            values,
+            models=registry,
+            model=model,
+            sink=view.handle,
+            coalesce_ms=coalesce_ms,
+            on_prompt=view.prompt if dry_run else None,
+        )
+    except InputError as exc:
+        for key, problem in exc.errors.items():
+            _err(f"error: inputs.{key}: {problem}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except ModelConfigError as exc:
+        _fail(str(exc))
+    view.on_broken = chain_run.cancel
+    try:
+        end = asyncio.run(_drive(chain_run.execute(), chain_run.cancel, view))
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        with contextlib.suppress(Exception):
+            view.finish(None)
+        raise typer.Exit(EXIT_CANCELLED) from None
+    _exit_for(end, view, events)
+
+
+async def _drive(execute: Any, cancel: Callable[[], None], view: Any) -> RunEnded | None:
+    """Run to the end; the first Ctrl-C cancels cleanly (run-end ``cancelled``)."""
+    loop = asyncio.get_running_loop()
+
+    def on_sigint() -> None:
+        view.note("cancelling… (Ctrl-C again to quit at once)")
+        cancel()
+        loop.remove_signal_handler(signal.SIGINT)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    view.start()
+    end: RunEnded | None = None
+    try:
+        end = await execute
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGINT)
+        view.finish(end)
+    return end
+
+
+def _exit_for(end: RunEnded | None, view: Any, events: bool) -> NoReturn:
+    if getattr(view, "broken", False):
+        # stdout was closed (`| head`): say nothing more there, and do not fail at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_FAILED)
+    if end is None:
+        raise typer.Exit(EXIT_FAILED)
+    if end.status == "succeeded":
+        raise typer.Exit(EXIT_OK)
+    if end.status == "cancelled":
+        if events:
+            _err("cancelled")
+        raise typer.Exit(EXIT_CANCELLED)
+    if events or not sys.stdout.isatty():
+        error = end.error
+        where = f"{error.stage}: " if error is not None and error.stage else ""
+        _err(f"error: run failed: {where}{error.message if error else 'unknown error'}")
+    raise typer.Exit(EXIT_FAILED)
+
+
+def _run_remote(
+    server: str,
+    chain_name: str,
+    pairs: list[str],
+    inputs_file: Path | None,
+    model: str | None,
+    events: bool,
+) -> NoReturn:
+    try:
+        client_module = importlib.import_module("api.client")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("api.client", "api"):
+            raise
+        _fail(
+            "--server needs the HTTP client (api/client.py), which is not installed in this "
+            "version; run the chain locally (drop --server)"
+        )
+    declared: Mapping[str, InputSpec] = {}
+    with contextlib.suppress(ChainSpecError):
+        declared = load_chain(find_chain(chain_name)).spec.inputs
+    chain_id = Path(chain_name).stem if chain_name.endswith((".yaml", ".yml")) else chain_name
+    values = collect_inputs(declared, pairs, inputs_file)
+    view = _make_view(events)
+    follow: Callable[..., AsyncIterator[RunEvent]] | None = getattr(
+        client_module, "follow_run", None
+    )
+    if follow is None:
+        _fail("api.client has no follow_run(server, chain, inputs, model=..., cancel=...)")
+    cancel_event = asyncio.Event()
+
+    async def execute() -> RunEnded | None:
+        end: RunEnded | None = None
+        assert follow is not None
+        async for event in follow(server, chain_id, values, model=model, cancel=cancel_event):
+            view.handle(event)
+            if isinstance(event, RunEnded):
+                end = event
+        return end
+
+    try:
+        end = asyncio.run(_drive(execute(), cancel_event.set, view))
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_CANCELLED) from None
+    except Exception as exc:  # connection refused, HTTP errors: a message, not a traceback
+        _fail(f"{server}: {type(exc).__name__}: {exc}", EXIT_FAILED)
+    _exit_for(end, view, events)
+
+
+# -- graph ------------------------------------------------------------------------------------
+
+_MERMAID_RESERVED = {
+    "end",
+    "graph",
+    "subgraph",
+    "flowchart",
+    "style",
+    "class",
+    "classDef",
+    "click",
+    "linkStyle",
+    "default",
+}
+
+
+def _node_id(stage_id: str) -> str:
+    return stage_id + "_" if stage_id in _MERMAID_RESERVED else stage_id
+
+
+def _mermaid_text(text: str) -> str:
+    text = " ".join(text.split())
+    for char, code in (("&", "#amp;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):
+        text = text.replace(char, code)
+    return text
+
+
+def _when_expr(source: str) -> str:
+    text = source.strip()
+    if text.startswith("{{") and text.endswith("}}"):
+        text = text[2:-2].strip()
+    return text
+
+
+def chain_mermaid(chain: Chain) -> str:
+    """The chain as a Mermaid flowchart: a node per stage, edges from the DAG, outputs last."""
+    spec = chain.spec
+    lines = ["flowchart TD"]
+    conditional: list[str] = []
+    for stage in spec.stages:
+        sid = stage.id or ""
+        kind: str = stage.kind
+        if isinstance(stage, MapStage):
+            kind = f"map × {stage.stage.kind}"
+        label = f"{_mermaid_text(stage.label or sid)}<br/><small>{kind} · {sid}</small>"
+        if stage.when is not None:
+            label += f"<br/><i>when: {_mermaid_text(_when_expr(stage.when))}</i>"
+            conditional.append(_node_id(sid))
+        shape = {
+            "map": ('[["', '"]]'),
+            "split": ('[/"', '"/]'),
+            "template": ('("', '")'),
+            "retrieve": ('[("', '")]'),
+            "input": ('{{"', '"}}'),
+        }.get(stage.kind, ('["', '"]'))
+        lines.append(f"    {_node_id(sid)}{shape[0]}{label}{shape[1]}")
+    for stage in spec.stages:
+        sid = stage.id or ""
+        arrow = "-.->" if stage.when is not None else "-->"
+        for dep in chain.deps.get(sid, []):
+            lines.append(f"    {_node_id(dep)} {arrow} {_node_id(sid)}")
+    out_names, out_deps = _outputs_deps(spec)
+    names = _mermaid_text(", ".join(out_names))
+    lines.append(f'    outputs__(["outputs<br/><small>{names}</small>"])')
+    for dep in out_deps:
+        lines.append(f"    {_node_id(dep)} --> outputs__")
+    if conditional:
+        lines.append("    classDef conditional stroke-dasharray: 5 5")
+        lines.append(f"    class {','.join(conditional)} conditional")
+    return "\n".join(lines)
+
+
+def _outputs_deps(spec: ChainSpec) -> tuple[list[str], list[str]]:
+    ids = [s.id or "" for s in spec.stages]
+    if spec.outputs is None:
+        return ["output"], [ids[-1]]
+    wanted: set[str] = set()
+    for value in spec.outputs.values():
+        if isinstance(value, str):
+            with contextlib.suppress(Exception):
+                wanted.update(references(value).stages)
+    return list(spec.outputs), [i for i in ids if i in wanted]
+
+
+@app.command()
+def graph(chain: ChainArg) -> None:
+    """Print the chain as a Mermaid flowchart."""
+    print(chain_mermaid(_load(_find(chain), None)))
+
+
+# -- list / schema / models / serve -----------------------------------------------------------
+
+
+def _describe_input(name: str, spec: InputSpec) -> str:
+    if spec.default is None:
+        return f"{name} ({spec.type}, required)"
+    default = spec.default if isinstance(spec.default, str) and spec.default else None
+    default = default or json.dumps(spec.default, ensure_ascii=False)
+    if isinstance(default, str) and len(default) > 20:
+        default = default[:17] + "…"
+    return f"{name} ({spec.type}, default {default})"
+
+
+@app.command("list")
+def list_chains() -> None:
+    """List the chains in chains/ with their inputs."""
+    files = sorted(p for p in CHAINS_DIR.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
+    if not files:
+        _err(f"no chains in {CHAINS_DIR}")
+        return
+    rows: list[tuple[str, str, str]] = []
+    for path in files:
+        try:
+            chain = load_chain(path)
+        except ChainSpecError as exc:
+            count = len(exc.problems)
+            rows.append(
+                (
+                    path.stem,
+                    f"(invalid: {count} problem{'s' if count != 1 else ''})",
+                    f"see: stagecast validate {path}",
+                )
+            )
+            continue
+        parts = [_describe_input(n, s) for n, s in chain.spec.inputs.items()]
+        rows.append((chain.id, chain.title, ", ".join(parts) or "no inputs"))
+    width_id = max(len(r[0]) for r in rows)
+    width_title = max(len(r[1]) for r in rows)
+    for chain_id, title, described in rows:
+        print(f"{chain_id:<{width_id}}  {title:<{width_title}}  {described}")
+
+
+@app.command()
+def schema(
+    events: Annotated[
+        bool, typer.Option("--events", help="The event protocol's JSON Schema instead.")
+    ] = False,
+) -> None:
+    """Print the chain YAML JSON Schema (or, with --events, the event union's)."""
+    if events:
+        data: Any = RUN_EVENT.json_schema()
+    else:
+        generate: Any = None
+        with contextlib.suppress(ImportError):
+            generate = getattr(
+                importlib.import_module("engine.validation"), "chain_json_schema", None
+            )
+        data = generate() if generate is not None else ChainSpec.model_json_schema(by_alias=True)
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _model_rows(registry: ModelRegistry) -> list[tuple[str, str, str, str]]:
+    rows = []
+    environ = registry.environ
+    for name, entry in registry.config.models.items():
+        if entry.provider == "offline":
+            usable = "yes"
+            target = "offline" + (f" ({entry.delay_ms:g} ms/token)" if entry.delay_ms else "")
+        elif entry.provider == "auto":
+            target = f"openai:{entry.openai_model or 'gpt-4o-mini'} or offline"
+            usable = (
+                f"yes (openai: {entry.api_key_env} is set)"
+                if environ.get(entry.api_key_env)
+                else f"yes (offline: {entry.api_key_env} is not set)"
+            )
+        else:
+            target = f"openai:{entry.model or 'gpt-4o-mini'}"
+            if entry.base_url:
+                target += f" at {entry.base_url}"
+            usable = "yes" if environ.get(entry.api_key_env) else f"no: set {entry.api_key_env}"
+        marker = " (default)" if name == registry.default else ""
+        rows.append((name + marker, target, usable, entry.description or ""))
+    return rows
+
+
+@app.command()
+def models() -> None:
+    """List the models of configs/models.yaml and whether each is usable (never a secret)."""
+    registry = _registry()
+    rows = _model_rows(registry)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)] if rows else [0, 0, 0]
+    for row in rows:
+        print("  ".join(f"{row[i]:<{widths[i]}}" for i in range(3)) + f"  {row[3]}".rstrip())
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+) -> None:
+    """Serve the HTTP API (runs as Server-Sent Event streams)."""
+    try:
+        server = importlib.import_module("api.server")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("api.server", "api"):
+            _fail(f"the HTTP server needs {exc.name}, which is not installed", EXIT_FAILED)
+        _fail("the HTTP server (api/server.py) is not available in this version", EXIT_FAILED)
+    start: Any = server.serve
+    kwargs: dict[str, Any] = {"host": host, "port": port}
+    if "settings" in inspect.signature(start).parameters:
+        kwargs["settings"] = None
+    try:
+        start(**kwargs)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_OK) from None
+
+
+def main() -> None:
+    """The ``stagecast`` console script."""
+    app(prog_name="stagecast")
+
+
+if __name__ == "__main__":
+    main()

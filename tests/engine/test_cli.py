@@ -1,0 +1,348 @@
+"""The ``stagecast`` CLI through a real subprocess: exit codes, exact lines, NDJSON on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine._live import LiveView
+from engine.events import RUN_EVENT, RunEnded, RunEvent, event_from_json, event_to_json
+from engine.loading import CHAINS_DIR, load_chain
+from engine.orchestrator import ChainRun
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).parent / "cli_chains"
+TINY = str(FIXTURES / "tiny.yaml")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env or _env(),
+    )
+
+
+def parse_stream(stdout: str) -> list[RunEvent]:
+    lines = stdout.splitlines()
+    events = [event_from_json(line) for line in lines]
+    assert [event_to_json(e) for e in events] == lines  # exactly the wire JSON, nothing else
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events[0].type == "run-start"
+    assert [e.type for e in events].count("run-end") == 1
+    assert events[-1].type == "run-end"
+    return events
+
+
+# -- validate -----------------------------------------------------------------------------------
+
+
+def test_validate_ok() -> None:
+    result = cli("validate", TINY, str(FIXTURES / "slow.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{TINY}: ok", f"{FIXTURES / 'slow.yaml'}: ok"]
+
+
+def test_validate_reports_every_problem_with_its_place() -> None:
+    broken = FIXTURES / "broken.yaml"
+    result = cli("validate", TINY, str(broken))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"{TINY}: ok",
+        f"{broken}:3:5: stages[first]: missing required key 'prompt'",
+        f"{broken}:5:5: stages[first].promt: unknown key",
+        "  hint: did you mean 'prompt'?",
+        f"{broken}:8:15: stages[second].text: no stage 'frist'; stages are: first, second",
+        "  hint: did you mean 'first'?",
+    ]
+    assert result.stderr == "3 problems in 1 file\n"
+
+
+def test_run_of_an_invalid_chain_prints_problems_and_exits_1() -> None:
+    result = cli("run", str(FIXTURES / "broken.yaml"), "--events")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "broken.yaml:5:5: stages[first].promt: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- run --events -------------------------------------------------------------------------------
+
+
+def test_run_events_is_a_valid_v1_stream() -> None:
+    result = cli("run", TINY, "-i", "topic=rivers", "--events")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    events = parse_stream(result.stdout)
+    start, end = events[0], events[-1]
+    assert start.type == "run-start" and start.model == "offline"
+    assert [s.stage for s in start.plan] == ["outline", "points", "expand", "bonus", "final"]
+    assert isinstance(end, RunEnded) and end.status == "succeeded"
+    assert set(end.outputs) == {"text", "points"}
+    ends = {e.stage: e.status for e in events if e.type == "stage-end" and len(e.path or []) == 1}
+    assert ends == {
+        "outline": "succeeded",
+        "points": "succeeded",
+        "expand": "succeeded",
+        "bonus": "skipped",
+        "final": "succeeded",
+    }
+    assert [(e.completed, e.total) for e in events if e.type == "stage-progress"] == [
+        (1, 2),
+        (2, 2),
+    ]
+
+
+def test_a_failing_chain_exits_1_with_run_end_failed() -> None:
+    result = cli("run", str(FIXTURES / "fails.yaml"), "--events")
+    assert result.returncode == 1
+    end = parse_stream(result.stdout)[-1]
+    assert isinstance(end, RunEnded) and end.status == "failed"
+    assert end.error is not None and end.error.stage == "boom"
+    message = "template error: 'dict object' has no attribute 'missing'"
+    assert end.error.message == message
+    assert result.stderr == f"error: run failed: boom: {message}\n"
+
+
+# -- inputs and usage errors --------------------------------------------------------------------
+
+
+def test_bad_inputs_name_each_field_and_exit_2() -> None:
+    result = cli("run", TINY, "-i", "count=zero", "-i", "colour=red", "--events")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: inputs.colour: unknown input (inputs are: topic, count, extra)",
+        "error: inputs.topic: required (What to write about)",
+        "error: inputs.count: expected integer, got string",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-i", "topic=@no/such/file.txt"], "error: -i topic: no/such/file.txt: no such file"),
+        (["-i", "topic"], "error: -i 'topic': expected key=value or key=@file"),
+        (["--inputs", "BAD_JSON"], "error: BAD_JSON:3:3: invalid JSON: Expecting ',' delimiter"),
+    ],
+)
+def test_input_files_and_flags_are_checked(args: list[str], expected: str, tmp_path: Path) -> None:
+    bad = tmp_path / "inputs.json"
+    bad.write_text('{\n  "topic": "x"\n  "count": 2\n}\n')
+    args = [str(bad) if a == "BAD_JSON" else a for a in args]
+    result = cli("run", TINY, *args)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [expected.replace("BAD_JSON", str(bad))]
+
+
+def test_inputs_from_files(tmp_path: Path) -> None:
+    (tmp_path / "topic.txt").write_text("glaciers and fjords")
+    (tmp_path / "inputs.json").write_text('{"topic": "ignored", "count": 3}')
+    result = cli(
+        "dry-run",
+        TINY,
+        "--inputs",
+        str(tmp_path / "inputs.json"),
+        "-i",
+        f"topic=@{tmp_path / 'topic.txt'}",
+        "--events",
+    )
+    assert result.returncode == 0, result.stderr
+    parse_stream(result.stdout)
+    assert "Outline 3 points about glaciers and fjords." in result.stderr
+
+
+def test_unknown_chain_and_unknown_model_exit_2() -> None:
+    result = cli("run", "no_such_chain", "--events")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: no chain 'no_such_chain'; chains are: ")
+    result = cli("run", TINY, "-i", "topic=x", "--model", "nope", "--events")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: unknown model 'nope'; models are: ")
+    assert "Traceback" not in result.stderr
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_cancels_cleanly_and_exits_130() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "run", str(FIXTURES / "slow.yaml"), "--events"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "the stream ended before any token"
+            lines.append(line.rstrip("\n"))
+            if json.loads(line)["type"] == "token":
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    events = parse_stream("\n".join(lines) + "\n" + out)
+    end = events[-1]
+    assert isinstance(end, RunEnded) and end.status == "cancelled"
+    stage_ends = [e for e in events if e.type == "stage-end"]
+    assert [(e.stage, e.status) for e in stage_ends] == [("write", "cancelled")]
+    assert "Traceback" not in err
+
+
+# -- dry-run, graph, list, schema, models ----------------------------------------
+
+
+def test_dry_run_prints_rendered_prompts_and_a_plain_log() -> None:
+    result = cli("dry-run", TINY, "-i", "topic=rivers")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("run run_")
+    assert out.splitlines()[0].endswith(" · Tiny chain · model: offline")
+    assert (
+        "--- prompt: outline ---\n[system]\nYou plan short essays.\n[user]\n"
+        "Outline 2 points about rivers.\n---\n"
+    ) in out
+    assert "--- prompt: expand[0] ---\n[user]\nExpand point 0: " in out
+    assert "--- prompt: expand[1] ---\n[user]\nExpand point 1: " in out
+    lines = out.splitlines()
+    assert any(line.endswith("skipped   bonus") for line in lines)
+    assert any(line.endswith("progress  expand  2/2") for line in lines)
+    tail = out[out.index("run succeeded in ") :].splitlines()
+    assert tail[1] == "usage: 46 in / 44 out tokens"
+    assert tail[2:6] == ["model: offline", "", "outputs:", "== text =="]
+    assert tail[6].startswith("- [offline ")
+    assert "== points ==" in tail
+
+
+def test_graph_is_mermaid_with_every_stage() -> None:
+    result = cli("graph", TINY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "flowchart TD",
+        '    outline["Writing an outline<br/><small>llm · outline</small>"]',
+        '    points["Listing points<br/><small>llm · points</small>"]',
+        '    expand[["Expanding points<br/><small>map × llm · expand</small>"]]',
+        '    bonus("Bonus<br/><small>template · bonus</small><br/><i>when: inputs.extra</i>")',
+        '    final("Joining<br/><small>template · final</small>")',
+        "    outline --> points",
+        "    points --> expand",
+        "    expand --> final",
+        '    outputs__(["outputs<br/><small>text, points</small>"])',
+        "    points --> outputs__",
+        "    final --> outputs__",
+        "    classDef conditional stroke-dasharray: 5 5",
+        "    class bonus conditional",
+    ]
+
+
+def test_list_shows_every_shipped_chain() -> None:
+    result = cli("list")
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.splitlines()
+    shipped = sorted(p for p in CHAINS_DIR.glob("*.yaml"))
+    assert len(rows) == len(shipped)
+    for row, path in zip(rows, shipped, strict=True):
+        chain = load_chain(path)
+        assert row.split()[0] == chain.id
+        assert chain.title in row
+        for name in chain.spec.inputs:
+            assert f"{name} (" in row
+
+
+def test_schema_prints_the_chain_and_event_schemas() -> None:
+    chain_schema = json.loads(cli("schema").stdout)
+    assert "stages" in chain_schema["properties"]
+    result = cli("schema", "--events")
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == RUN_EVENT.json_schema()
+
+
+def test_models_says_which_are_usable_and_never_prints_a_secret() -> None:
+    secret = "sk-test-do-not-print-1234"
+    result = cli("models", env=_env(OPENAI_API_KEY=secret))
+    assert result.returncode == 0, result.stderr
+    assert secret not in result.stdout
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert "yes (openai: OPENAI_API_KEY is set)" in rows["auto"]
+    assert rows["offline"].split()[1:3] == ["offline", "yes"]
+    assert "25 ms/token" in rows["demo"]
+
+
+@pytest.mark.skipif(shutil.which("stagecast") is None, reason="console script not installed")
+def test_console_script_shows_help() -> None:
+    result = subprocess.run(
+        ["stagecast", "--help"], capture_output=True, text=True, timeout=60, env=_env()
+    )
+    assert result.returncode == 0
+    for command in ("validate", "run", "dry-run", "graph", "list", "schema", "models", "serve"):
+        assert command in result.stdout
+
+
+# -- the live view (in process: rich on a fake terminal) ------------------------------
+
+
+def test_live_view_shows_stages_bars_and_outputs() -> None:
+    out = io.StringIO()
+    from rich.console import Console
+
+    console = Console(file=out, force_terminal=True, width=100, color_system=None)
+    view = LiveView(console)
+    chain = load_chain(TINY)
+    seen: list[str] = []
+
+    def sink(event: Any) -> None:
+        view.handle(event)
+        if event.type == "stage-progress":
+            frame = io.StringIO()
+            Console(file=frame, force_terminal=True, width=100, color_system=None).print(
+                view.render()
+            )
+            seen.append(frame.getvalue())
+
+    async def main() -> RunEnded:
+        run = ChainRun(chain, {"topic": "rivers"}, model="offline", sink=sink)
+        view.start()
+        end = await run.execute()
+        view.finish(end)
+        return end
+
+    end = asyncio.run(main())
+    assert end.status == "succeeded"
+    frame = next(s for s in seen if "2/2" in s)
+    assert "Expanding points" in frame and "map" in frame
+    text = out.getvalue()
+    for label in ("Writing an outline", "Listing points", "Expanding points", "Bonus", "Joining"):
+        assert label in text
+    assert "✓ succeeded in " in text
+    assert "usage: 46 in / 44 out tokens · model: offline" in text
