@@ -1,0 +1,475 @@
+"""The HTTP API v1 routes (DESIGN.md §5). Request and response models live here too."""
+
+from __future__ import annotations
+
+import hmac
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.catalog import ChainCatalog, ChainEntry, plan_of
+from api.errors import ApiError, ErrorResponse
+from api.eventlog import CursorError, EventLog, EventsExpired, UnknownRun
+from api.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
+from api.runs import ManagedRun, RunLimitError, RunManager, RunNotFound
+from api.settings import ServerSettings
+from api.sse import EventStreamResponse
+from engine.errors import InputError, ModelConfigError
+from engine.events import RUN_EVENT
+from engine.inputs import inputs_json_schema
+
+__all__ = ["AppState", "router"]
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+class AppState:
+    """What the routes share; one per app (``app.state.stagecast``)."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        log: EventLog,
+        manager: RunManager,
+        catalog: ChainCatalog,
+        metrics: Metrics,
+    ) -> None:
+        self.settings, self.log, self.manager = settings, log, manager
+        self.catalog, self.metrics = catalog, metrics
+        self._event_schema: dict[str, Any] | None = None
+
+    @property
+    def event_schema(self) -> dict[str, Any]:
+        if self._event_schema is None:
+            self._event_schema = RUN_EVENT.json_schema()
+        return self._event_schema
+
+
+def state_of(request: Request) -> AppState:
+    state: AppState = request.app.state.stagecast
+    return state
+
+
+def require_api_key(
+    request: Request,
+    authorization: str | None = Header(None, include_in_schema=False),
+    x_api_key: str | None = Header(None, include_in_schema=False),
+) -> None:
+    """When API keys are configured: a Bearer token, X-API-Key, or ``?api_key=`` must match."""
+    keys = state_of(request).settings.api_keys
+    if not keys:
+        return
+    given = x_api_key or request.query_params.get("api_key")
+    if authorization and authorization.lower().startswith("bearer "):
+        given = authorization[7:].strip()
+    if given is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "an API key is required: send 'Authorization: Bearer <key>', 'X-API-Key: <key>' "
+            "or '?api_key=<key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
+        raise ApiError(
+            401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    text = {
+        400: "Malformed cursor, or a cursor past the end of the run.",
+        401: "Missing or wrong API key (only when keys are configured).",
+        404: "Unknown chain or run (finished runs are forgotten after their TTL).",
+        409: "The run is not in a state that allows this.",
+        410: "The events after the cursor were dropped (per-run event cap).",
+        413: "The request body is over the configured limit.",
+        422: "Invalid request or inputs; `details.fields` maps each field path to its problem.",
+        429: "Too many runs are running; retry after `Retry-After` seconds.",
+        500: "The chain file is broken, or an internal error.",
+    }
+    return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
+
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+class ChainSummary(BaseModel):
+    id: str
+    title: str | None
+    description: str | None
+    version: int | str | None
+    file: str = Field(description="The YAML file in the chains directory.")
+    error: str | None = Field(description="Why the file does not load, else null.")
+
+
+class ChainList(BaseModel):
+    chains: list[ChainSummary]
+
+
+class PlanStepModel(BaseModel):
+    stage: str
+    label: str
+    kind: str
+    needs: list[str]
+    weight: float
+    fan_out: bool
+
+
+class ChainDetail(ChainSummary):
+    inputs_schema: dict[str, Any] = Field(description="JSON Schema of the run's `inputs`.")
+    plan: list[PlanStepModel] = Field(description="The plan a run announces in run-start.")
+
+
+class RunRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    chain: str = Field(description="A chain id from GET /v1/chains.", examples=["advanced_summary"])
+    inputs: dict[str, Any] = Field(default_factory=dict, description="The chain's inputs.")
+    model: str | None = Field(None, description="A model name (configs/models.yaml).")
+    on_disconnect: Literal["continue", "cancel"] | None = Field(
+        None,
+        description="`cancel`: cancel the run when its last viewer disconnects. Default "
+        "`continue`, except with `?stream=true` where it is `cancel`.",
+    )
+
+
+class RunCreated(BaseModel):
+    run_id: str
+    status: str
+    events_url: str = Field(description="GET it for the SSE stream (EventSource-friendly).")
+    status_url: str
+    cancel_url: str
+
+
+class CancelAccepted(BaseModel):
+    run_id: str
+    status: str = Field(description="The run's status now; it ends `cancelled` shortly.")
+
+
+class InputAnswer(BaseModel):
+    answer: Any = Field(description="The answer to the pending input-required event.")
+
+
+class RunStatusModel(BaseModel):
+    run_id: str
+    chain: dict[str, Any]
+    status: Literal["running", "waiting_input", "succeeded", "failed", "cancelled"]
+    model: str
+    created_at: int = Field(description="Milliseconds since the epoch.")
+    finished_at: int | None
+    last_seq: int
+    on_disconnect: str
+    viewers: int = Field(description="Open event streams on this run.")
+    stages: dict[str, dict[str, Any]] = Field(
+        description="Top-level stage id -> status, attempt, completed/total, output, usage, "
+        "duration_ms, error."
+    )
+    pending_input: dict[str, Any] | None
+    outputs: Any
+    usage: dict[str, Any]
+    error: dict[str, Any] | None
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _find_chain(state: AppState, chain_id: str) -> ChainEntry:
+    entry = state.catalog.find(chain_id)
+    if entry is None:
+        known = [e.id for e in state.catalog.entries()]
+        raise ApiError(
+            404,
+            "unknown_chain",
+            f"no chain {chain_id!r}; chains are: {', '.join(known) or '(none)'}",
+            {"chain": chain_id, "chains": known},
+        )
+    return entry
+
+
+def _loaded(entry: ChainEntry) -> Any:
+    if entry.chain is None:
+        raise ApiError(
+            500,
+            "chain_invalid",
+            f"chain {entry.id!r} does not load: {entry.error}",
+            {"file": entry.path.name},
+        )
+    return entry.chain
+
+
+def _urls(request: Request, run_id: str) -> dict[str, str]:
+    root = request.scope.get("root_path", "")
+    base = f"{root}/v1/runs/{run_id}"
+    return {"events_url": f"{base}/events", "status_url": base, "cancel_url": f"{base}/cancel"}
+
+
+def _managed(state: AppState, run_id: str) -> ManagedRun:
+    try:
+        return state.manager.get(run_id)
+    except RunNotFound as exc:
+        raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
+
+
+_CURSOR = re.compile(r"^[0-9]{1,18}$")
+
+
+def _cursor(raw: str | None, where: str) -> int | None:
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not _CURSOR.match(text):
+        raise ApiError(
+            400,
+            "invalid_cursor",
+            f"{where}: {raw[:40]!r} is not an event id; expected a whole number >= 0 "
+            "(the seq of the last event received)",
+            {"where": where},
+        )
+    return int(text)
+
+
+def _stream(state: AppState, managed: ManagedRun, after: int, headers: dict[str, str]) -> Response:
+    run_id = managed.run_id
+    try:
+        info = state.log.check_cursor(run_id, after)
+    except UnknownRun as exc:
+        raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
+    except CursorError as exc:
+        raise ApiError(
+            400, "cursor_past_end", str(exc), {"after": exc.after, "last_seq": exc.last_seq}
+        ) from None
+    except EventsExpired as exc:
+        raise ApiError(
+            410, "events_expired", str(exc), {"after": exc.after, "first_seq": exc.first_seq}
+        ) from None
+    if info.finished and after == info.last_seq:
+        # Nothing more will come. 204 is what makes an EventSource stop reconnecting.
+        return Response(status_code=204, headers=headers)
+    manager = state.manager
+    manager.attach(run_id)
+    return EventStreamResponse(
+        state.log.follow(run_id, after, heartbeat=state.settings.ping_interval),
+        retry_ms=state.settings.retry_ms,
+        headers=headers,
+        on_sent=state.metrics.count_sent,
+        on_close=lambda disconnected: manager.detach(managed, disconnected),
+    )
+
+
+_SSE_DOC = (
+    "Server-Sent Events. Each event is `id: <seq>`, `event: <type>`, `data: <JSON>`; the JSON "
+    "is a RunEvent (protocol v1, schema at `GET /v1/schema/events` and under "
+    "`#/components/schemas/RunEvent`). The stream starts with `retry:` and a comment, sends "
+    "`: ping` when idle, and ends after `run-end`."
+)
+_SSE_CONTENT = {
+    "text/event-stream": {
+        "schema": {"type": "string", "description": _SSE_DOC},
+        "itemSchema": {"$ref": "#/components/schemas/RunEvent"},
+    }
+}
+
+
+# -- chains ---------------------------------------------------------------------------------
+
+
+@v1.get("/chains", response_model=ChainList, summary="List the chains", responses=_errors(401))
+async def list_chains(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    return {"chains": [ChainCatalog.summary(e) for e in state.catalog.entries()]}
+
+
+@v1.get(
+    "/chains/{chain_id}",
+    response_model=ChainDetail,
+    summary="One chain: its inputs' JSON Schema and its plan",
+    responses=_errors(401, 404, 500),
+)
+async def get_chain(chain_id: str, request: Request) -> dict[str, Any]:
+    entry = _find_chain(state_of(request), chain_id)
+    chain = _loaded(entry)
+    return {
+        **ChainCatalog.summary(entry),
+        "inputs_schema": inputs_json_schema(chain),
+        "plan": [asdict(step) for step in plan_of(chain)],
+    }
+
+
+# -- runs -----------------------------------------------------------------------------------
+
+
+@v1.post(
+    "/runs",
+    status_code=201,
+    summary="Start a run (or start and stream it with ?stream=true)",
+    response_model=RunCreated,
+    responses={
+        201: {"description": "Started; `Location` is the status URL.", "model": RunCreated},
+        200: {"description": "With `?stream=true`: the event stream.", "content": _SSE_CONTENT},
+        **_errors(401, 404, 413, 422, 429, 500),
+    },
+)
+async def create_run(
+    body: RunRequest,
+    request: Request,
+    stream: bool = Query(False, description="Answer with the event stream instead of JSON."),
+) -> Response:
+    state = state_of(request)
+    chain = _loaded(_find_chain(state, body.chain))
+    on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
+    try:
+        managed = state.manager.start(
+            chain, body.inputs, model=body.model, on_disconnect=on_disconnect
+        )
+    except InputError as exc:
+        fields = {f"inputs.{name}": problem for name, problem in exc.errors.items()}
+        raise ApiError(
+            422, "invalid_inputs", f"the inputs are invalid: {exc}", {"fields": fields}
+        ) from None
+    except ModelConfigError as exc:
+        field = "model" if body.model is not None else "chain"
+        raise ApiError(422, "invalid_model", str(exc), {"fields": {field: str(exc)}}) from None
+    except RunLimitError as exc:
+        raise ApiError(
+            429, "too_many_runs", str(exc), {"limit": exc.limit}, headers={"Retry-After": "1"}
+        ) from None
+    run_id = managed.run_id
+    urls = _urls(request, run_id)
+    if stream:
+        headers = {"Content-Location": urls["events_url"], "X-Stagecast-Run-Id": run_id}
+        return _stream(state, managed, 0, headers)
+    return JSONResponse(
+        {"run_id": run_id, "status": managed.status, **urls},
+        status_code=201,
+        headers={"Location": urls["status_url"]},
+    )
+
+
+@v1.get(
+    "/runs/{run_id}/events",
+    summary="Follow a run's events (SSE): replay after the cursor, then live",
+    response_class=EventStreamResponse,
+    status_code=200,
+    responses={
+        200: {"description": "The event stream.", "content": _SSE_CONTENT},
+        204: {"description": "The run is finished and the cursor is at its last event."},
+        **_errors(400, 401, 404, 410),
+    },
+    description="Resume with the `Last-Event-ID` header (EventSource sends it by itself) or "
+    "`?after=N`; the header wins when both are given. " + _SSE_DOC,
+)
+async def run_events(
+    run_id: str,
+    request: Request,
+    after: str | None = Query(
+        None, description="Replay the events after this seq (0 = everything)."
+    ),
+    last_event_id: str | None = Header(None, description="Set by EventSource on reconnect."),
+) -> Response:
+    state = state_of(request)
+    cursor = _cursor(last_event_id, "Last-Event-ID")
+    if cursor is None:
+        cursor = _cursor(after, "after")
+    managed = _managed(state, run_id)
+    return _stream(state, managed, cursor or 0, {})
+
+
+@v1.get(
+    "/runs/{run_id}",
+    response_model=RunStatusModel,
+    summary="A run's status, stages, outputs and usage",
+    responses=_errors(401, 404),
+)
+async def run_status(run_id: str, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    _managed(state, run_id)
+    return state.manager.status(run_id)
+
+
+@v1.post(
+    "/runs/{run_id}/cancel",
+    status_code=202,
+    response_model=CancelAccepted,
+    summary="Cancel a run (idempotent); it ends `cancelled` and model calls stop",
+    responses=_errors(401, 404),
+)
+async def cancel_run(run_id: str, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    _managed(state, run_id)
+    managed = state.manager.cancel(run_id)
+    return {"run_id": run_id, "status": managed.status}
+
+
+@v1.post(
+    "/runs/{run_id}/input",
+    status_code=202,
+    summary="Answer a run's pending input-required event",
+    responses=_errors(401, 404, 409, 422),
+)
+async def answer_input(run_id: str, body: InputAnswer, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    managed = _managed(state, run_id)
+    # The engine does not run `input` stages yet, so no run ever waits for input.
+    raise ApiError(
+        409,
+        "not_waiting_input",
+        f"run {run_id!r} is not waiting for input (status: {managed.status})",
+        {"status": managed.status},
+    )
+
+
+@v1.get("/schema/events", summary="JSON Schema of the event union (protocol v1)")
+async def event_schema(request: Request) -> dict[str, Any]:
+    return state_of(request).event_schema
+
+
+# -- service --------------------------------------------------------------------------------
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    return {"status": "ok", "runs_active": state.manager.active}
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    dependencies=[Depends(require_api_key)],
+    responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}}}, **_errors(401)},
+)
+async def metrics(request: Request) -> Response:
+    state = state_of(request)
+    return PlainTextResponse(state.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+
+_PLACEHOLDER = """<!doctype html><meta charset="utf-8"><title>Stagecast</title>
+<p>Stagecast API. The demo page is not installed; see <a href="docs">/docs</a> and
+<a href="static/stagecast.js">/static/stagecast.js</a>.</p>
+"""
+
+
+@router.get(
+    "/",
+    summary="The demo page (`/?run=<id>` opens it on that run)",
+    response_class=HTMLResponse,
+)
+async def index(run: str | None = Query(None, description="A run id to show.")) -> Response:
+    page = STATIC_DIR / "index.html"
+    if page.is_file():
+        return HTMLResponse(page.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
+    return HTMLResponse(_PLACEHOLDER)
+
+
+router.include_router(v1)

@@ -1,0 +1,269 @@
+"""Runs in the background, decoupled from whoever watches them.
+
+``RunManager.start`` checks the inputs and the model (the engine raises before anything runs),
+then executes the run as a task of the server's event loop. Every event goes through the run's
+sink into the event log, serialized once; viewers read the log, never the run. A run keeps
+going when its viewers leave, unless it was started with ``on_disconnect="cancel"``: then it is
+cancelled as soon as its last viewer disconnects (``POST /v1/runs?stream=true`` defaults to that;
+its own response is the first viewer).
+
+A finished run (its status and its events) stays ``finished_run_ttl`` seconds, then is forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from api.eventlog import EventLog, LogEntry
+from api.metrics import Metrics
+from api.settings import ServerSettings
+from engine.chain import Chain
+from engine.events import ErrorInfo, RunEnded, RunEvent, event_to_json
+from engine.orchestrator import ChainRun
+from engine.providers import ModelRegistry
+
+__all__ = ["ManagedRun", "OnDisconnect", "RunLimitError", "RunManager", "RunNotFound"]
+
+OnDisconnect = Literal["continue", "cancel"]
+
+
+class RunNotFound(Exception):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run {run_id!r} (unknown, or expired after it finished)")
+        self.run_id = run_id
+
+
+class RunLimitError(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"{limit} runs are already running (max_concurrent_runs); retry when one ends"
+        )
+        self.limit = limit
+
+
+@dataclass
+class ManagedRun:
+    """A run the server executes, with what the status route shows besides the engine's state."""
+
+    run: ChainRun
+    chain: Chain
+    on_disconnect: OnDisconnect
+    created_at: int
+    task: asyncio.Task[None] | None = None
+    ended: RunEnded | None = None
+    finished_at: float | None = None
+    finished_at_ms: int | None = None
+    viewers: int = 0
+    kinds: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    @property
+    def status(self) -> str:
+        if self.ended is not None:
+            return self.ended.status
+        return "running"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class RunManager:
+    """Starts, tracks, cancels and forgets runs."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        log: EventLog,
+        registry: ModelRegistry,
+        metrics: Metrics | None = None,
+        *,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.log = log
+        self.registry = registry
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self._runs: dict[str, ManagedRun] = {}
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> ManagedRun:
+        managed = self._runs.get(run_id)
+        if managed is None:
+            raise RunNotFound(run_id)
+        return managed
+
+    @property
+    def active(self) -> int:
+        return sum(1 for m in self._runs.values() if not m.finished)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(
+        self,
+        chain: Chain,
+        inputs: Mapping[str, Any] | None,
+        *,
+        model: str | None = None,
+        on_disconnect: OnDisconnect = "continue",
+    ) -> ManagedRun:
+        """Check and start a run. Raises InputError, ModelConfigError or RunLimitError."""
+        self.expire()
+        if self.active >= self.settings.max_concurrent_runs:
+            self.metrics.runs_rejected["limit"] += 1
+            raise RunLimitError(self.settings.max_concurrent_runs)
+        run = ChainRun(
+            chain,
+            inputs,
+            models=self.registry,
+            model=model,
+            coalesce_ms=self.settings.coalesce_ms,
+        )
+        managed = ManagedRun(
+            run=run,
+            chain=chain,
+            on_disconnect=on_disconnect,
+            created_at=_now_ms(),
+            kinds={s.id or "": s.kind for s in chain.spec.stages},
+        )
+        run.sink = self._sink(managed)
+        self.log.create(run.run_id)
+        self._runs[run.run_id] = managed
+        self.metrics.runs_started += 1
+        managed.task = asyncio.get_running_loop().create_task(
+            self._drive(managed), name=f"stagecast {run.run_id}"
+        )
+        return managed
+
+    def _sink(self, managed: ManagedRun) -> Any:
+        append, run_id = self.log.append, managed.run.run_id
+        observe, kinds = self.metrics.observe_stage, managed.kinds
+
+        def sink(event: RunEvent) -> None:
+            append(run_id, LogEntry(event.seq, event.type, event_to_json(event)))
+            kind = event.type
+            if kind == "stage-end" and event.path is not None and len(event.path) == 1:
+                stage = event.stage or ""
+                observe(kinds.get(stage, "unknown"), event.status, event.duration_ms / 1000)  # type: ignore[union-attr]
+            elif kind == "run-end":
+                managed.ended = event  # type: ignore[assignment]
+
+        return sink
+
+    async def _drive(self, managed: ManagedRun) -> None:
+        run = managed.run
+        try:
+            await run.execute()
+        except BaseException as exc:
+            if managed.ended is None:
+                # The engine crashed (a bug) or the task was cancelled from outside before the
+                # run-end: viewers still get exactly one run-end, last.
+                error = ErrorInfo(type="internal", message=f"the run stopped: {type(exc).__name__}")
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                ended = RunEnded(
+                    run_id=run.run_id,
+                    seq=run.last_seq + 1,
+                    ts=_now_ms(),
+                    status="cancelled" if cancelled else "failed",
+                    usage=run.usage,
+                    error=None if cancelled else error,
+                )
+                with contextlib.suppress(Exception):
+                    run.sink(ended)
+                managed.ended = ended
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            managed.finished_at = self.clock()
+            managed.finished_at_ms = _now_ms()
+            self.log.finish(run.run_id)
+            self.metrics.runs_finished[managed.status] += 1
+
+    def cancel(self, run_id: str) -> ManagedRun:
+        """Idempotent: a finished run stays as it ended."""
+        managed = self.get(run_id)
+        if not managed.finished:
+            managed.run.cancel()
+        return managed
+
+    def attach(self, run_id: str) -> ManagedRun:
+        managed = self.get(run_id)
+        managed.viewers += 1
+        self.metrics.streams_active += 1
+        self.metrics.streams_opened += 1
+        return managed
+
+    def detach(self, managed: ManagedRun, disconnected: bool) -> None:
+        managed.viewers -= 1
+        self.metrics.streams_active -= 1
+        if (
+            disconnected
+            and managed.on_disconnect == "cancel"
+            and managed.viewers == 0
+            and not managed.finished
+        ):
+            managed.run.cancel()
+
+    def expire(self) -> list[str]:
+        """Forget finished runs older than the TTL (their logs too)."""
+        now = self.clock()
+        ttl = self.settings.finished_run_ttl
+        gone = [
+            run_id
+            for run_id, m in self._runs.items()
+            if m.finished_at is not None and now - m.finished_at >= ttl
+        ]
+        for run_id in gone:
+            del self._runs[run_id]
+        self.log.expire()
+        return gone
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Cancel every running run and wait (bounded) for their run-end."""
+        tasks = [m.task for m in self._runs.values() if m.task is not None and not m.finished]
+        for managed in self._runs.values():
+            if not managed.finished:
+                managed.run.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self, run_id: str) -> dict[str, Any]:
+        managed = self.get(run_id)
+        run = managed.run
+        ended = managed.ended
+        chain = managed.chain
+        return {
+            "run_id": run.run_id,
+            "chain": {"id": chain.id, "title": chain.title, "version": chain.spec.version},
+            "status": managed.status,
+            "model": run.default_model.label,
+            "created_at": managed.created_at,
+            "finished_at": managed.finished_at_ms,
+            "last_seq": run.last_seq if ended is None else ended.seq,
+            "on_disconnect": managed.on_disconnect,
+            "viewers": managed.viewers,
+            "stages": {stage_id: asdict(state) for stage_id, state in run.stages.items()},
+            "pending_input": None,
+            "outputs": ended.outputs if ended is not None else None,
+            "usage": asdict(ended.usage if ended is not None else run.usage),
+            "error": asdict(ended.error) if ended is not None and ended.error else None,
+        }

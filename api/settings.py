@@ -1,0 +1,142 @@
+"""Server settings: ``configs/server.yaml``, then ``STAGECAST_*`` environment variables on top.
+
+Every key of the YAML file has an environment variable of the same name, upper-cased and
+prefixed: ``ping_interval`` -> ``STAGECAST_PING_INTERVAL``. List values (``cors_origins``,
+``api_keys``) are comma-separated in the environment. ``STAGECAST_SERVER_CONFIG`` points at
+another YAML file. A bad value is reported with where it came from::
+
+    configs/server.yaml: port: Input should be a valid integer
+    STAGECAST_PING_INTERVAL: Input should be greater than 0
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["DEFAULT_SERVER_FILE", "ServerSettings", "SettingsError", "load_settings"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SERVER_FILE = _ROOT / "configs" / "server.yaml"
+ENV_PREFIX = "STAGECAST_"
+
+
+class SettingsError(Exception):
+    """A server setting is wrong; the message names the file or variable and the key."""
+
+
+class ServerSettings(BaseModel):
+    """What ``stagecast serve`` and ``create_app`` need to know."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    cors_origins: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Origins allowed by CORS; `*` (the default) allows every origin.",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="When non-empty, /v1 and /metrics need `Authorization: Bearer <key>`, "
+        "`X-API-Key: <key>` or `?api_key=<key>` (EventSource cannot send headers).",
+    )
+    max_body_bytes: int = Field(2_000_000, gt=0, description="Largest request body (413 above).")
+    max_concurrent_runs: int = Field(
+        32, gt=0, description="Runs executing at once; more get 429 with Retry-After."
+    )
+    ping_interval: float = Field(
+        15.0, gt=0, description="Seconds between `: ping` comments on an idle stream."
+    )
+    retry_ms: int = Field(2000, ge=0, description="The SSE `retry:` sent when a stream opens.")
+    max_events_per_run: int = Field(
+        100_000,
+        gt=0,
+        description="Events kept per run; the oldest are dropped beyond it "
+        "(a cursor before the kept window gets 410).",
+    )
+    finished_run_ttl: float = Field(
+        600.0, ge=0, description="Seconds a finished run (status and events) is kept."
+    )
+    coalesce_ms: float = Field(
+        0.0, ge=0, description="Merge a stage's tokens arriving within this many ms into one event."
+    )
+    shutdown_timeout: float = Field(
+        5.0, ge=0, description="Seconds open streams get to finish when the server stops."
+    )
+    chains_dir: Path = Field(_ROOT / "chains", description="Where chain YAML files are found.")
+    models_file: Path | None = Field(
+        None, description="configs/models.yaml by default (the engine's built-ins if absent)."
+    )
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, field in ServerSettings.model_fields.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None:
+            continue
+        if field.annotation == list[str]:
+            values[name] = [part.strip() for part in raw.split(",") if part.strip()]
+        else:
+            values[name] = raw
+    return values
+
+
+def _problems(exc: ValidationError, where: Mapping[str, str]) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(top)"
+        origin = where.get(str(error["loc"][0]) if error["loc"] else "", "settings")
+        lines.append(f"{origin}: {key}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> ServerSettings:
+    """Settings from the YAML file (``path``, ``$STAGECAST_SERVER_CONFIG`` or the default),
+    then the environment, then ``overrides`` (e.g. ``--host``/``--port`` from the CLI).
+
+    A missing default file is fine (built-in defaults); a missing file that was asked for is not.
+    """
+    env = os.environ if environ is None else environ
+    named = path or env.get(ENV_PREFIX + "SERVER_CONFIG")
+    file = Path(named) if named else DEFAULT_SERVER_FILE
+    data: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if file.exists():
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{file}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SettingsError(f"{file}: expected a mapping of settings at the top")
+        data.update(loaded or {})
+        where.update({key: str(file) for key in data})
+    elif named:
+        raise SettingsError(f"{file}: no such file")
+    for key, value in _from_env(env).items():
+        data[key] = value
+        where[key] = ENV_PREFIX + key.upper()
+    for key, value in overrides.items():
+        if value is not None:
+            data[key] = value
+            where[key] = f"argument {key}"
+    try:
+        settings = ServerSettings.model_validate(data)
+    except ValidationError as exc:
+        raise SettingsError(_problems(exc, where)) from None
+    base = file.parent.parent if file.parent.name == "configs" else file.parent
+    if not settings.chains_dir.is_absolute():
+        settings.chains_dir = base / settings.chains_dir
+    if settings.models_file is not None and not settings.models_file.is_absolute():
+        settings.models_file = base / settings.models_file
+    return settings
