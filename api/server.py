@@ -6,7 +6,9 @@ serve("0.0.0.0", 9000)                     # host/port win over the settings
 
 from __future__ import annotations
 
-from api.settings import ServerSettings, load_settings
+import sys
+
+from api.settings import ServerSettings, SettingsError, load_settings
 
 __all__ = ["serve"]
 
@@ -23,7 +25,12 @@ def serve(
 
     from api.app import create_app
 
-    settings = settings or load_settings()
+    if settings is None:
+        try:
+            settings = load_settings()
+        except SettingsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     app = create_app(settings)
     uvicorn.run(
         app,

@@ -1,0 +1,168 @@
+// stagecast.js — a tiny ES module client for the Stagecast HTTP API (event protocol v1).
+//
+//   import { startRun, followRun, cancelRun } from "/static/stagecast.js";
+//
+//   const run = await startRun("", { chain: "advanced_summary", inputs: { document }, model: "demo" });
+//   const stream = followRun("", run.run_id, {
+//     on: {
+//       "run-start": (e) => drawPlan(e.plan),
+//       "token": (e) => appendText(e.path, e.text),
+//       "stage-end": (e) => setProgress(e.progress),
+//     },
+//     onEvent: (e) => log(e),            // every known event, before its typed handler
+//     onEnd: (runEnd) => done(runEnd),   // after run-end; the stream is closed by then
+//     onError: (err) => warn(err),       // the run is unknown/expired, or the stream failed
+//   });
+//   stream.close();                      // stop watching (the run goes on)
+//   await cancelRun("", run.run_id);     // stop the run (it ends `cancelled`)
+//
+// baseUrl is "" for the same origin, else e.g. "http://127.0.0.1:8000".
+// Resume: followRun uses EventSource, which reconnects by itself and sends Last-Event-ID, so
+// nothing is lost or doubled (events carry `seq`; anything at or below the last seen seq is
+// dropped as a safety net). Pass `after` to start after a known seq (e.g. from a status call).
+// Unknown event types are ignored, as the protocol asks. With API keys, pass `apiKey` in the
+// options (sent as a Bearer header on fetch, as `?api_key=` on the EventSource URL).
+// Errors from fetch calls throw StagecastError {status, code, message, details}.
+
+export const EVENT_TYPES = Object.freeze([
+  "run-start",
+  "stage-start",
+  "token",
+  "source",
+  "stage-progress",
+  "stage-retry",
+  "input-required",
+  "stage-end",
+  "run-end",
+]);
+
+export class StagecastError extends Error {
+  constructor(status, code, message, details) {
+    super(message);
+    this.name = "StagecastError";
+    this.status = status;
+    this.code = code;
+    this.details = details || {};
+  }
+}
+
+function url(baseUrl, path) {
+  return (baseUrl || "").replace(/\/+$/, "") + path;
+}
+
+async function request(baseUrl, method, path, body, apiKey) {
+  const headers = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (apiKey) headers["Authorization"] = `Bearer ${apiKey}`;
+  const response = await fetch(url(baseUrl, path), {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  let data = null;
+  try {
+    data = await response.json();
+  } catch {
+    data = null;
+  }
+  if (!response.ok) {
+    const err = (data && data.error) || {};
+    throw new StagecastError(
+      response.status,
+      err.code || "http_error",
+      err.message || `${response.status} ${response.statusText}`,
+      err.details,
+    );
+  }
+  return data;
+}
+
+/** List the chains: [{id, title, description, version, file, error}]. */
+export async function listChains(baseUrl, { apiKey } = {}) {
+  return (await request(baseUrl, "GET", "/v1/chains", undefined, apiKey)).chains;
+}
+
+/** One chain: {..., inputs_schema, plan}. */
+export async function getChain(baseUrl, chainId, { apiKey } = {}) {
+  return request(baseUrl, "GET", `/v1/chains/${encodeURIComponent(chainId)}`, undefined, apiKey);
+}
+
+/** Start a run: resolves to {run_id, status, events_url, status_url, cancel_url}. */
+export async function startRun(baseUrl, { chain, inputs = {}, model, onDisconnect, apiKey } = {}) {
+  const body = { chain, inputs };
+  if (model) body.model = model;
+  if (onDisconnect) body.on_disconnect = onDisconnect;
+  return request(baseUrl, "POST", "/v1/runs", body, apiKey);
+}
+
+/** A run's status: {status, stages, outputs, usage, last_seq, ...}. */
+export async function getRun(baseUrl, runId, { apiKey } = {}) {
+  return request(baseUrl, "GET", `/v1/runs/${encodeURIComponent(runId)}`, undefined, apiKey);
+}
+
+/** Cancel a run (idempotent). */
+export async function cancelRun(baseUrl, runId, { apiKey } = {}) {
+  const path = `/v1/runs/${encodeURIComponent(runId)}/cancel`;
+  return request(baseUrl, "POST", path, undefined, apiKey);
+}
+
+/**
+ * Follow a run's events with EventSource (replay, then live; automatic resume).
+ * Returns {close(), get lastSeq(), get closed()}.
+ */
+export function followRun(baseUrl, runId, options = {}) {
+  const { on = {}, onEvent, onEnd, onError, after, apiKey } = options;
+  const params = new URLSearchParams();
+  if (after) params.set("after", String(after));
+  if (apiKey) params.set("api_key", apiKey);
+  const query = params.toString();
+  const path = `/v1/runs/${encodeURIComponent(runId)}/events${query ? `?${query}` : ""}`;
+  const source = new EventSource(url(baseUrl, path));
+  let lastSeq = after || 0;
+  let closed = false;
+
+  function close() {
+    if (!closed) {
+      closed = true;
+      source.close();
+    }
+  }
+
+  function handle(message) {
+    let event;
+    try {
+      event = JSON.parse(message.data);
+    } catch {
+      return;
+    }
+    if (typeof event.seq !== "number" || event.seq <= lastSeq) return;
+    lastSeq = event.seq;
+    if (onEvent) onEvent(event);
+    const typed = on[event.type];
+    if (typed) typed(event);
+    if (event.type === "run-end") {
+      close(); // without this EventSource would reconnect after the server ends the stream
+      if (onEnd) onEnd(event);
+    }
+  }
+
+  for (const type of EVENT_TYPES) source.addEventListener(type, handle);
+  source.onerror = () => {
+    // readyState CONNECTING: EventSource is resuming by itself. CLOSED: it gave up (the run is
+    // unknown or expired: 404, or the server answered 204 after the end).
+    if (source.readyState === EventSource.CLOSED && !closed) {
+      closed = true;
+      if (onError) onError(new StagecastError(0, "stream_closed", "the event stream closed"));
+    }
+  };
+
+  return {
+    close,
+    get lastSeq() {
+      return lastSeq;
+    },
+    get closed() {
+      return closed;
+    },
+  };
+}

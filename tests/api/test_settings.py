@@ -1,0 +1,46 @@
+"""ServerSettings from YAML and STAGECAST_* variables; errors name where the value came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from api.settings import DEFAULT_SERVER_FILE, SettingsError, load_settings
+
+
+def test_shipped_config_loads_with_the_documented_defaults() -> None:
+    settings = load_settings(DEFAULT_SERVER_FILE, environ={})
+    assert settings.cors_origins == ["*"] and settings.api_keys == []
+    assert settings.ping_interval == 15 and settings.port == 8000
+    assert settings.chains_dir == DEFAULT_SERVER_FILE.parent.parent / "chains"
+
+
+def test_env_overrides_yaml_and_arguments_override_env(tmp_path: Path) -> None:
+    file = tmp_path / "server.yaml"
+    file.write_text("port: 9000\nping_interval: 5\napi_keys: [a]\n")
+    env = {"STAGECAST_PORT": "9100", "STAGECAST_API_KEYS": "k1, k2", "STAGECAST_CORS_ORIGINS": ""}
+    settings = load_settings(file, environ=env, host="0.0.0.0")
+    assert settings.port == 9100 and settings.ping_interval == 5
+    assert settings.api_keys == ["k1", "k2"] and settings.cors_origins == []
+    assert settings.host == "0.0.0.0"
+    assert load_settings(environ={"STAGECAST_SERVER_CONFIG": str(file)}).port == 9000
+
+
+def test_bad_values_name_their_origin(tmp_path: Path) -> None:
+    file = tmp_path / "server.yaml"
+    file.write_text("port: high\nmax_body_bytes: 1\nnope: 1\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(file, environ={"STAGECAST_PING_INTERVAL": "0"})
+    lines = str(info.value).splitlines()
+    assert (
+        f"{file}: port: Input should be a valid integer, unable to parse string as an integer"
+        in lines
+    )
+    assert "STAGECAST_PING_INTERVAL: ping_interval: Input should be greater than 0" in lines
+    assert f"{file}: nope: Extra inputs are not permitted" in lines
+    with pytest.raises(SettingsError, match=r"missing\.yaml: no such file"):
+        load_settings(tmp_path / "missing.yaml", environ={})
+    file.write_text("- a list\n")
+    with pytest.raises(SettingsError, match=r"expected a mapping of settings at the top"):
+        load_settings(file, environ={})

@@ -1,0 +1,98 @@
+"""The SSE encoder (byte tables) and EventStreamResponse against a fake ASGI server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from api.eventlog import LogEntry
+from api.sse import EventStreamResponse, encode_entries, encode_entry, open_frame
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (LogEntry(1, "run-start", '{"a":1}'), 'id: 1\nevent: run-start\ndata: {"a":1}\n\n'),
+        (
+            LogEntry(42, "token", '{"text":"a\\nb é"}'),
+            'id: 42\nevent: token\ndata: {"text":"a\\nb é"}\n\n',
+        ),
+    ],
+)
+def test_encode_entry(entry: LogEntry, expected: str) -> None:
+    assert encode_entry(entry) == expected
+
+
+def test_batch_is_the_frames_joined_and_open_frame() -> None:
+    entries = [LogEntry(1, "a", "{}"), LogEntry(2, "b", '{"é":1}')]
+    assert encode_entries(entries) == "".join(map(encode_entry, entries)).encode()
+    assert open_frame(1500) == b"retry: 1500\n: stagecast event stream v1\n\n"
+
+
+async def batches(
+    items: list[list[LogEntry]], gate: anyio.Event | None = None
+) -> AsyncIterator[list[LogEntry]]:
+    for batch in items:
+        yield batch
+    if gate is not None:
+        await gate.wait()
+
+
+async def test_response_writes_start_open_batches_pings_and_end() -> None:
+    sent: list[dict[str, Any]] = []
+    closed: list[bool] = []
+    counts: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    items = [[LogEntry(1, "a", "{}"), LogEntry(2, "b", "{}")], [], [LogEntry(3, "c", "{}")]]
+    response = EventStreamResponse(
+        batches(items), retry_ms=10, on_sent=counts.append, on_close=closed.append
+    )
+    with anyio.fail_after(2):
+        await response({"type": "http"}, receive, send)
+    headers = dict(sent[0]["headers"])
+    assert headers[b"content-type"] == b"text/event-stream; charset=utf-8"
+    assert headers[b"cache-control"] == b"no-cache" and headers[b"x-accel-buffering"] == b"no"
+    assert b"content-length" not in headers
+    bodies = [m["body"] for m in sent[1:]]
+    assert bodies == [
+        b"retry: 10\n: stagecast event stream v1\n\n",
+        b"id: 1\nevent: a\ndata: {}\n\nid: 2\nevent: b\ndata: {}\n\n",  # one write for two
+        b": ping\n\n",
+        b"id: 3\nevent: c\ndata: {}\n\n",
+        b"",
+    ]
+    assert [m["more_body"] for m in sent[1:]] == [True, True, True, True, False]
+    assert counts == [2, 1] and closed == [False]
+
+
+async def test_response_stops_on_disconnect_and_reports_it() -> None:
+    closed: list[bool] = []
+    disconnect = anyio.Event()
+    gate = anyio.Event()  # never set: the stream would wait forever
+
+    async def receive() -> dict[str, Any]:
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message.get("body", b"").startswith(b"id: 1"):
+            disconnect.set()
+
+    response = EventStreamResponse(
+        batches([[LogEntry(1, "a", "{}")]], gate), on_close=closed.append
+    )
+    with anyio.fail_after(2):
+        await response({"type": "http"}, receive, send)
+    assert closed == [True]
