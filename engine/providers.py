@@ -207,6 +207,17 @@ class ModelRegistry:
             cached = self._cache[name] = self._build(name)
         return cached
 
+    async def aclose(self) -> None:
+        """Close the HTTP connections of the models built so far (call on shutdown)."""
+        built, self._cache = list(self._cache.values()), {}
+        for resolved in built:
+            client = getattr(resolved.chat_model, "root_async_client", None)
+            if client is not None:
+                await client.close()
+            sync_client = getattr(resolved.chat_model, "root_client", None)
+            if sync_client is not None:
+                sync_client.close()
+
     def _key(self, entry: ModelEntry) -> str | None:
         return self.environ.get(entry.api_key_env) or None
 
@@ -270,20 +281,19 @@ class ModelRegistry:
         base_url = entry.base_url or self.environ.get("OPENAI_BASE_URL")
         if base_url:
             kwargs["base_url"] = base_url
+            kwargs["plain_max_tokens"] = urlsplit(base_url).hostname != "api.openai.com"
         if entry.temperature is not None:
             kwargs["temperature"] = entry.temperature
         if entry.max_tokens is not None:
             kwargs["max_tokens"] = entry.max_tokens
-        timeout = _timeout(entry)
-        if timeout is not None:
-            kwargs["timeout"] = timeout
+        kwargs["timeout"] = _timeout(entry)
         model = _openai_model_class()(**kwargs)
         return ResolvedModel(name, f"openai:{kwargs['model']}", model, entry)
 
 
 def _timeout(entry: ModelEntry) -> Any:
-    if entry.connect_timeout is None and entry.read_timeout is None:
-        return entry.timeout
+    # Always a Timeout object: it is unhashable, so langchain-openai gives each model its own
+    # HTTP client (not one cached per URL), which ModelRegistry.aclose() may close safely.
     import openai
 
     default = entry.timeout if entry.timeout is not None else 600.0
@@ -381,6 +391,17 @@ def _openai_model_class() -> type[BaseChatModel]:
         """The configs/models.yaml entry this model was built from."""
         json_mode: JsonMode | None = None
         """How output: json stages ask for JSON (see ModelEntry.json_mode)."""
+        plain_max_tokens: bool = False
+        """Send ``max_tokens``, not ``max_completion_tokens`` (other OpenAI-compatible servers
+        may ignore the newer name, so the limit would silently not apply)."""
+
+        def _get_request_payload(
+            self, input_: Any, *, stop: list[str] | None = None, **kwargs: Any
+        ) -> dict[str, Any]:
+            payload: dict[str, Any] = super()._get_request_payload(input_, stop=stop, **kwargs)
+            if self.plain_max_tokens and "max_completion_tokens" in payload:
+                payload["max_tokens"] = payload.pop("max_completion_tokens")
+            return payload
 
         async def _astream(
             self,

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    at: float = 0.0
+    """``time.monotonic()`` when the request arrived."""
 
 
 class OpenAIServer:
@@ -79,6 +82,8 @@ class OpenAIServer:
         self.api_key = api_key
         """When set, a request with another bearer token gets a 401."""
         self.default = Reply()
+        self.json_default: Reply | None = None
+        """When set, the default reply to a request with ``response_format`` (JSON stages)."""
         self.requests: list[RecordedRequest] = []
         self.disconnects = 0
         """Responses the client abandoned before the server finished them."""
@@ -129,7 +134,7 @@ class OpenAIServer:
                 }
                 raw = await reader.readexactly(int(headers.get("content-length", "0")))
                 body = json.loads(raw) if raw else {}
-                self.requests.append(RecordedRequest(method, path, headers, body))
+                self.requests.append(RecordedRequest(method, path, headers, body, time.monotonic()))
                 keep = await self._respond(reader, writer, path, headers, body)
                 if not keep:
                     return
@@ -147,7 +152,12 @@ class OpenAIServer:
         headers: dict[str, str],
         body: dict[str, Any],
     ) -> bool:
-        reply = self._script.popleft() if self._script else self.default
+        if self._script:
+            reply = self._script.popleft()
+        elif self.json_default is not None and "response_format" in body:
+            reply = self.json_default
+        else:
+            reply = self.default
         model = str(body.get("model", ""))
         if path != "/v1/chat/completions":
             return await self._error(writer, 404, {}, f"no route {path}", "not_found")
