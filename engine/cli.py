@@ -20,7 +20,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -28,12 +28,13 @@ import typer
 
 from engine.chain import Chain
 from engine.errors import ChainSpecError, InputError, ModelConfigError, Problem
-from engine.events import RUN_EVENT, RunEnded, RunEvent
+from engine.events import RUN_EVENT, RunEnded
 from engine.loading import CHAINS_DIR, find_chain, load_chain, validate_chain_file
 from engine.orchestrator import ChainRun
 from engine.providers import ModelRegistry, load_models_config
 from engine.spec import ChainSpec, InputSpec, MapStage
 from engine.templates import references
+from engine.validation import chain_json_schema
 
 __all__ = ["app", "main"]
 
@@ -370,42 +371,63 @@ def _run_remote(
     model: str | None,
     events: bool,
 ) -> NoReturn:
+    """``run --server URL``: the same views, fed by api.client (imported here, never before)."""
     try:
         client_module = importlib.import_module("api.client")
     except ModuleNotFoundError as exc:
         if exc.name not in ("api.client", "api"):
-            raise
-        _fail(
-            "--server needs the HTTP client (api/client.py), which is not installed in this "
-            "version; run the chain locally (drop --server)"
-        )
+            _fail(f"--server needs {exc.name}, which is not installed")
+        _fail("--server needs the HTTP client (api/client.py), which is not available")
     declared: Mapping[str, InputSpec] = {}
+    chain_id = chain_name
     with contextlib.suppress(ChainSpecError):
-        declared = load_chain(find_chain(chain_name)).spec.inputs
-    chain_id = Path(chain_name).stem if chain_name.endswith((".yaml", ".yml")) else chain_name
+        local = load_chain(find_chain(chain_name))
+        declared, chain_id = local.spec.inputs, local.id
     values = collect_inputs(declared, pairs, inputs_file)
     view = _make_view(events)
-    follow: Callable[..., AsyncIterator[RunEvent]] | None = getattr(
-        client_module, "follow_run", None
-    )
-    if follow is None:
-        _fail("api.client has no follow_run(server, chain, inputs, model=..., cancel=...)")
-    cancel_event = asyncio.Event()
+    api_error: Any = client_module.StagecastError
+    run_id: list[str] = []
+    cancelled = asyncio.Event()
 
     async def execute() -> RunEnded | None:
         end: RunEnded | None = None
-        assert follow is not None
-        async for event in follow(server, chain_id, values, model=model, cancel=cancel_event):
-            view.handle(event)
-            if isinstance(event, RunEnded):
-                end = event
+        api_key = os.environ.get("STAGECAST_API_KEY") or None
+        async with client_module.AsyncClient(server, api_key=api_key) as client:
+
+            async def cancel_when_asked() -> None:
+                await cancelled.wait()
+                await client.cancel(run_id[0])
+
+            handle = await client.start_run(chain_id, values, model=model)
+            run_id.append(handle.run_id)
+            canceller = asyncio.get_running_loop().create_task(cancel_when_asked())
+            try:
+                async for event in client.events(handle.run_id):
+                    view.handle(event)
+                    if isinstance(event, RunEnded):
+                        end = event
+            finally:
+                canceller.cancel()
         return end
 
+    view.on_broken = cancelled.set
     try:
-        end = asyncio.run(_drive(execute(), cancel_event.set, view))
+        end = asyncio.run(_drive(execute(), cancelled.set, view))
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_CANCELLED) from None
-    except Exception as exc:  # connection refused, HTTP errors: a message, not a traceback
+    except api_error as exc:
+        fields = exc.details.get("fields") if isinstance(exc.details, dict) else None
+        if isinstance(fields, dict) and fields:
+            for key, problem in fields.items():
+                _err(f"error: {key}: {problem}")
+        else:
+            _err(f"error: {server}: {exc.message} ({exc.status} {exc.code})")
+        raise typer.Exit(
+            EXIT_USAGE if exc.status in (401, 403, 404, 422) else EXIT_FAILED
+        ) from None
+    except OSError as exc:
+        _fail(f"{server}: cannot reach the server ({exc})", EXIT_FAILED)
+    except Exception as exc:  # httpx errors: one line, not a traceback
         _fail(f"{server}: {type(exc).__name__}: {exc}", EXIT_FAILED)
     _exit_for(end, view, events)
 
@@ -552,16 +574,44 @@ def schema(
     if events:
         data: Any = RUN_EVENT.json_schema()
     else:
-        generate: Any = None
-        with contextlib.suppress(ImportError):
-            generate = getattr(
-                importlib.import_module("engine.validation"), "chain_json_schema", None
-            )
-        data = generate() if generate is not None else ChainSpec.model_json_schema(by_alias=True)
+        data = chain_json_schema()
     print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def _model_rows(registry: ModelRegistry) -> list[tuple[str, str, str, str]]:
+    """(name, what it runs, usable, notes) per model; from providers.describe_models if there."""
+    describe: Any = getattr(importlib.import_module("engine.providers"), "describe_models", None)
+    if describe is None:
+        return _model_rows_fallback(registry)
+    rows = []
+    for row in describe(registry):
+        entry = registry.config.models.get(row["name"])
+        model = row.get("model") or ""
+        if model == "offline" or row["provider"] == "offline":
+            target = "offline"
+            if entry is not None and entry.delay_ms:
+                target += f" ({entry.delay_ms:g} ms/token)"
+        else:
+            target = f"openai:{model}"
+            base_url = row.get("base_url")
+            if base_url and base_url != "(OpenAI)":
+                target += f" at {base_url}"
+        if row["provider"] == "auto":
+            target = f"auto → {target}"
+        usable = "yes" if row["usable"] else f"no: {row.get('why_not') or 'not usable'}"
+        notes = row.get("description") or ""
+        price_in, price_out = (
+            row.get("price_input_per_million"),
+            row.get("price_output_per_million"),
+        )
+        if price_in is not None:
+            notes += f" (${price_in:g} in / ${price_out or 0:g} out per 1M tokens)"
+        marker = " (default)" if row.get("default") else ""
+        rows.append((row["name"] + marker, target, usable, notes.strip()))
+    return rows
+
+
+def _model_rows_fallback(registry: ModelRegistry) -> list[tuple[str, str, str, str]]:
     rows = []
     environ = registry.environ
     for name, entry in registry.config.models.items():
@@ -569,12 +619,11 @@ def _model_rows(registry: ModelRegistry) -> list[tuple[str, str, str, str]]:
             usable = "yes"
             target = "offline" + (f" ({entry.delay_ms:g} ms/token)" if entry.delay_ms else "")
         elif entry.provider == "auto":
-            target = f"openai:{entry.openai_model or 'gpt-4o-mini'} or offline"
-            usable = (
-                f"yes (openai: {entry.api_key_env} is set)"
-                if environ.get(entry.api_key_env)
-                else f"yes (offline: {entry.api_key_env} is not set)"
+            key_set = bool(environ.get(entry.api_key_env))
+            target = "auto → " + (
+                f"openai:{entry.openai_model or 'gpt-4o-mini'}" if key_set else "offline"
             )
+            usable = "yes"
         else:
             target = f"openai:{entry.model or 'gpt-4o-mini'}"
             if entry.base_url:

@@ -293,10 +293,14 @@ def test_models_says_which_are_usable_and_never_prints_a_secret() -> None:
     result = cli("models", env=_env(OPENAI_API_KEY=secret))
     assert result.returncode == 0, result.stderr
     assert secret not in result.stdout
-    rows = {line.split()[0]: line for line in result.stdout.splitlines()}
-    assert "yes (openai: OPENAI_API_KEY is set)" in rows["auto"]
-    assert rows["offline"].split()[1:3] == ["offline", "yes"]
-    assert "25 ms/token" in rows["demo"]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()}
+    assert rows["auto"][1:6] == ["(default)", "auto", "→", "openai:gpt-4o-mini", "yes"]
+    assert rows["offline"][1:3] == ["offline", "yes"]
+    assert rows["demo"][1:4] == ["offline", "(25", "ms/token)"]
+    result = cli("models")
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()}
+    assert rows["auto"][1:6] == ["(default)", "auto", "→", "offline", "yes"]
+    assert rows["gpt-4o-mini"][2:5] == ["no:", "set", "OPENAI_API_KEY"]
 
 
 @pytest.mark.skipif(shutil.which("stagecast") is None, reason="console script not installed")
@@ -346,3 +350,60 @@ def test_live_view_shows_stages_bars_and_outputs() -> None:
         assert label in text
     assert "✓ succeeded in " in text
     assert "usage: 46 in / 44 out tokens · model: offline" in text
+
+
+# -- run --server (a real `stagecast serve` on a free port) -------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_run_against_a_server(tmp_path: Path) -> None:
+    pytest.importorskip("api.server")
+    import httpx
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        document = tmp_path / "doc.md"
+        document.write_text("Rivers carve valleys. Glaciers carve fjords.\n\nDeserts are dry.")
+        result = cli(
+            "run", "advanced_summary", "-i", f"document=@{document}", "--server", url, "--events"
+        )
+        assert result.returncode == 0, result.stderr
+        events = parse_stream(result.stdout)
+        end = events[-1]
+        assert isinstance(end, RunEnded) and end.status == "succeeded"
+        result = cli("run", "advanced_summary", "--server", url, "--events")
+        assert result.returncode == 2
+        assert result.stdout == ""
+        assert result.stderr.startswith("error: inputs.document: required")
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
