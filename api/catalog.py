@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.chain import Chain
-from engine.events import PlanStep
 from engine.loading import load_chain
-from engine.spec import MapStage
+from engine.orchestrator import plan_of
 
 __all__ = ["CHAIN_ID", "ChainCatalog", "ChainEntry", "plan_of"]
 
@@ -29,24 +28,6 @@ class ChainEntry:
     path: Path
     chain: Chain | None
     error: str | None
-
-
-def plan_of(chain: Chain) -> list[PlanStep]:
-    """The plan a run of ``chain`` announces in its run-start event.
-
-    (Mirrors ``ChainRun.execute``; a test checks they agree.)
-    """
-    return [
-        PlanStep(
-            stage=s.id or "",
-            label=s.label or s.id or "",
-            kind=s.kind,
-            needs=list(chain.deps.get(s.id or "", [])),
-            weight=s.weight,
-            fan_out=isinstance(s, MapStage),
-        )
-        for s in chain.spec.stages
-    ]
 
 
 def _error_text(exc: Exception, path: Path) -> str:

@@ -64,11 +64,26 @@ from engine.spec import (
 from engine.splitting import split_text
 from engine.templates import compile_template
 
-__all__ = ["ChainRun", "RunStatus", "StageState", "new_run_id", "run_chain"]
+__all__ = ["ChainRun", "RunStatus", "StageState", "new_run_id", "plan_of", "run_chain"]
 
 RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 Sink = Callable[[RunEvent], None]
 Path = list[str | int]
+
+
+def plan_of(chain: Chain) -> list[PlanStep]:
+    """The plan a run of ``chain`` announces in its run-start event: every top-level stage."""
+    return [
+        PlanStep(
+            stage=s.id or "",
+            label=s.label or s.id or "",
+            kind=s.kind,
+            needs=list(chain.deps.get(s.id or "", [])),
+            weight=s.weight,
+            fan_out=isinstance(s, MapStage),
+        )
+        for s in chain.spec.stages
+    ]
 
 
 def new_run_id() -> str:
@@ -235,17 +250,7 @@ class ChainRun:
         self._emit(
             RunStarted,
             chain=ChainInfo(id=self.chain.id, title=self.chain.title, version=spec.version),
-            plan=[
-                PlanStep(
-                    stage=s.id or "",
-                    label=s.label or s.id or "",
-                    kind=s.kind,
-                    needs=list(self.chain.deps.get(s.id or "", [])),
-                    weight=s.weight,
-                    fan_out=isinstance(s, MapStage),
-                )
-                for s in spec.stages
-            ],
+            plan=plan_of(self.chain),
             model=self.default_model.label,
         )
         error: ErrorInfo | None = None
