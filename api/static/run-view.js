@@ -1,0 +1,653 @@
+// The live view of one run, driven by protocol-v1 events (DESIGN.md §4), one `apply` per event.
+//
+// The view is a pure function of the events it was given: a reload replays the run from the
+// start into a fresh view and ends up in the same state as a viewer who watched it live.
+// Everything a model produced is put into the page as text (textContent, or the safe Markdown
+// renderer); nothing from an event is ever parsed as HTML.
+//
+// Hooks for tests and assistive technology: the root carries `data-run-status`; every stage row
+// `data-stage` and `data-status`; every map item `data-path` and `data-status`; progress bars
+// are `role="progressbar"` with `aria-valuenow/min/max`; streamed text lives in `.stream`.
+
+import { renderMarkdown } from "./markdown.js";
+import { buildFields, humanize, readValues, showProblems } from "./schema-form.js";
+
+const STATUS_TEXT = {
+  waiting: "Waiting",
+  running: "Running",
+  succeeded: "Done",
+  failed: "Failed",
+  skipped: "Skipped",
+  cancelled: "Cancelled",
+};
+
+const RUN_STATUS_TEXT = {
+  connecting: "Connecting…",
+  running: "Running",
+  waiting_input: "Waiting for you",
+  succeeded: "Finished",
+  failed: "Failed",
+  cancelled: "Cancelled",
+};
+
+export class RunView {
+  /**
+   * @param {HTMLElement} root  the run container (emptied and rebuilt by `reset`)
+   * @param {{onCancel?: () => Promise<void>, onAnswer?: (answer: unknown) => Promise<void>}} hooks
+   */
+  constructor(root, hooks = {}) {
+    this.root = root;
+    this.hooks = hooks;
+    this.timer = null;
+  }
+
+  /** Start over for `runId` (a new run, or a replay after a reload). */
+  reset(runId) {
+    clearInterval(this.timer);
+    this.runId = runId;
+    this.lastSeq = 0;
+    this.stages = new Map(); // stage id -> row parts
+    this.streams = new Map(); // path key -> {node, text, attempt, box}
+    this.items = new Map(); // path key -> item parts
+    this.inputs = new Map(); // path key -> input box
+    this.progress = 0;
+    this.runStartTs = null;
+    this.runEndMs = null;
+    this.status = "connecting";
+
+    const r = this.root;
+    r.replaceChildren();
+    r.hidden = false;
+    r.dataset.runId = runId;
+
+    const head = div("run-head");
+    const titles = div("run-titles");
+    this.titleEl = el("h2", "run-title");
+    this.titleEl.textContent = "Run";
+    this.metaEl = el("p", "run-meta");
+    this.metaEl.textContent = runId;
+    titles.append(this.titleEl, this.metaEl);
+    const actions = div("run-actions");
+    this.pillEl = el("span", "pill");
+    this.pillEl.setAttribute("role", "status");
+    this.cancelEl = el("button", "button button-quiet");
+    this.cancelEl.type = "button";
+    this.cancelEl.dataset.action = "cancel";
+    this.cancelEl.textContent = "Cancel run";
+    this.cancelEl.addEventListener("click", () => this.#cancel());
+    actions.append(this.pillEl, this.cancelEl);
+    head.append(titles, actions);
+
+    const overall = div("overall");
+    const overallHead = div("overall-head");
+    const overallLabel = el("span", "overall-label");
+    overallLabel.id = "overall-label";
+    overallLabel.textContent = "Overall progress";
+    this.percentEl = el("span", "overall-percent");
+    this.elapsedEl = el("span", "overall-elapsed");
+    overallHead.append(overallLabel, this.elapsedEl, this.percentEl);
+    this.barEl = progressbar("overall-label");
+    this.barEl.dataset.progress = "overall";
+    this.barEl.classList.add("bar-large");
+    overall.append(overallHead, this.barEl);
+
+    this.errorEl = el("p", "notice notice-error");
+    this.errorEl.hidden = true;
+    this.errorEl.setAttribute("role", "alert");
+
+    this.stagesEl = el("ol", "stages");
+    this.stagesEl.setAttribute("aria-label", "Stages");
+
+    this.outputsEl = el("section", "outputs");
+    this.outputsEl.hidden = true;
+    this.outputsEl.setAttribute("aria-label", "Result");
+
+    r.append(head, overall, this.errorEl, this.stagesEl, this.outputsEl);
+    this.#setRunStatus("connecting");
+    this.#setProgress(0);
+  }
+
+  /** Show a problem that is not part of the run (a failed request, an unknown run). */
+  showError(message) {
+    this.errorEl.hidden = !message;
+    this.errorEl.textContent = message || "";
+  }
+
+  apply(event) {
+    if (!event || typeof event !== "object") return;
+    if (typeof event.seq === "number") {
+      if (event.seq <= this.lastSeq) return; // a replayed duplicate
+      this.lastSeq = event.seq;
+    }
+    switch (event.type) {
+      case "run-start":
+        return this.#runStart(event);
+      case "stage-start":
+        return this.#stageStart(event);
+      case "token":
+        return this.#token(event);
+      case "source":
+        return this.#source(event);
+      case "stage-progress":
+        return this.#stageProgress(event);
+      case "stage-retry":
+        return this.#stageRetry(event);
+      case "input-required":
+        return this.#inputRequired(event);
+      case "stage-end":
+        return this.#stageEnd(event);
+      case "run-end":
+        return this.#runEnd(event);
+      default:
+        return undefined; // unknown types are ignored (DESIGN.md §4)
+    }
+  }
+
+  // -- events ------------------------------------------------------------------------------
+
+  #runStart(e) {
+    this.titleEl.textContent = e.chain?.title || e.chain?.id || "Run";
+    this.metaEl.replaceChildren(
+      meta("Model", e.model || "default"),
+      meta("Run", this.runId || e.run_id),
+    );
+    this.runStartTs = e.ts;
+    for (const step of e.plan || []) this.#addStage(step);
+    this.#setRunStatus("running");
+    clearInterval(this.timer);
+    this.timer = setInterval(() => this.#tick(), 250);
+    this.#tick();
+  }
+
+  #stageStart(e) {
+    const row = this.#row(e);
+    if (!row) return;
+    this.#resumeIfWaiting(e);
+    if (isTop(e)) {
+      row.startTs = e.ts;
+      this.#setStatus(row, "running");
+      if (row.plan.fan_out) return; // items get their own places
+      this.#stream(e, row);
+    } else {
+      const item = this.#item(e, row);
+      item.startTs = e.ts;
+      setStatus(item.root, "running", item.statusEl);
+      if (typeof e.total === "number" && row.total == null) this.#setCount(row, 0, e.total);
+      this.#stream(e, row);
+    }
+  }
+
+  #token(e) {
+    const row = this.#row(e);
+    if (!row) return;
+    this.#resumeIfWaiting(e);
+    const stream = this.#stream(e, row);
+    if ((e.attempt ?? 1) < stream.attempt) return; // a late token of a discarded attempt
+    const box = stream.box;
+    const stick = box.scrollHeight - box.scrollTop - box.clientHeight < 24;
+    stream.node.appendData(e.text ?? "");
+    box.classList.remove("is-empty");
+    if (stick) box.scrollTop = box.scrollHeight;
+  }
+
+  #source(e) {
+    const row = this.#row(e);
+    if (!row || !e.source) return;
+    const s = e.source;
+    const card = el("article", "source");
+    card.dataset.sourceId = s.id ?? "";
+    const head = div("source-head");
+    const title = el("h4", "source-title");
+    if (s.url && /^https?:/i.test(s.url)) {
+      const a = el("a");
+      a.href = s.url;
+      a.rel = "noopener noreferrer nofollow";
+      a.target = "_blank";
+      a.textContent = s.title || s.url;
+      title.append(a);
+    } else {
+      title.textContent = s.title || s.id || "Source";
+    }
+    head.append(title);
+    if (typeof s.score === "number") {
+      const score = el("span", "source-score");
+      score.textContent = `score ${s.score.toFixed(2)}`;
+      head.append(score);
+    }
+    const snippet = el("p", "source-snippet");
+    const text = String(s.text ?? "").replace(/\s+/g, " ").trim();
+    snippet.textContent = text.length > 240 ? `${text.slice(0, 240)}…` : text;
+    card.append(head, snippet);
+    row.sourcesEl.hidden = false;
+    row.sourcesEl.append(card);
+    row.sourcesCount.textContent = `${row.sourcesEl.querySelectorAll(".source").length} sources`;
+  }
+
+  #stageProgress(e) {
+    const row = this.#row(e);
+    if (!row) return;
+    this.#setCount(row, e.completed, e.total);
+  }
+
+  #stageRetry(e) {
+    const row = this.#row(e);
+    if (!row) return;
+    const stream = this.streams.get(key(e.path));
+    if (stream) {
+      stream.node.data = "";
+      stream.box.classList.add("is-empty");
+      stream.attempt = (e.attempt ?? 1) + 1;
+    }
+    const note = el("p", "note note-retry");
+    const where = isTop(e) ? "" : `Item ${Number(e.path[1]) + 1}: `;
+    const why = e.error ? `${e.error.message || e.error.type}` : "it failed";
+    note.textContent = `${where}attempt ${e.attempt ?? 1} failed (${why}) — retrying; its text was discarded.`;
+    note.dataset.attempt = String(e.attempt ?? 1);
+    row.notesEl.append(note);
+    row.root.dataset.retries = String(row.notesEl.querySelectorAll(".note-retry").length);
+  }
+
+  #inputRequired(e) {
+    const row = this.#row(e);
+    if (!row) return;
+    const k = key(e.path);
+    this.inputs.get(k)?.remove();
+    const box = el("form", "input-box");
+    box.noValidate = true;
+    box.dataset.path = k;
+    const prompt = div("input-prompt md");
+    prompt.append(renderMarkdown(e.prompt || "Your answer:"));
+    const fieldsEl = div("fields");
+    const form = buildFields(fieldsEl, e.schema, { idPrefix: `in-${k.replace(/\W+/g, "-")}` });
+    const actions = div("input-actions");
+    const send = el("button", "button button-primary");
+    send.type = "submit";
+    send.textContent = "Send answer";
+    const status = el("span", "input-status");
+    status.setAttribute("aria-live", "polite");
+    actions.append(send, status);
+    box.append(prompt, fieldsEl, actions);
+    box.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const { values, problems } = readValues(form);
+      showProblems(form, problems);
+      if (Object.keys(problems).length) return;
+      send.disabled = true;
+      status.textContent = "Sending…";
+      try {
+        await this.hooks.onAnswer?.(values);
+        status.textContent = "Sent — the run continues.";
+        box.classList.add("is-sent");
+      } catch (err) {
+        send.disabled = false;
+        status.textContent = err.message || "Could not send the answer.";
+        if (err.fields) showProblems(form, form.single ? { answer: firstValue(err.fields) } : err.fields);
+      }
+    });
+    row.inputEl.append(box);
+    this.inputs.set(k, box);
+    row.root.dataset.awaiting = "input";
+    this.#setRunStatus("waiting_input");
+  }
+
+  #stageEnd(e) {
+    const row = this.#row(e);
+    if (!row) return;
+    this.#resumeIfWaiting(e);
+    if (typeof e.progress === "number") this.#setProgress(Math.max(this.progress, e.progress));
+    if (isTop(e)) {
+      row.durationMs = e.duration_ms;
+      this.#setStatus(row, e.status);
+      row.timeEl.textContent = seconds(e.duration_ms);
+      if (row.plan.fan_out && row.total != null && e.status === "succeeded") {
+        this.#setCount(row, row.total, row.total);
+      }
+      if (!row.plan.fan_out) this.#showOutput(e, row);
+    } else {
+      const item = this.#item(e, row);
+      setStatus(item.root, e.status, item.statusEl);
+      item.timeEl.textContent = seconds(e.duration_ms);
+      item.durationMs = e.duration_ms;
+      this.#showOutput(e, row);
+    }
+    if (e.error) {
+      const note = el("p", "note note-error");
+      const where = isTop(e) ? "" : `Item ${Number(e.path[1]) + 1}: `;
+      note.textContent = `${where}${e.error.message || e.error.type}`;
+      row.notesEl.append(note);
+    }
+  }
+
+  #runEnd(e) {
+    clearInterval(this.timer);
+    this.runEndMs = e.duration_ms;
+    for (const row of this.stages.values()) {
+      if (row.root.dataset.status === "waiting" || row.root.dataset.status === "running") {
+        // Stages that never started: cancelled with the run, or not reached after a failure.
+        this.#setStatus(row, e.status === "cancelled" ? "cancelled" : "skipped");
+        if (!row.durationMs) row.timeEl.textContent = "";
+      }
+    }
+    for (const box of this.inputs.values()) box.remove();
+    this.inputs.clear();
+    if (e.status === "succeeded") this.#setProgress(1);
+    this.#setRunStatus(e.status);
+    this.elapsedEl.textContent = seconds(e.duration_ms);
+    this.cancelEl.hidden = true;
+    if (e.error) this.showError(`The run failed${e.error.stage ? ` in “${e.error.stage}”` : ""}: ${e.error.message}`);
+    const usage = e.usage || {};
+    const parts = [`${seconds(e.duration_ms)}`];
+    if (usage.input_tokens || usage.output_tokens) {
+      parts.push(`${(usage.input_tokens || 0).toLocaleString()} tokens in, ${(usage.output_tokens || 0).toLocaleString()} out`);
+    }
+    if (typeof usage.cost === "number") parts.push(`$${usage.cost.toFixed(4)}`);
+    this.metaEl.append(meta("Took", parts.join(" · ")));
+    if (e.status === "succeeded") this.#renderOutputs(e.outputs);
+  }
+
+  // -- parts -------------------------------------------------------------------------------
+
+  #addStage(step) {
+    if (this.stages.has(step.stage)) return;
+    const root = el("li", "stage");
+    root.dataset.stage = step.stage;
+    root.dataset.kind = step.kind;
+    const head = div("stage-head");
+    const icon = el("span", "stage-icon");
+    icon.setAttribute("aria-hidden", "true");
+    const titles = div("stage-titles");
+    const label = el("h3", "stage-label");
+    label.textContent = step.label || step.stage;
+    const kind = el("span", "stage-kind");
+    kind.textContent = step.fan_out ? `${step.kind} · parallel` : step.kind;
+    titles.append(label, kind);
+    const metaEl = div("stage-meta");
+    const countEl = el("span", "stage-count");
+    const statusEl = el("span", "stage-status");
+    const timeEl = el("span", "stage-time");
+    metaEl.append(countEl, statusEl, timeEl);
+    head.append(icon, titles, metaEl);
+    root.append(head);
+
+    const row = { root, plan: step, statusEl, timeEl, countEl, total: null, startTs: null, durationMs: null };
+    if (step.fan_out) {
+      row.barEl = progressbar(null, `${step.label || step.stage}: items done`);
+      row.barEl.classList.add("bar-small");
+      root.append(row.barEl);
+    }
+    row.notesEl = div("stage-notes");
+    row.inputEl = div("stage-input");
+    row.bodyEl = div("stage-body");
+    if (step.fan_out) {
+      row.itemsEl = el("ol", "items");
+      row.bodyEl.append(row.itemsEl);
+    }
+    row.sourcesEl = el("details", "sources");
+    row.sourcesEl.hidden = true;
+    row.sourcesEl.open = true;
+    row.sourcesCount = el("summary");
+    row.sourcesEl.append(row.sourcesCount);
+    row.outputEl = div("stage-output");
+    root.append(row.notesEl, row.inputEl, row.bodyEl, row.sourcesEl, row.outputEl);
+    this.stages.set(step.stage, row);
+    this.#setStatus(row, "waiting");
+    this.stagesEl.append(root);
+  }
+
+  #row(e) {
+    const id = e.stage ?? (Array.isArray(e.path) ? e.path[0] : null);
+    if (id == null) return null;
+    if (!this.stages.has(id)) {
+      // Not in the plan (should not happen in protocol v1): draw it anyway rather than drop it.
+      this.#addStage({ stage: id, label: e.label || id, kind: e.kind || "stage", fan_out: false });
+    }
+    return this.stages.get(id);
+  }
+
+  #item(e, row) {
+    const k = key(e.path);
+    let item = this.items.get(k);
+    if (item) return item;
+    const root = el("li", "item");
+    root.dataset.path = k;
+    const head = div("item-head");
+    const name = el("span", "item-name");
+    const index = Number(e.path[e.path.length - 1]);
+    name.textContent = `#${index + 1}`;
+    const statusEl = el("span", "item-status");
+    const timeEl = el("span", "item-time");
+    head.append(name, statusEl, timeEl);
+    root.append(head);
+    item = { root, statusEl, timeEl, index, startTs: null, durationMs: null };
+    setStatus(root, "waiting", statusEl);
+    // keep items in index order even when they start out of order
+    const after = [...row.itemsEl.children].find((c) => Number(c.dataset.index) > index);
+    root.dataset.index = String(index);
+    row.itemsEl.insertBefore(root, after || null);
+    this.items.set(k, item);
+    return item;
+  }
+
+  #stream(e, row) {
+    const k = key(e.path);
+    let stream = this.streams.get(k);
+    if (stream) return stream;
+    const box = div("stream is-empty");
+    box.dataset.path = k;
+    box.setAttribute("aria-live", "off");
+    const node = document.createTextNode("");
+    box.append(node);
+    stream = { box, node, attempt: e.attempt ?? 1 };
+    if (isTop(e)) row.bodyEl.append(box);
+    else this.#item(e, row).root.append(box);
+    this.streams.set(k, stream);
+    return stream;
+  }
+
+  #showOutput(e, row) {
+    if (e.status !== "succeeded") return;
+    const out = e.output;
+    const k = key(e.path);
+    const stream = this.streams.get(k);
+    if (row.plan.kind === "split" && Array.isArray(out)) {
+      // The chunks are the stage's sources; a count is enough here, if there are no cards.
+      if (!row.sourcesEl.hidden) return;
+      row.outputEl.textContent = `${out.length} ${out.length === 1 ? "part" : "parts"}`;
+      row.outputEl.classList.add("stage-output-quiet");
+      return;
+    }
+    if (out === null || out === undefined) return;
+    let box = stream?.box;
+    if (!box) {
+      box = div("stream");
+      box.dataset.path = k;
+      (isTop(e) ? row.bodyEl : this.#item(e, row).root).append(box);
+    }
+    box.classList.remove("is-empty");
+    box.classList.add("is-final");
+    if (typeof out === "string") {
+      box.classList.add("md");
+      box.replaceChildren(renderMarkdown(out));
+    } else {
+      box.classList.add("is-json");
+      const pre = el("pre", "json");
+      pre.textContent = JSON.stringify(out, null, 2);
+      box.replaceChildren(pre);
+    }
+    box.scrollTop = 0; // the finished text is read from its start
+  }
+
+  #renderOutputs(outputs) {
+    const o = this.outputsEl;
+    o.replaceChildren();
+    const h = el("h2", "outputs-title");
+    h.textContent = "Result";
+    o.append(h);
+    const named = outputs && typeof outputs === "object" && !Array.isArray(outputs);
+    const entries = named ? Object.entries(outputs) : [["output", outputs]];
+    for (const [name, value] of entries) {
+      const block = el("section", "output");
+      block.dataset.output = name;
+      const title = el("h3", "output-name");
+      title.textContent = humanize(name);
+      block.append(title, renderValue(value));
+      o.append(block);
+    }
+    o.hidden = false;
+  }
+
+  // -- state -------------------------------------------------------------------------------
+
+  #setStatus(row, status) {
+    setStatus(row.root, status, row.statusEl);
+  }
+
+  #setCount(row, completed, total) {
+    row.total = total;
+    row.countEl.textContent = `${completed} / ${total}`;
+    if (row.barEl) setBar(row.barEl, total ? completed / total : 0);
+  }
+
+  #setProgress(fraction) {
+    this.progress = Math.min(1, Math.max(0, fraction));
+    setBar(this.barEl, this.progress);
+    this.percentEl.textContent = `${Math.round(this.progress * 100)}%`;
+  }
+
+  #setRunStatus(status) {
+    this.status = status;
+    this.root.dataset.runStatus = status;
+    this.pillEl.dataset.status = status;
+    this.pillEl.textContent = RUN_STATUS_TEXT[status] || status;
+    this.cancelEl.hidden = !["connecting", "running", "waiting_input"].includes(status);
+  }
+
+  #resumeIfWaiting(e) {
+    const k = key(e.path);
+    const box = this.inputs.get(k);
+    if (box && (e.type !== "stage-start" || isTop(e))) {
+      box.remove();
+      this.inputs.delete(k);
+      const row = this.stages.get(e.stage);
+      if (row && !row.inputEl.children.length) delete row.root.dataset.awaiting;
+    }
+    if (this.status === "waiting_input" && this.inputs.size === 0) this.#setRunStatus("running");
+  }
+
+  #tick() {
+    const now = Date.now();
+    if (this.runStartTs && this.runEndMs == null) this.elapsedEl.textContent = seconds(now - this.runStartTs);
+    for (const row of this.stages.values()) {
+      if (row.root.dataset.status === "running" && row.startTs) row.timeEl.textContent = seconds(now - row.startTs);
+    }
+    for (const item of this.items.values()) {
+      if (item.root.dataset.status === "running" && item.startTs) item.timeEl.textContent = seconds(now - item.startTs);
+    }
+  }
+
+  async #cancel() {
+    this.cancelEl.disabled = true;
+    this.cancelEl.textContent = "Cancelling…";
+    try {
+      await this.hooks.onCancel?.();
+    } catch (err) {
+      this.cancelEl.disabled = false;
+      this.cancelEl.textContent = "Cancel run";
+      this.showError(err.message || "Could not cancel the run.");
+    }
+  }
+}
+
+// -- helpers ---------------------------------------------------------------------------------
+
+function renderValue(value) {
+  if (typeof value === "string") {
+    const box = div("md");
+    box.append(renderMarkdown(value));
+    return box;
+  }
+  if (Array.isArray(value) && value.every((v) => typeof v === "string")) {
+    const list = el("ul", "md-list");
+    for (const v of value) {
+      const li = el("li");
+      li.append(renderMarkdown(v));
+      list.append(li);
+    }
+    return list;
+  }
+  if (value === null || value === undefined) {
+    const p = el("p", "muted");
+    p.textContent = "(none)";
+    return p;
+  }
+  if (typeof value !== "object") {
+    const p = el("p", "output-scalar");
+    p.textContent = String(value);
+    return p;
+  }
+  const pre = el("pre", "json");
+  pre.textContent = JSON.stringify(value, null, 2);
+  return pre;
+}
+
+function progressbar(labelledBy, label) {
+  const bar = div("bar");
+  bar.setAttribute("role", "progressbar");
+  bar.setAttribute("aria-valuemin", "0");
+  bar.setAttribute("aria-valuemax", "100");
+  bar.setAttribute("aria-valuenow", "0");
+  if (labelledBy) bar.setAttribute("aria-labelledby", labelledBy);
+  if (label) bar.setAttribute("aria-label", label);
+  bar.append(div("bar-fill"));
+  return bar;
+}
+
+function setBar(bar, fraction) {
+  const pct = Math.round(Math.min(1, Math.max(0, fraction)) * 100);
+  bar.setAttribute("aria-valuenow", String(pct));
+  bar.firstChild.style.width = `${Math.min(1, Math.max(0, fraction)) * 100}%`;
+}
+
+function setStatus(node, status, statusEl) {
+  node.dataset.status = status;
+  if (statusEl) statusEl.textContent = STATUS_TEXT[status] || status;
+}
+
+function meta(name, value) {
+  const span = el("span", "meta");
+  const k = el("span", "meta-key");
+  k.textContent = name;
+  const v = el("span", "meta-value");
+  v.textContent = value;
+  span.append(k, " ", v);
+  return span;
+}
+
+function seconds(ms) {
+  if (typeof ms !== "number" || !Number.isFinite(ms) || ms < 0) return "";
+  if (ms < 60_000) return `${(ms / 1000).toFixed(1)} s`;
+  const m = Math.floor(ms / 60_000);
+  return `${m} min ${Math.floor((ms % 60_000) / 1000)} s`;
+}
+
+function key(path) {
+  return Array.isArray(path) ? path.join("/") : String(path ?? "");
+}
+
+function isTop(e) {
+  return !Array.isArray(e.path) || e.path.length <= 1;
+}
+
+function firstValue(obj) {
+  return obj && typeof obj === "object" ? Object.values(obj)[0] : String(obj ?? "");
+}
+
+function el(tag, className) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  return node;
+}
+
+function div(className) {
+  return el("div", className);
+}

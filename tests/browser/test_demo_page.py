@@ -1,0 +1,268 @@
+"""The demo page end to end: every shipped chain runs and is watched in headless Chromium.
+
+Each test drives the page as a person would (pick a chain, fill the generated form, start) and
+checks what DESIGN.md §4–§5 and the demo-page issue promise: every stage row goes through its
+statuses to `succeeded`, the overall bar reaches 100, tokens show while their stage runs, a reload
+mid-run resumes the same run, cancel ends `cancelled`, and model output is only ever text.
+Screenshots go to test-artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "chains" / "examples"
+RUNNING_WITH_TEXT = '[data-stage][data-status="running"] .stream:not(.is-empty)'
+
+# Records every status each stage row shows, from its first render (before the page's scripts).
+RECORD_STATUSES = """
+window.__statuses = {};
+new MutationObserver((mutations) => {
+  const note = (node) => {
+    const id = node.dataset.stage, list = (window.__statuses[id] ||= []);
+    if (list[list.length - 1] !== node.dataset.status) list.push(node.dataset.status);
+  };
+  for (const m of mutations) {
+    if (m.type === "attributes" && m.target.dataset && m.target.dataset.stage) note(m.target);
+    for (const added of m.addedNodes || []) {
+      if (added.nodeType !== 1) continue;
+      if (added.dataset.stage) note(added);
+      added.querySelectorAll("[data-stage]").forEach(note);
+    }
+  }
+}).observe(document, {subtree: true, childList: true, attributes: true,
+                      attributeFilter: ["data-status"]});
+"""
+
+
+def open_page(page: Any, path: str = "/") -> None:
+    page.add_init_script(RECORD_STATUSES)
+    page.goto(path)
+    page.wait_for_selector("body[data-ready]")
+
+
+def choose_chain(page: Any, chain: str, first_field: str) -> None:
+    page.select_option("#chain", chain)
+    page.wait_for_selector(f'#run-form [data-field="{first_field}"]')
+
+
+def start(page: Any, model: str) -> str:
+    page.fill("#model", model)
+    page.click("#start")
+    page.wait_for_url("**/?run=*")
+    run_id = page.evaluate("new URLSearchParams(location.search).get('run')")
+    page.wait_for_selector(f'#run[data-run-id="{run_id}"] [data-stage]')
+    return str(run_id)
+
+
+def fill_advanced_summary(page: Any) -> None:
+    choose_chain(page, "advanced_summary", "document")
+    example = json.loads((EXAMPLES / "advanced_summary.json").read_text(encoding="utf-8"))
+    # The document comes in through the form's file picker, as a person would load it.
+    page.set_input_files("#input-document-file", str(EXAMPLES / "quarterly_report.md"))
+    page.wait_for_function("document.querySelector('[name=document]').value.includes('Larkspur')")
+    page.fill("[name=language]", example.get("language", "en"))
+    page.fill("[name=bullets]", str(example.get("bullets", 5)))
+
+
+def wait_run_status(page: Any, status: str) -> None:
+    page.wait_for_selector(f'#run[data-run-status="{status}"]')
+
+
+def assert_all_succeeded(page: Any) -> dict[str, list[str]]:
+    rows = page.eval_on_selector_all(
+        "#run [data-stage]", "rows => rows.map(r => [r.dataset.stage, r.dataset.status])"
+    )
+    assert rows and all(status == "succeeded" for _, status in rows), rows
+    overall = page.locator('#run [role="progressbar"][data-progress="overall"]')
+    assert overall.get_attribute("aria-valuenow") == "100"
+    assert overall.get_attribute("aria-valuemin") == "0"
+    assert overall.get_attribute("aria-valuemax") == "100"
+    statuses: dict[str, list[str]] = page.evaluate("window.__statuses")
+    for stage, _ in rows:
+        seen = statuses[stage]
+        assert seen[0] == "waiting" and seen[-1] == "succeeded", (stage, seen)
+        assert "running" in seen and seen.index("running") < len(seen) - 1, (stage, seen)
+    return statuses
+
+
+def test_advanced_summary_streams_and_finishes(page: Any, artifacts: Path) -> None:
+    open_page(page)
+    fill_advanced_summary(page)
+    start(page, "fast")
+
+    # Every stage of the plan is drawn at once, from run-start.
+    stages = page.eval_on_selector_all("#run [data-stage]", "rs => rs.map(r => r.dataset.stage)")
+    assert stages == [
+        "sections",
+        "section_summaries",
+        "merge",
+        "polish",
+    ]
+    # Tokens show while their stage is still running.
+    page.wait_for_selector(RUNNING_WITH_TEXT)
+    page.screenshot(path=str(artifacts / "advanced_summary-running-desktop.png"), full_page=True)
+
+    wait_run_status(page, "succeeded")
+    assert_all_succeeded(page)
+
+    # The map stage counts its items and has its own bar; each item streamed into its own place.
+    fan = page.locator('[data-stage="section_summaries"]')
+    assert fan.locator(".stage-count").inner_text() == "4 / 4"
+    bar = fan.locator('[role="progressbar"]')
+    assert bar.get_attribute("aria-valuenow") == "100"
+    paths = fan.locator(".item").evaluate_all("items => items.map(i => i.dataset.path)")
+    assert paths == [f"section_summaries/{i}" for i in range(4)]
+    assert fan.locator('.item[data-status="succeeded"] .stream').count() == 4
+    # The split's chunks are sources, shown as cards under their stage.
+    cards = page.locator('[data-stage="sections"] .source')
+    assert cards.count() == 4
+    assert cards.first.locator(".source-title").inner_text() == "Section 1 of 4"
+    # The JSON stage is shown formatted, and the outputs are rendered.
+    polished = page.locator('[data-stage="polish"] pre.json').inner_text()
+    assert json.loads(polished)["key_points"]
+    assert page.locator('#run .outputs [data-output="key_points"] li').count() >= 1
+    assert page.locator('#run .outputs [data-output="title"]').inner_text().strip()
+    page.screenshot(path=str(artifacts / "advanced_summary-desktop.png"), full_page=True)
+
+
+def test_mock_interview_streams_and_finishes_at_phone_width(page: Any, artifacts: Path) -> None:
+    page.set_viewport_size({"width": 390, "height": 844})
+    open_page(page)
+    choose_chain(page, "mock_interview", "job_posting")
+    example = json.loads((EXAMPLES / "mock_interview.json").read_text(encoding="utf-8"))
+    page.fill("[name=job_posting]", example["job_posting"])
+    page.fill("[name=resume]", example["resume"])
+    page.fill("[name=num_questions]", "3")
+    start(page, "fast")
+
+    page.wait_for_selector(RUNNING_WITH_TEXT)
+    wait_run_status(page, "succeeded")
+    assert_all_succeeded(page)
+
+    guides = page.locator('[data-stage="answer_guides"]')
+    assert guides.locator(".stage-count").inner_text() == "3 / 3"
+    assert guides.locator(".item pre.json").count() == 3
+    questions = json.loads(page.locator('[data-stage="questions"] pre.json').inner_text())
+    assert isinstance(questions, list) and questions
+    # The brief (Markdown from the model) is rendered as DOM, not as markup text.
+    assert page.locator('#run .outputs [data-output="brief"]').inner_text().strip()
+    # Nothing is wider than the phone screen.
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, width
+    page.screenshot(path=str(artifacts / "mock_interview-phone.png"), full_page=True)
+    page.locator("#run").scroll_into_view_if_needed()
+    page.evaluate("document.querySelector('#run').scrollIntoView()")
+    page.screenshot(path=str(artifacts / "mock_interview-phone-run.png"))
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(artifacts / "mock_interview-phone-form.png"))
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.screenshot(path=str(artifacts / "mock_interview-desktop.png"), full_page=True)
+
+
+def test_reload_mid_run_resumes_the_same_run(page: Any) -> None:
+    open_page(page)
+    fill_advanced_summary(page)
+    run_id = start(page, "slow")
+    page.wait_for_selector(RUNNING_WITH_TEXT)
+    assert page.locator('#run[data-run-status="running"]').count() == 1
+
+    page.reload()
+    page.wait_for_selector("body[data-ready]")
+    assert f"run={run_id}" in page.url
+    page.wait_for_selector(f'#run[data-run-id="{run_id}"] [data-stage]')
+    # Replay, then live: the run is still going when the page comes back, and it finishes.
+    page.wait_for_selector(RUNNING_WITH_TEXT)
+    wait_run_status(page, "succeeded")
+    assert_all_succeeded(page)
+    # Nothing was drawn twice.
+    assert page.locator('[data-stage="sections"] .source').count() == 4
+    paths = page.locator("#run .stream").evaluate_all("s => s.map(x => x.dataset.path)")
+    assert len(paths) == len(set(paths)), paths
+
+
+def test_cancel_ends_the_run_cancelled(page: Any) -> None:
+    open_page(page)
+    fill_advanced_summary(page)
+    start(page, "slow")
+    page.wait_for_selector(RUNNING_WITH_TEXT)
+    page.click('#run [data-action="cancel"]')
+    wait_run_status(page, "cancelled")
+    statuses = page.eval_on_selector_all("#run [data-stage]", "rs => rs.map(r => r.dataset.status)")
+    assert "cancelled" in statuses and "running" not in statuses and "waiting" not in statuses
+    assert page.locator('#run [data-action="cancel"]').is_hidden()
+
+
+PAYLOAD = (
+    'Hello <img src=x onerror="window.__pwned=1"> and <script>window.__pwned=1</script>\n'
+    "# A heading\n- **bold** item\n- [a link](javascript:window.__pwned=1)\n"
+)
+
+
+def test_model_output_is_shown_as_text_never_as_html(page: Any) -> None:
+    open_page(page)
+    choose_chain(page, "xss_echo", "text")
+    page.fill("[name=text]", PAYLOAD)
+    start(page, "echo")
+    wait_run_status(page, "succeeded")
+    assert_all_succeeded(page)
+
+    assert page.evaluate("window.__pwned") is None
+    run = page.locator("#run")
+    assert run.locator("img").count() == 0
+    assert run.locator("script").count() == 0
+    assert run.locator('a[href^="javascript"]').count() == 0
+    for name in ("echoed", "answer"):
+        text = page.locator(f'#run .outputs [data-output="{name}"]').inner_text()
+        assert '<img src=x onerror="window.__pwned=1">' in text, text
+        assert "<script>window.__pwned=1</script>" in text, text
+        assert "[a link](javascript:window.__pwned=1)" in text, text
+    # Markdown still renders (safely): the heading and the bold text are real elements.
+    answer = page.locator('#run .outputs [data-output="answer"]')
+    assert answer.locator("h2").inner_text() == "A heading"
+    assert answer.locator("strong").inner_text() == "bold"
+    # The streamed stage text kept the markup as text too.
+    streamed = page.locator('[data-stage="answer"] .stream').inner_text()
+    assert "<script>window.__pwned=1</script>" in streamed
+
+
+MARKDOWN_CASES = [
+    ("# Title", '<h2 class="md-h">Title</h2>'),
+    ("one\ntwo\n\nthree", "<p>one<br>two</p><p>three</p>"),
+    ("- a\n- *b* and `c<d>`", "<ul><li>a</li><li><em>b</em> and <code>c&lt;d&gt;</code></li></ul>"),
+    ("1. x\n2. **y**", "<ol><li>x</li><li><strong>y</strong></li></ol>"),
+    ("- a\n  - b", "<ul><li>a<ul><li>b</li></ul></li></ul>"),
+    ("```\n<b>x</b>\n```", '<pre class="md-code"><code>&lt;b&gt;x&lt;/b&gt;</code></pre>'),
+    ("a window.__pwned=1 b__c", "<p>a window.__pwned=1 b__c</p>"),
+    ("<img src=x onerror=alert(1)>", "<p>&lt;img src=x onerror=alert(1)&gt;</p>"),
+    ("[x](javascript:alert(1))", "<p>[x](javascript:alert(1))</p>"),
+    (
+        "[docs](https://example.org/a)",
+        '<p><a href="https://example.org/a" rel="noopener noreferrer nofollow" '
+        'target="_blank">docs</a></p>',
+    ),
+    ("> quoted **text**", "<blockquote><p>quoted <strong>text</strong></p></blockquote>"),
+]
+
+
+def test_markdown_renderer_builds_safe_dom(page: Any) -> None:
+    page.goto("/")
+    results = page.evaluate(
+        """async (cases) => {
+            const { renderMarkdown } = await import("/static/markdown.js");
+            return cases.map(([source]) => {
+                const box = document.createElement("div");
+                box.append(renderMarkdown(source));
+                return box.innerHTML;
+            });
+        }""",
+        [list(case) for case in MARKDOWN_CASES],
+    )
+    assert results == [expected for _, expected in MARKDOWN_CASES]
