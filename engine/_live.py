@@ -65,7 +65,7 @@ _SYMBOLS = {
     "cancelled": ("⊘", "yellow"),
 }
 _TAIL_LINES = 4
-_ITEMS_SHOWN = 3
+_ITEMS_SHOWN = 4
 
 
 def path_label(path: Sequence[str | int] | None) -> str:

@@ -31,7 +31,7 @@ from engine.errors import ChainSpecError, InputError, ModelConfigError, Problem
 from engine.events import RUN_EVENT, RunEnded
 from engine.loading import CHAINS_DIR, find_chain, load_chain, validate_chain_file
 from engine.orchestrator import ChainRun
-from engine.providers import ModelRegistry, load_models_config
+from engine.providers import ModelRegistry, describe_models, load_models_config
 from engine.spec import ChainSpec, InputSpec, MapStage
 from engine.templates import references
 from engine.validation import chain_json_schema
@@ -321,23 +321,28 @@ def _run_local(
 
 
 async def _drive(execute: Any, cancel: Callable[[], None], view: Any) -> RunEnded | None:
-    """Run to the end; the first Ctrl-C cancels cleanly (run-end ``cancelled``)."""
+    """Run to the end; the first Ctrl-C (or SIGTERM) cancels cleanly: run-end ``cancelled``."""
     loop = asyncio.get_running_loop()
 
-    def on_sigint() -> None:
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal() -> None:
         view.note("cancelling… (Ctrl-C again to quit at once)")
         cancel()
-        loop.remove_signal_handler(signal.SIGINT)
+        for sig in signals:  # a second signal takes the default way out
+            loop.remove_signal_handler(sig)
 
-    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)
     view.start()
     end: RunEnded | None = None
     try:
         end = await execute
     finally:
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.remove_signal_handler(signal.SIGINT)
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
         view.finish(end)
     return end
 
@@ -579,12 +584,9 @@ def schema(
 
 
 def _model_rows(registry: ModelRegistry) -> list[tuple[str, str, str, str]]:
-    """(name, what it runs, usable, notes) per model; from providers.describe_models if there."""
-    describe: Any = getattr(importlib.import_module("engine.providers"), "describe_models", None)
-    if describe is None:
-        return _model_rows_fallback(registry)
+    """(name, what it runs, usable, notes) per model, from providers.describe_models."""
     rows = []
-    for row in describe(registry):
+    for row in describe_models(registry):
         entry = registry.config.models.get(row["name"])
         model = row.get("model") or ""
         if model == "offline" or row["provider"] == "offline":
@@ -608,29 +610,6 @@ def _model_rows(registry: ModelRegistry) -> list[tuple[str, str, str, str]]:
             notes += f" (${price_in:g} in / ${price_out or 0:g} out per 1M tokens)"
         marker = " (default)" if row.get("default") else ""
         rows.append((row["name"] + marker, target, usable, notes.strip()))
-    return rows
-
-
-def _model_rows_fallback(registry: ModelRegistry) -> list[tuple[str, str, str, str]]:
-    rows = []
-    environ = registry.environ
-    for name, entry in registry.config.models.items():
-        if entry.provider == "offline":
-            usable = "yes"
-            target = "offline" + (f" ({entry.delay_ms:g} ms/token)" if entry.delay_ms else "")
-        elif entry.provider == "auto":
-            key_set = bool(environ.get(entry.api_key_env))
-            target = "auto → " + (
-                f"openai:{entry.openai_model or 'gpt-4o-mini'}" if key_set else "offline"
-            )
-            usable = "yes"
-        else:
-            target = f"openai:{entry.model or 'gpt-4o-mini'}"
-            if entry.base_url:
-                target += f" at {entry.base_url}"
-            usable = "yes" if environ.get(entry.api_key_env) else f"no: set {entry.api_key_env}"
-        marker = " (default)" if name == registry.default else ""
-        rows.append((name + marker, target, usable, entry.description or ""))
     return rows
 
 

@@ -316,40 +316,74 @@ def test_console_script_shows_help() -> None:
 # -- the live view (in process: rich on a fake terminal) ------------------------------
 
 
-def test_live_view_shows_stages_bars_and_outputs() -> None:
-    out = io.StringIO()
+def _live_run(path: str, inputs: dict[str, Any]) -> tuple[RunEnded, str, list[str]]:
     from rich.console import Console
 
-    console = Console(file=out, force_terminal=True, width=100, color_system=None)
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=400, color_system=None)
     view = LiveView(console)
-    chain = load_chain(TINY)
-    seen: list[str] = []
+    chain = load_chain(path)
+    frames: list[str] = []
 
     def sink(event: Any) -> None:
         view.handle(event)
-        if event.type == "stage-progress":
+        if event.type in ("stage-progress", "stage-retry"):
             frame = io.StringIO()
-            Console(file=frame, force_terminal=True, width=100, color_system=None).print(
+            Console(file=frame, force_terminal=True, width=400, color_system=None).print(
                 view.render()
             )
-            seen.append(frame.getvalue())
+            frames.append(frame.getvalue())
 
     async def main() -> RunEnded:
-        run = ChainRun(chain, {"topic": "rivers"}, model="offline", sink=sink)
+        run = ChainRun(chain, inputs, model="offline", sink=sink, retry_backoff=0)
         view.start()
         end = await run.execute()
         view.finish(end)
         return end
 
     end = asyncio.run(main())
+    return end, out.getvalue(), frames
+
+
+def test_live_view_shows_stages_bars_and_outputs() -> None:
+    end, text, frames = _live_run(TINY, {"topic": "rivers"})
     assert end.status == "succeeded"
-    frame = next(s for s in seen if "2/2" in s)
-    assert "Expanding points" in frame and "map" in frame
-    text = out.getvalue()
+    frame = next(f for f in frames if "2/2" in f)
+    assert "Expanding points" in frame and "━" in frame
     for label in ("Writing an outline", "Listing points", "Expanding points", "Bonus", "Joining"):
         assert label in text
     assert "✓ succeeded in " in text
     assert "usage: 46 in / 44 out tokens · model: offline" in text
+
+
+def test_live_view_shows_retries_and_the_failure() -> None:
+    end, text, frames = _live_run(str(FIXTURES / "retry_fails.yaml"), {})
+    assert end.status == "failed"
+    problem = (
+        "the JSON answer does not match the schema at (top): "
+        "'(offline value) postal code give' does not match '^[0-9]{5}$'"
+    )
+    assert f"↻ code: attempt 1 failed (invalid_json: {problem}); trying again" in text
+    assert "attempt 2 · attempt 1 failed (invalid_json" in frames[0]
+    assert "✗ failed in " in text
+    assert f"code: {problem} (after 2 attempts)" in text
+
+
+def test_plain_log_shows_retries_and_a_failed_run() -> None:
+    result = cli("run", str(FIXTURES / "retry_fails.yaml"))
+    assert result.returncode == 1
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert lines[0].endswith(" · A schema the offline model cannot satisfy · model: offline")
+    assert lines[1].endswith("start     code  A postal code (llm)")
+    assert lines[2].endswith(
+        "retry     code  attempt 1 failed (invalid_json: the JSON answer does not match the "
+        "schema at (top): '(offline value) postal code give' does not match '^[0-9]{5}$'); "
+        "trying again"
+    )
+    assert " failed    code in " in lines[3] and lines[3].endswith("(after 2 attempts)")
+    assert lines[4].startswith("run failed in ")
+    assert lines[5:] == ["usage: 8 in / 10 out tokens", "model: offline"]
+    assert result.stderr.startswith("error: run failed: code: the JSON answer does not match")
 
 
 # -- run --server (a real `stagecast serve` on a free port) -------------------------------------
