@@ -185,3 +185,69 @@ def header(title: str, argv: Sequence[str] | None = None) -> None:
 def ensure_root_on_path() -> None:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+
+
+# --------------------------------------------------------------------------------------------
+# Server subprocesses (loopback only)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A ``bench/_servers.py`` process on 127.0.0.1; stopped (by its own pid) on exit."""
+
+    def __init__(self, kind: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, str(ROOT / "bench" / "_servers.py"), kind,
+               "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.kind = kind
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 30.0) -> Server:
+        import socket
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise SystemExit(f"server {self.kind} exited:\n{err}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit(f"server {self.kind} did not listen within {timeout} s")
+
+    def cpu(self) -> float:
+        return proc_cpu_seconds(self.pid)
+
+    def rss_kib(self) -> int:
+        return proc_rss_kib(self.pid)[0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def __enter__(self) -> Server:
+        return self.wait_ready()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
