@@ -48,6 +48,7 @@ from engine.offline import OfflineChatModel
 __all__ = [
     "DEFAULT_MODELS_FILE",
     "DEFAULT_OPENAI_RETRIES",
+    "MODELS_FILE_ENV",
     "ModelEntry",
     "ModelRegistry",
     "ModelsConfig",
@@ -134,8 +135,14 @@ BUILTIN_MODELS = ModelsConfig(
 )
 
 
+MODELS_FILE_ENV = "STAGECAST_MODELS"
+"""A variable naming another models.yaml to use instead of configs/models.yaml."""
+
+
 def load_models_config(path: Path | None = None) -> ModelsConfig:
-    """Read configs/models.yaml (or ``path``); the built-in entries when the file is absent."""
+    """Read ``path``, else $STAGECAST_MODELS, else configs/models.yaml (else built-in entries)."""
+    if path is None and os.environ.get(MODELS_FILE_ENV):
+        path = Path(os.environ[MODELS_FILE_ENV])
     file = path or DEFAULT_MODELS_FILE
     if not file.exists():
         if path is not None:
