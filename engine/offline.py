@@ -126,7 +126,9 @@ class OfflineChatModel(BaseChatModel):
 
     def answer(self, messages: Sequence[BaseMessage]) -> str:
         if self.json_mode or self.json_schema is not None:
-            words = _salient_words(" ".join(_message_text(m) for m in messages), 40)
+            # the user's words first: a long shared system prompt must not hide the item
+            ordered = sorted(messages, key=lambda m: m.type != "human")
+            words = _salient_words(" ".join(_message_text(m) for m in ordered), 40)
             return json.dumps(fake_json(self.json_schema, words), ensure_ascii=False)
         return offline_text(messages, self.max_words)
 

@@ -129,6 +129,8 @@ class _Unit:
     total: int | None = None
     usage: Usage = field(default_factory=Usage)
     status: str | None = None
+    parent: MapStage | None = None
+    """For a map item, the map: its ``retries`` and ``timeout`` apply to each item."""
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n?(.*?)\n?```\s*$", re.DOTALL)
@@ -396,17 +398,7 @@ class ChainRun:
         if spec.outputs is None:
             last = spec.stages[-1].id or ""
             return {"output": self._results.get(last, {}).get("output")}
-        outputs: dict[str, Any] = {}
-        for name, value in spec.outputs.items():
-            if not isinstance(value, str):
-                outputs[name] = value
-                continue
-            try:
-                outputs[name] = compile_template(value).render(context)
-            except TemplateError as exc:
-                error = ErrorInfo(type=exc.type, message=f"outputs.{name}: {exc}")
-                raise _StageFailed(error) from None
-        return outputs
+        return _render_value(spec.outputs, context, "outputs")
 
     def _context(self) -> dict[str, Any]:
         return {"inputs": self.inputs, "stages": dict(self._results)}
@@ -471,8 +463,12 @@ class ChainRun:
         )
         return time.monotonic()
 
-    def _retry_policy(self, spec: StageSpec) -> tuple[int, float | None]:
+    def _retry_policy(self, unit: _Unit) -> tuple[int, float | None]:
+        spec = unit.spec
         retries, timeout = spec.retries, spec.timeout
+        if unit.parent is not None:
+            retries = unit.parent.retries if retries is None else retries
+            timeout = unit.parent.timeout if timeout is None else timeout
         if isinstance(spec, LlmStage):
             defaults = self.chain.spec.defaults
             retries = defaults.retries if retries is None else retries
@@ -486,7 +482,7 @@ class ChainRun:
         started = self._start(unit)
         state = self._state(unit)
         usage = unit.usage
-        retries, timeout = self._retry_policy(unit.spec)
+        retries, timeout = self._retry_policy(unit)
         attempt = 1
         try:
             while True:
@@ -686,6 +682,7 @@ class ChainRun:
                 unit.share / total,
                 index=i,
                 total=total,
+                parent=spec,
             )
             for i, item in enumerate(items)
         ]
@@ -738,6 +735,20 @@ class ChainRun:
         self._done_weight += unit.share - sum(u.share for u in item_units)
         self._end(unit, "succeeded", started, results, usage, 1, None)
         return results
+
+
+def _render_value(value: Any, context: dict[str, Any], key: str) -> Any:
+    """Render every template inside ``value`` (nested mappings and lists included)."""
+    if isinstance(value, str):
+        try:
+            return compile_template(value).render(context)
+        except TemplateError as exc:
+            raise _StageFailed(ErrorInfo(type=exc.type, message=f"{key}: {exc}")) from None
+    if isinstance(value, dict):
+        return {k: _render_value(v, context, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_render_value(v, context, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 def _sum_usage(units: list[_Unit]) -> Usage:

@@ -118,7 +118,11 @@ class LlmStage(_StageBase):
     model: str | None = Field(None, description="A model name from configs/models.yaml.")
     temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature.")
     max_tokens: int | None = Field(None, gt=0, description="Most tokens the model may produce.")
-    stream: bool = Field(True, description="Stream tokens as they come (false: one token at end).")
+    stream: bool = Field(
+        True,
+        description="Stream tokens as they come (false: no token events; the output comes on "
+        "stage-end).",
+    )
     output: Literal["text", "json"] = Field(
         "text", description="`json` parses the answer as JSON and validates it against `schema`."
     )

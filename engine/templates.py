@@ -22,7 +22,17 @@ from engine.errors import TemplateError
 
 __all__ = ["ENV", "References", "Template", "compile_template", "references"]
 
-ENV = ImmutableSandboxedEnvironment(
+
+class _Environment(ImmutableSandboxedEnvironment):
+    """Data keys win over dict methods: ``inputs.items`` is the input named ``items``."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+
+ENV = _Environment(
     undefined=StrictUndefined,
     autoescape=False,
     keep_trailing_newline=True,

@@ -524,3 +524,54 @@ async def test_offline_text_differs_per_input_and_reads_as_placeholder() -> None
     two = (await collect(chain, {"t": "the database migration failed"}))[-1].outputs["output"]
     assert one != two
     assert one.startswith("[offline ") and "revenue" in one
+
+
+async def test_map_retries_and_timeout_apply_to_each_item() -> None:
+    chain = chain_of(
+        """
+defaults: {model: fake}
+stages:
+  - id: each
+    kind: map
+    over: "{{ [1, 2] }}"
+    concurrency: 1
+    retries: 1
+    timeout: 0.05
+    stage: {kind: llm, prompt: "{{ item }}"}
+"""
+    )
+    model = ScriptedChatModel(scripts=[[5.0], ["one"], ["two"]])
+    events = await collect(chain, models={"fake": model})
+    assert "stage-retry each[0] timeout" in [fmt(e) for e in events]
+    assert events[-1].outputs == {"output": ["one", "two"]}
+
+
+async def test_data_keys_win_over_dict_methods_and_nested_outputs_render() -> None:
+    chain = chain_of(
+        """
+inputs:
+  items: {type: array}
+  keys: {type: string, default: k}
+stages:
+  - {id: n, kind: template, text: "{{ inputs.items | length }} {{ inputs.keys }}"}
+outputs:
+  summary: {count: "{{ stages.n.output }}", list: ["{{ inputs.items }}", 3]}
+"""
+    )
+    events = await collect(chain, {"items": ["a", "b"]})
+    assert events[-1].outputs == {"summary": {"count": "2 k", "list": [["a", "b"], 3]}}
+
+
+async def test_stream_false_sends_no_tokens_and_the_output_on_stage_end() -> None:
+    chain = chain_of(
+        "defaults: {model: fake}\nstages: [{id: a, kind: llm, prompt: x, stream: false}]"
+    )
+    model = ScriptedChatModel(scripts=[["x", "y"]])
+    events = await collect(chain, models={"fake": model})
+    assert [fmt(e) for e in events] == [
+        "run-start",
+        "stage-start a",
+        "stage-end a succeeded",
+        "run-end succeeded",
+    ]
+    assert events[2].output == "xy"
