@@ -116,6 +116,8 @@ def stagecast_app(args: argparse.Namespace) -> Any:
     tmp = Path(tempfile.mkdtemp(prefix="stagecast-bench-"))
     (tmp / "chains").mkdir()
     (tmp / "chains" / "bench_stream.yaml").write_text(BENCH_CHAIN)
+    if args.chain_yaml:
+        (tmp / "chains" / "bench_long.yaml").write_text(args.chain_yaml)
     (tmp / "models.yaml").write_text(MODELS_YAML)
     settings = ServerSettings(
         chains_dir=tmp / "chains",
@@ -191,6 +193,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=50_000)
     parser.add_argument("--coalesce-ms", type=float, default=0.0)
     parser.add_argument("--ttl", type=float, default=600.0)
+    parser.add_argument("--chain-yaml", default="", help="an extra chain (id bench_long)")
     parser.add_argument("--loop", default="auto", help="uvicorn loop: auto (uvloop), asyncio")
     args = parser.parse_args()
     import uvicorn
