@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from engine._live import LiveView
@@ -316,7 +316,7 @@ def test_console_script_shows_help() -> None:
 # -- the live view (in process: rich on a fake terminal) ------------------------------
 
 
-def _live_run(path: str, inputs: dict[str, Any]) -> tuple[RunEnded, str, list[str]]:
+async def _live_run(path: str, inputs: dict[str, Any]) -> tuple[RunEnded, str, list[str]]:
     from rich.console import Console
 
     out = io.StringIO()
@@ -334,19 +334,17 @@ def _live_run(path: str, inputs: dict[str, Any]) -> tuple[RunEnded, str, list[st
             )
             frames.append(frame.getvalue())
 
-    async def main() -> RunEnded:
-        run = ChainRun(chain, inputs, model="offline", sink=sink, retry_backoff=0)
-        view.start()
+    run = ChainRun(chain, inputs, model="offline", sink=sink, retry_backoff=0)
+    view.start()
+    with anyio.fail_after(10):
         end = await run.execute()
-        view.finish(end)
-        return end
-
-    end = asyncio.run(main())
+    view.finish(end)
     return end, out.getvalue(), frames
 
 
-def test_live_view_shows_stages_bars_and_outputs() -> None:
-    end, text, frames = _live_run(TINY, {"topic": "rivers"})
+@pytest.mark.anyio
+async def test_live_view_shows_stages_bars_and_outputs() -> None:
+    end, text, frames = await _live_run(TINY, {"topic": "rivers"})
     assert end.status == "succeeded"
     frame = next(f for f in frames if "2/2" in f)
     assert "Expanding points" in frame and "━" in frame
@@ -356,8 +354,9 @@ def test_live_view_shows_stages_bars_and_outputs() -> None:
     assert "usage: 46 in / 44 out tokens · model: offline" in text
 
 
-def test_live_view_shows_retries_and_the_failure() -> None:
-    end, text, frames = _live_run(str(FIXTURES / "retry_fails.yaml"), {})
+@pytest.mark.anyio
+async def test_live_view_shows_retries_and_the_failure() -> None:
+    end, text, frames = await _live_run(str(FIXTURES / "retry_fails.yaml"), {})
     assert end.status == "failed"
     problem = (
         "the JSON answer does not match the schema at (top): "
