@@ -156,6 +156,7 @@ def create_app(
         finally:
             sweeper.cancel()
             await manager.shutdown(settings.shutdown_timeout)
+            await registry.aclose()  # the models' HTTP connections, in the loop that opened them
 
     app = FastAPI(
         title="Stagecast",

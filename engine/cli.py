@@ -93,7 +93,7 @@ def _find(name: str) -> Path:
 
 
 def _load(path: Path, registry: ModelRegistry | None) -> Chain:
-    names = registry.names() if registry is not None else None
+    names = registry.known_names() if registry is not None else None
     try:
         return load_chain(path, model_names=names)
     except ChainSpecError as exc:
@@ -179,7 +179,7 @@ def validate(
     ],
 ) -> None:
     """Check chain files; print every problem as file:line:col: key: problem (exit 1 if any)."""
-    names = _registry().names()
+    names = _registry().known_names()
     files = _chain_files(paths)
     total = broken = 0
     for path in files:
@@ -311,8 +311,15 @@ def _run_local(
     except ModelConfigError as exc:
         _fail(str(exc))
     view.on_broken = chain_run.cancel
+
+    async def execute() -> RunEnded:
+        try:
+            return await chain_run.execute()
+        finally:
+            await registry.aclose()  # the models' HTTP connections, in the loop that opened them
+
     try:
-        end = asyncio.run(_drive(chain_run.execute(), chain_run.cancel, view))
+        end = asyncio.run(_drive(execute(), chain_run.cancel, view))
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once
         with contextlib.suppress(Exception):
             view.finish(None)

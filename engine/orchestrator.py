@@ -516,7 +516,8 @@ class ChainRun:
 
     def _as_stage_error(self, exc: BaseException, unit: _Unit, timeout: float | None) -> StageError:
         if isinstance(exc, TimeoutError):
-            return TransientError(f"timed out after {timeout:g} s", type="timeout")
+            after = f" after {timeout:g} s" if timeout is not None else ""
+            return TransientError(f"timed out{after}", type="timeout")
         if isinstance(exc, StageError):
             return exc
         name = self._resolve(unit.spec).name if isinstance(unit.spec, LlmStage) else ""

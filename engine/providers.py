@@ -207,8 +207,13 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted({*self.config.models, *self.overrides})
 
+    def known_names(self) -> list[str]:
+        """Every name a chain may use: the entries, plus ``default`` (the configured default)."""
+        return sorted({*self.names(), "default"})
+
     def resolve(self, name: str | None = None) -> ResolvedModel:
-        name = name or self.default
+        if not name or (name == "default" and name not in self.config.models):
+            name = self.default
         cached = self._cache.get(name)
         if cached is None:
             cached = self._cache[name] = self._build(name)

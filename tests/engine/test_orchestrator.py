@@ -575,3 +575,16 @@ async def test_stream_false_sends_no_tokens_and_the_output_on_stage_end() -> Non
         "run-end succeeded",
     ]
     assert events[2].output == "xy"
+
+
+async def test_a_model_raising_timeouterror_without_a_stage_timeout_is_a_retried_timeout() -> None:
+    model = ScriptedChatModel(scripts=[[TimeoutError()], ["ok"]])
+    events = await collect(chain_of(RETRY_CHAIN), models={"fake": model})
+    assert [fmt(e) for e in events][2:4] == ["stage-retry ask timeout", "token ask#2 'ok'"]
+    assert events[2].error.message == "timed out"
+
+
+def test_default_names_the_configured_default_model() -> None:
+    chain = chain_of("defaults: {model: default}\nstages: [{id: a, kind: llm, prompt: x}]")
+    run = ChainRun(chain, {})
+    assert run.default_model.label == "offline" and run.default_model.name == "auto"
