@@ -154,10 +154,13 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
                    b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
                    b"Connection: close\r\nContent-Length: " + str(len(body)).encode()
                    + b"\r\n\r\n" + body)
-        # Warm-up: one short run, so imports and first-request paths are not counted.
+        # Warm-up: one instant run, so imports and first-request paths are not counted.
         warm: list[float] = []
         fut = loop.create_future()
-        await loop.create_connection(lambda: SseClient(request, warm, fut), "127.0.0.1",
+        warm_body = json.dumps({"chain": "bench_stream", "model": "offline"}).encode()
+        warm_request = request.split(b"Content-Length:")[0] + b"Content-Length: " + str(
+            len(warm_body)).encode() + b"\r\n\r\n" + warm_body
+        await loop.create_connection(lambda: SseClient(warm_request, warm, fut), "127.0.0.1",
                                      server.port)
         await asyncio.wait_for(fut, 120)
         await asyncio.sleep(0.3)

@@ -1,0 +1,34 @@
+"""Every benchmark still runs and prints its table (``--smoke``: tiny workloads, no timing asserts).
+
+Each script runs in its own subprocess, as a user would run it; the whole module takes ~25 s.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+SCRIPTS = {
+    "bench_inprocess.py": "Stagecast run_chain",
+    "bench_memory.py": "per run: RSS growth",
+    "bench_http.py": "sse-starlette, pre-built events",
+    "bench_ttfe.py": "Stagecast POST /v1/runs?stream=true",
+    "bench_concurrency.py": "lateness p50 ms",
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_benchmark_runs_in_smoke_mode(script: str) -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), "--smoke"],
+        capture_output=True, text=True, timeout=120, cwd=BENCH.parent,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert SCRIPTS[script] in out.stdout
+    assert "| " in out.stdout  # a table was printed
+    assert "target:" in out.stdout or script == "bench_memory.py"
