@@ -55,7 +55,7 @@ def state_of(request: Request) -> AppState:
     return state
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     authorization: str | None = Header(None, include_in_schema=False),
     x_api_key: str | None = Header(None, include_in_schema=False),

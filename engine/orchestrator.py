@@ -258,6 +258,8 @@ class ChainRun:
         error: ErrorInfo | None = None
         outputs: Any = None
         try:
+            # one turn of the loop, so that viewers send run-start before a stage's first burst
+            await asyncio.sleep(0)
             if self._cancel_requested:
                 raise asyncio.CancelledError
             error = await self._schedule()

@@ -148,6 +148,13 @@ def load_models_config(path: Path | None = None) -> ModelsConfig:
         if path is not None:
             raise ModelConfigError(f"{file}: no such file")
         return BUILTIN_MODELS
+    stat = file.stat()
+    return _parse_models_file(file.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_models_file(file: Path, mtime_ns: int, size: int) -> ModelsConfig:
+    """Parsed once per version of the file (a registry is built per run); treat as read-only."""
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         return ModelsConfig.model_validate(data)

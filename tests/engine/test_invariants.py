@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -128,7 +129,9 @@ def test_protocol_invariants_hold_for_random_dags(case: Any) -> None:
             await run.execute()
         return events
 
-    events = asyncio.run(main())
+    # a fresh loop in a worker thread: independent of whatever the test runner's thread holds
+    with ThreadPoolExecutor(1) as pool:
+        events = pool.submit(asyncio.run, main()).result(timeout=30)
     check_invariants(events, chain)
     if fail == "cancel" and len(events) > 5:
         assert events[-1].status == "cancelled"
