@@ -11,7 +11,8 @@ import asyncio
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -20,7 +21,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
-__all__ = ["OfflineChatModel", "fake_json", "offline_text"]
+__all__ = ["OfflineChatModel", "Piece", "fake_json", "offline_text"]
 
 _WORD = re.compile(r"[^\W\d_][\w'-]{3,}", re.UNICODE)
 _TOKEN = re.compile(r"\S+\s*|\s+")
@@ -173,12 +174,30 @@ class OfflineChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        async for piece in self.stream_pieces(messages):
+            chunk = AIMessageChunk(content=piece.content, usage_metadata=piece.usage_metadata)
+            yield ChatGenerationChunk(message=chunk)
+
+    async def stream_pieces(self, messages: Sequence[BaseMessage]) -> AsyncGenerator[Piece, None]:
+        """The answer word by word, then a last piece with the usage.
+
+        The orchestrator reads this directly instead of ``astream()``: the offline model is the
+        embedded default (demos, dry runs, load tests), and LangChain's per-chunk callback and
+        message-merging layer would cost more than the model itself.
+        """
         text = self.answer(messages)
         tokens = _TOKEN.findall(text)
         delay = self.delay_ms / 1000
         for token in tokens:
             if delay:
                 await asyncio.sleep(delay)
-            yield ChatGenerationChunk(message=AIMessageChunk(content=token))
-        usage = self._usage(messages, len(tokens))
-        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage))
+            yield Piece(token)
+        yield Piece("", self._usage(messages, len(tokens)))
+
+
+@dataclass(slots=True)
+class Piece:
+    """One streamed piece: what ``astream()`` chunks carry, without the LangChain objects."""
+
+    content: str
+    usage_metadata: UsageMetadata | None = None

@@ -24,7 +24,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -51,6 +51,7 @@ from engine.events import (
     Usage,
 )
 from engine.inputs import validate_inputs
+from engine.offline import OfflineChatModel
 from engine.providers import ModelRegistry, ResolvedModel, classify_error, prepare_json_model
 from engine.spec import (
     InputStage,
@@ -633,7 +634,11 @@ class ChainRun:
         stage_id, path, emit = unit.stage_id, unit.path, self.emit_token
         stream = spec.stream
         input_tokens = output_tokens = 0
-        async with contextlib.aclosing(runnable.astream(messages, **kwargs)) as chunks:
+        if isinstance(runnable, OfflineChatModel):
+            source: AsyncGenerator[Any, None] = runnable.stream_pieces(messages)
+        else:
+            source = runnable.astream(messages, **kwargs)
+        async with contextlib.aclosing(source) as chunks:
             async for chunk in chunks:
                 text = chunk.content
                 if text:
