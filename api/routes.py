@@ -26,6 +26,7 @@ from engine.inputs import inputs_json_schema
 __all__ = ["AppState", "router"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_COALESCE_MS = 1000.0
 
 
 class AppState:
@@ -140,6 +141,14 @@ class RunRequest(BaseModel):
         None,
         description="`cancel`: cancel the run when its last viewer disconnects. Default "
         "`continue`, except with `?stream=true` where it is `cancel`.",
+    )
+    coalesce_ms: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_COALESCE_MS,
+        description="Merge a stage's tokens arriving within this many ms into one `token` event "
+        "(fewer, larger events for slow clients or many tokens). Default: the server's "
+        "`coalesce_ms` setting (0: one event per model chunk).",
     )
 
 
@@ -258,7 +267,7 @@ def _stream(state: AppState, managed: ManagedRun, after: int, headers: dict[str,
     manager = state.manager
     manager.attach(run_id)
     return EventStreamResponse(
-        state.log.follow(run_id, after, heartbeat=state.settings.ping_interval),
+        state.log.follow_frames(run_id, after, heartbeat=state.settings.ping_interval),
         retry_ms=state.settings.retry_ms,
         headers=headers,
         on_sent=state.metrics.count_sent,
@@ -329,7 +338,11 @@ async def create_run(
     on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
     try:
         managed = state.manager.start(
-            chain, body.inputs, model=body.model, on_disconnect=on_disconnect
+            chain,
+            body.inputs,
+            model=body.model,
+            on_disconnect=on_disconnect,
+            coalesce_ms=body.coalesce_ms,
         )
     except InputError as exc:
         fields = {f"inputs.{name}": problem for name, problem in exc.errors.items()}

@@ -123,8 +123,12 @@ class RunManager:
         *,
         model: str | None = None,
         on_disconnect: OnDisconnect = "continue",
+        coalesce_ms: float | None = None,
     ) -> ManagedRun:
-        """Check and start a run. Raises InputError, ModelConfigError or RunLimitError."""
+        """Check and start a run. Raises InputError, ModelConfigError or RunLimitError.
+
+        ``coalesce_ms`` overrides the server's ``coalesce_ms`` setting for this run.
+        """
         self.expire()
         if self.active >= self.settings.max_concurrent_runs:
             self.metrics.runs_rejected["limit"] += 1
@@ -134,7 +138,7 @@ class RunManager:
             inputs,
             models=self.registry,
             model=model,
-            coalesce_ms=self.settings.coalesce_ms,
+            coalesce_ms=self.settings.coalesce_ms if coalesce_ms is None else coalesce_ms,
         )
         managed = ManagedRun(
             run=run,

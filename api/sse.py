@@ -12,9 +12,10 @@ headers until the first body byte let go), sends ``: ping`` when idle for the pi
 
 Why not sse-starlette: it sends each event with its own ``send`` inside an anyio timeout scope
 and formats every event per viewer (FIELD-NOTES measured ~11 µs of server CPU per event). Here
-the log already holds each event's JSON; a frame is one f-string, and every batch the log hands
-over (everything that arrived since the last write) goes out in a single ``send``. Measured with
-``python tests/api/bench_sse.py`` — see its docstring.
+each event is encoded once, when the run appends it: the in-memory log stores the frames
+(``SSE_CODEC``) and hands a viewer everything that arrived since its last write as one ``bytes``
+slice (``FrameBatch``), which goes out in a single ``send``. Measured with
+``python tests/api/bench_sse.py`` and ``bench/bench_concurrency.py``.
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from api.eventlog import EventLogError, LogEntry
+from api.eventlog import EventLogError, FrameBatch, FrameCodec, LogEntry
 
 __all__ = [
     "PING",
+    "SSE_CODEC",
     "SSE_HEADERS",
     "EventStreamResponse",
+    "decode_frame",
     "encode_entries",
     "encode_entry",
+    "encode_frame",
     "open_frame",
 ]
 
@@ -55,6 +59,20 @@ def encode_entries(entries: Iterable[LogEntry]) -> bytes:
     return "".join([f"id: {e.seq}\nevent: {e.type}\ndata: {e.data}\n\n" for e in entries]).encode()
 
 
+def encode_frame(entry: LogEntry) -> bytes:
+    """One event as the bytes of its SSE frame (what the in-memory log stores)."""
+    return f"id: {entry.seq}\nevent: {entry.type}\ndata: {entry.data}\n\n".encode()
+
+
+def decode_frame(frame: bytes) -> LogEntry:
+    """The event back from its frame (``encode_frame``'s inverse)."""
+    id_line, event_line, data = frame.decode().split("\n", 2)
+    return LogEntry(int(id_line[4:]), event_line[7:], data[6:-2])
+
+
+SSE_CODEC = FrameCodec(encode_frame, decode_frame)
+
+
 def open_frame(retry_ms: int) -> bytes:
     """What the stream starts with: the reconnect delay and a comment."""
     return f"retry: {retry_ms}\n: stagecast event stream v1\n\n".encode()
@@ -64,7 +82,8 @@ class EventStreamResponse(Response):
     """Streams batches of log entries as SSE; an empty batch means "idle: send a ping".
 
     Args:
-        batches: e.g. ``EventLog.follow(run_id, after, heartbeat=ping_interval)``.
+        batches: ``EventLog.follow_frames(run_id, after, heartbeat=ping_interval)`` (frames
+            already encoded, one write each), or lists of ``LogEntry`` (e.g. ``follow``).
         retry_ms: the ``retry:`` field sent first.
         headers: extra headers (e.g. ``Content-Location``).
         on_sent: called with the number of events after each write (metrics).
@@ -75,7 +94,7 @@ class EventStreamResponse(Response):
 
     def __init__(
         self,
-        batches: AsyncIterator[list[LogEntry]],
+        batches: AsyncIterator[list[LogEntry]] | AsyncIterator[FrameBatch],
         *,
         retry_ms: int = 2000,
         headers: Mapping[str, str] | None = None,
@@ -135,11 +154,18 @@ class EventStreamResponse(Response):
     async def _stream(self, send: Send) -> None:
         on_sent = self.on_sent
         try:
+            batch: list[LogEntry] | FrameBatch
             async for batch in self.batches:
-                body = encode_entries(batch) if batch else PING
+                if batch.__class__ is FrameBatch:
+                    body, count, _ = batch
+                    if not count:
+                        body = PING
+                else:
+                    count = len(batch)
+                    body = encode_entries(batch) if count else PING  # type: ignore[arg-type]
                 await send({"type": "http.response.body", "body": body, "more_body": True})
-                if on_sent is not None and batch:
-                    on_sent(len(batch))
+                if on_sent is not None and count:
+                    on_sent(count)
         except EventLogError:
             pass  # the run expired under a slow viewer: end the stream like a finished one
         await send({"type": "http.response.body", "body": b"", "more_body": False})

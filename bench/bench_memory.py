@@ -10,7 +10,8 @@ Each measurement runs in a fresh subprocess (this script re-invoked with ``--chi
   list of wire JSON strings when it does not exist), as the server would;
 - ``replay``: 1,000 finished runs (advanced_summary over chains/examples/quarterly_report.md,
   offline model) kept in the in-memory event log: RSS growth and tracemalloc bytes per run, next
-  to the bytes of wire JSON per run (the floor for a log that stores serialized events).
+  to the bytes of wire JSON per run (what an uncompressed log of serialized events holds) and
+  the bytes the log actually holds (frames; zlib blocks once a run is finished).
 
     python bench/bench_memory.py          # ~30 s
     python bench/bench_memory.py --smoke  # a few seconds
@@ -139,6 +140,13 @@ def make_sink(log: Any, run_id: str, store: list[str]) -> Any:
     return sink
 
 
+def logged_entries(log: Any, run_ids: list[str]) -> list[Any]:
+    """Every event the log holds for these runs (``entries()`` since the log stores frames)."""
+    if hasattr(log, "entries"):
+        return [e for run_id in run_ids for e in log.entries(run_id)]
+    return [e for run_id in run_ids for e in log._runs[run_id].entries]  # noqa: SLF001
+
+
 def maxrss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -173,7 +181,7 @@ def child_long_run(args: argparse.Namespace) -> dict[str, Any]:
     if end.status != "succeeded":
         raise SystemExit(f"the run ended {end.status}: {end.error}")
     if log is not None:
-        entries = log._runs[run_id].entries  # noqa: SLF001 - a benchmark may look inside
+        entries = logged_entries(log, [run_id])
         events, wire = len(entries), sum(len(e.data.encode()) for e in entries)
     else:
         events, wire = len(store), sum(len(s.encode()) for s in store)
@@ -218,8 +226,10 @@ def child_replay(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     rss1 = C.proc_rss_kib(os.getpid())[0]
     traced = tracemalloc.get_traced_memory()[0] - base_traced if args.tracemalloc else None
+    log_bytes = None
     if log is not None:
-        entries = [e for r in log._runs.values() for e in r.entries]  # noqa: SLF001
+        log_bytes = log.stored_bytes() if hasattr(log, "stored_bytes") else None
+        entries = logged_entries(log, list(log._runs))  # noqa: SLF001
         events, wire = len(entries), sum(len(e.data.encode()) for e in entries)
     else:
         events, wire = len(store), sum(len(s.encode()) for s in store)
@@ -229,7 +239,7 @@ def child_replay(args: argparse.Namespace) -> dict[str, Any]:
             by_type[e.type] = by_type.get(e.type, 0) + len(e.data.encode())
     return {"runs": args.runs, "rss_delta_kib": rss1 - rss0, "traced_bytes": traced,
             "events": events, "wire_bytes": wire, "seconds": elapsed, "log": log_kind,
-            "chain": source, "wire_by_type": by_type}
+            "chain": source, "wire_by_type": by_type, "log_bytes": log_bytes}
 
 
 CHILDREN = {"baseline": child_baseline, "long-run": child_long_run, "replay": child_replay}
@@ -300,9 +310,13 @@ def main() -> None:
         ["per run: RSS growth", f"{per_run_rss:.1f} KiB", ""],
         ["per run: tracemalloc (live Python objects)", f"{per_run_traced:.1f} KiB",
          f"over {traced[0]['runs']} runs"],
-        ["per run: wire JSON bytes (the floor)", f"{per_run_wire:.1f} KiB",
+        ["per run: wire JSON bytes", f"{per_run_wire:.1f} KiB",
          f"{r0['events'] / r0['runs']:.0f} events per run"],
     ]
+    if r0.get("log_bytes") is not None:
+        rows.append(["per run: bytes the log holds (`stored_bytes()`)",
+                     f"{r0['log_bytes'] / r0['runs'] / 1024:.1f} KiB",
+                     "frames, zlib blocks once finished, + offsets"])
     by_type = sorted(r0["wire_by_type"].items(), key=lambda kv: -kv[1])
     print(f"\nreplay: {r0['runs']:,} runs of {r0['chain']} over "
           f"chains/examples/quarterly_report.md (offline model), kept in {r0['log']}\n")

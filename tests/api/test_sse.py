@@ -8,8 +8,16 @@ from typing import Any
 import anyio
 import pytest
 
-from api.eventlog import LogEntry
-from api.sse import EventStreamResponse, encode_entries, encode_entry, open_frame
+from api.eventlog import FrameBatch, LogEntry
+from api.sse import (
+    SSE_CODEC,
+    EventStreamResponse,
+    decode_frame,
+    encode_entries,
+    encode_entry,
+    encode_frame,
+    open_frame,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -96,3 +104,42 @@ async def test_response_stops_on_disconnect_and_reports_it() -> None:
     with anyio.fail_after(2):
         await response({"type": "http"}, receive, send)
     assert closed == [True]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [LogEntry(1, "run-start", '{"a":1}'), LogEntry(42, "token", '{"text":"a\\nb é: x"}')],
+)
+def test_frame_codec_round_trips(entry: LogEntry) -> None:
+    assert encode_frame(entry) == encode_entry(entry).encode()
+    assert decode_frame(encode_frame(entry)) == entry
+    assert SSE_CODEC.decode(SSE_CODEC.encode(entry)) == entry
+
+
+async def test_response_sends_frame_batches_as_they_are() -> None:
+    sent: list[dict[str, Any]] = []
+    counts: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def frame_batches() -> AsyncIterator[FrameBatch]:
+        yield FrameBatch(b"id: 1\nevent: a\ndata: {}\n\nid: 2\nevent: b\ndata: {}\n\n", 2, 2)
+        yield FrameBatch(b"", 0, 2)
+        yield FrameBatch(b"id: 3\nevent: c\ndata: {}\n\n", 1, 3)
+
+    response = EventStreamResponse(frame_batches(), retry_ms=10, on_sent=counts.append)
+    with anyio.fail_after(2):
+        await response({"type": "http"}, receive, send)
+    assert [m["body"] for m in sent[1:]] == [
+        b"retry: 10\n: stagecast event stream v1\n\n",
+        b"id: 1\nevent: a\ndata: {}\n\nid: 2\nevent: b\ndata: {}\n\n",
+        b": ping\n\n",
+        b"id: 3\nevent: c\ndata: {}\n\n",
+        b"",
+    ]
+    assert counts == [2, 1]

@@ -311,3 +311,27 @@ def test_bad_cursors_get_a_clear_4xx(
         assert error["message"].startswith(f"{name}: {value!r} is not an event id")
     else:
         assert "is past the end of run" in error["message"]
+
+
+def test_coalesce_ms_per_request_merges_tokens_and_is_bounded(serve: Serve) -> None:
+    url = serve(models={"fake": ScriptedModel(tokens=["a", "b", "c", "d", "e", "f"], delay_ms=2)})
+
+    def tokens_by_path(events: list[dict[str, Any]]) -> dict[tuple[Any, ...], str]:
+        texts: dict[tuple[Any, ...], str] = {}
+        for e in events:
+            if e["type"] == "token":
+                key = tuple(e["path"])
+                texts[key] = texts.get(key, "") + e["text"]
+        return texts
+
+    plain = events_of(read_all(url, start(url)))
+    merged = events_of(read_all(url, start(url, coalesce_ms=500)))
+    check_invariants(merged)
+    count = [sum(e["type"] == "token" for e in events) for events in (plain, merged)]
+    assert count[1] < count[0]
+    assert tokens_by_path(merged) == tokens_by_path(plain)
+    response = httpx.post(
+        f"{url}/v1/runs", json={"chain": "parallel", "inputs": THINGS, "coalesce_ms": 5000}
+    )
+    assert response.status_code == 422
+    assert "coalesce_ms" in str(response.json()["error"]["details"])
