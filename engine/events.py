@@ -13,7 +13,7 @@ tokens, which are the bulk of every stream.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Annotated, Any, Literal, NewType
 
 from pydantic import ConfigDict, Discriminator, TypeAdapter
@@ -276,17 +276,43 @@ RunEvent = Annotated[
     Discriminator("type"),
 ]
 RUN_EVENT: TypeAdapter[RunEvent] = TypeAdapter(RunEvent)
+_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls) if f.name not in ("v", "type"))
+    for cls in (
+        RunStarted,
+        StageStarted,
+        Token,
+        SourceFound,
+        StageProgress,
+        StageRetried,
+        InputRequired,
+        StageEnded,
+        RunEnded,
+    )
+}
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 _TOKEN_HEAD = '{"v":1,"type":"token","run_id":'
 
 
 def event_to_dict(event: RunEvent) -> dict[str, Any]:
-    """The event as the plain dict that goes on the wire (key order: envelope, then payload)."""
-    data = asdict(event)
-    out = {"v": data.pop("v"), "type": data.pop("type")}
-    out.update(data)
+    """The event as the plain dict that goes on the wire (key order: envelope, then payload).
+
+    Nested dataclasses become dicts; other values are shared, not copied (``dataclasses.asdict``
+    would deep-copy a stage's whole output for every event).
+    """
+    out: dict[str, Any] = {"v": event.v, "type": event.type}
+    for name in _FIELDS[type(event)]:
+        out[name] = _plain(getattr(event, name))
     return out
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, list) and value and is_dataclass(value[0]):
+        return [_plain(v) for v in value]
+    return value
 
 
 def event_to_json(event: RunEvent) -> str:

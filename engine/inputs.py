@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +29,11 @@ def _coerce(spec: InputSpec, value: Any) -> Any:
     if not isinstance(value, str) or spec.type == "string":
         return value
     text = value.strip()
+    if spec.type in ("array", "object") and text[:1] in ("[", "{"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return value
     if spec.type == "integer":
         try:
             return int(text)

@@ -209,7 +209,7 @@ class ChainRun:
         self.coalesce_s = coalesce_ms / 1000
         self.status: RunStatus = "pending"
         self.outputs: Any = None
-        self.usage = Usage()
+        self._usage: Usage | None = None
         self.error: ErrorInfo | None = None
         self.stages = {s.id or "": StageState() for s in chain.spec.stages}
         self.default_model = self._resolve(None)
@@ -231,13 +231,23 @@ class ChainRun:
     # -- public ---------------------------------------------------------------------------
 
     @property
+    def usage(self) -> Usage:
+        """Token usage so far (the run's total once it ended)."""
+        if self._usage is not None:
+            return self._usage
+        total = Usage()
+        for state in self.stages.values():
+            total.add(state.usage)
+        return total
+
+    @property
     def last_seq(self) -> int:
         return self._seq
 
     def cancel(self) -> None:
         """Stop the run: model calls stop, running stages end ``cancelled``, then run-end."""
-        if self.status in ("succeeded", "failed", "cancelled"):
-            return
+        if self.status in ("succeeded", "failed", "cancelled") or self._cancel_requested:
+            return  # idempotent: a second cancel must not interrupt the first one's cleanup
         self._cancel_requested = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -289,17 +299,18 @@ class ChainRun:
     def _emit(self, cls: type[Any], **fields: Any) -> Any:
         if self._pending_tokens:
             self._flush_tokens()
-        self._seq += 1
-        event = cls(run_id=self.run_id, seq=self._seq, ts=_now_ms(), **fields)
+        seq = self._seq + 1
+        event = cls(run_id=self.run_id, seq=seq, ts=_now_ms(), **fields)
         self.sink(event)
+        self._seq = seq  # only once delivered: a failing sink never leaves a gap
         return event
 
     def _emit_token_direct(self, stage: str, path: Path, attempt: int, text: str) -> None:
-        self._seq += 1
+        seq = self._seq + 1
         self.sink(
             Token(
                 run_id=self.run_id,
-                seq=self._seq,
+                seq=seq,
                 ts=_now_ms(),
                 stage=stage,
                 path=path,
@@ -307,6 +318,7 @@ class ChainRun:
                 text=text,
             )
         )
+        self._seq = seq
 
     def _emit_token_coalesced(self, stage: str, path: Path, attempt: int, text: str) -> None:
         key = id(path)
@@ -342,8 +354,7 @@ class ChainRun:
         self.status = status
         self.outputs = outputs
         self.error = error
-        for state in self.stages.values():
-            self.usage.add(state.usage)
+        self._usage = self.usage
         event: RunEnded = self._emit(
             RunEnded,
             status=status,
@@ -390,10 +401,17 @@ class ChainRun:
 
     @staticmethod
     async def _cancel_tasks(tasks: Mapping[asyncio.Task[Any], Any]) -> None:
+        """Cancel ``tasks`` and wait until every one has ended (and emitted its stage-end)."""
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        interrupted = False
+        while tasks and not all(task.done() for task in tasks):
+            try:
+                await asyncio.wait(tasks)
+            except asyncio.CancelledError:  # run-end must still come after every stage-end
+                interrupted = True
+        if interrupted:
+            raise asyncio.CancelledError
 
     def _render_outputs(self) -> Any:
         spec = self.chain.spec
@@ -437,7 +455,7 @@ class ChainRun:
                 go = compile_template(spec.when).render(unit.context)
             except TemplateError as exc:
                 error = ErrorInfo(type=exc.type, message=f"when: {exc}")
-                self._end(unit, "failed", None, None, Usage(), 1, error)
+                self._end(unit, "failed", self._start(unit), None, Usage(), 1, error)
                 raise _StageFailed(error) from None
             if not go:
                 self._done_weight += unit.share
@@ -506,10 +524,11 @@ class ChainRun:
                         attempt=attempt,
                         error=ErrorInfo(type=exc.type, message=str(exc)),
                     )
-                    await asyncio.sleep(self._backoff(attempt, exc.retry_after))
-                    attempt += 1
+                    delay = self._backoff(attempt, exc.retry_after)
+                    attempt += 1  # before the wait: a cancel during backoff ends this attempt
                     if state is not None:
                         state.attempt = attempt
+                    await asyncio.sleep(delay)
         except asyncio.CancelledError:
             self._end(unit, "cancelled", started, None, usage, attempt, None)
             raise
@@ -669,7 +688,9 @@ class ChainRun:
             error = ErrorInfo(type=exc.type, message=f"over: {exc}")
             self._end(unit, "failed", started, None, Usage(), 1, error)
             raise _StageFailed(error) from None
-        if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        if items is None:  # the stage it reads was skipped: nothing to do
+            items = []
+        if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
             error = ErrorInfo(
                 type="template_error",
                 message=f"over: expected a list, got {type(items).__name__}",

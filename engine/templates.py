@@ -10,6 +10,7 @@ how validation finds unknown names.
 from __future__ import annotations
 
 import re
+from collections.abc import ItemsView, Iterator, KeysView, ValuesView
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -41,6 +42,7 @@ ENV = _Environment(
 )
 ENV.filters["tojson_pretty"] = lambda v: __import__("json").dumps(v, indent=2, ensure_ascii=False)
 
+_LAZY = (Iterator, KeysView, ValuesView, ItemsView, range)
 _WHOLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}|\{\{).)*)\}\}\s*$", re.DOTALL)
 
 
@@ -58,6 +60,8 @@ class Template:
                 value = self._compiled(**context)
                 if isinstance(value, StrictUndefined):
                     str(value)  # raises the UndefinedError with jinja's own message
+                if isinstance(value, _LAZY):
+                    value = list(value)  # map/select/…/.keys() are lazy; data must be concrete
                 return value
             return self._compiled.render(context)
         except SecurityError as exc:

@@ -588,3 +588,127 @@ def test_default_names_the_configured_default_model() -> None:
     chain = chain_of("defaults: {model: default}\nstages: [{id: a, kind: llm, prompt: x}]")
     run = ChainRun(chain, {})
     assert run.default_model.label == "offline" and run.default_model.name == "auto"
+
+
+async def test_a_second_cancel_still_ends_every_stage_before_run_end() -> None:
+    chain = chain_of(MAP_CHAIN)
+
+    class SlowToClose(ScriptedChatModel):
+        async def _astream(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            try:
+                async for chunk in super()._astream(*args, **kwargs):
+                    yield chunk
+            finally:
+                await asyncio.sleep(0.05)  # like closing an HTTP connection
+
+    model = SlowToClose(scripts=[["t", 1.0]], cycle=True)
+    got: list[RunEvent] = []
+    run = ChainRun(chain, {"items": ["a", "b"]}, models={"fake": model}, sink=got.append)
+    with anyio.fail_after(5):
+        task = asyncio.create_task(run.execute())
+        while sum(e.type == "token" for e in got) < 2:
+            await asyncio.sleep(0.005)
+        run.cancel()
+        await asyncio.sleep(0.01)
+        run.cancel()
+        await task
+    assert [fmt(e) for e in got][-4:] == [
+        "stage-end each[0] cancelled",
+        "stage-end each[1] cancelled",
+        "stage-end each cancelled",
+        "run-end cancelled",
+    ]
+    assert [e.seq for e in got] == list(range(1, len(got) + 1))
+
+
+async def test_cancel_during_backoff_ends_the_next_attempt() -> None:
+    model = ScriptedChatModel(scripts=[["x", TransientError("flaky")]])
+    got: list[RunEvent] = []
+    run = ChainRun(chain_of(RETRY_CHAIN), {}, models={"fake": model}, sink=got.append)
+    with anyio.fail_after(5):
+        task = asyncio.create_task(run.execute())
+        while not any(e.type == "stage-retry" for e in got):
+            await asyncio.sleep(0.005)
+        assert run.stages["ask"].attempt == 2
+        run.cancel()
+        await task
+    assert [fmt(e) for e in got][-3:] == [
+        "stage-retry ask transient",
+        "stage-end ask#2 cancelled",
+        "run-end cancelled",
+    ]
+
+
+async def test_lazy_template_values_become_lists() -> None:
+    chain = chain_of(
+        """
+stages:
+  - {id: s, kind: split, text: "aaa bbb. ccc ddd.", chunk_size: 50}
+  - id: t
+    kind: template
+    when: "{{ stages.s.output | map(attribute='index') | select('gt', 5) }}"
+    text: x
+outputs:
+  texts: "{{ stages.s.output | map(attribute='text') }}"
+  keys: "{{ {'a': 1}.keys() }}"
+"""
+    )
+    events = await collect(chain)
+    assert [fmt(e) for e in events][-2:] == ["stage-end t skipped", "run-end succeeded"]
+    assert events[-1].outputs == {"texts": ["aaa bbb. ccc ddd."], "keys": ["a"]}
+    assert json.loads(event_to_json(events[-1]))["outputs"]["keys"] == ["a"]
+
+
+async def test_map_over_a_skipped_stage_runs_no_items_and_when_errors_start_first() -> None:
+    chain = chain_of(
+        """
+stages:
+  - {id: s, kind: split, text: "x", when: "{{ false }}"}
+  - id: m
+    kind: map
+    over: "{{ stages.s.output }}"
+    stage: {kind: template, text: "{{ item }}"}
+  - {id: bad, kind: template, text: "y", when: "{{ nothing.here }}", needs: [m]}
+"""
+    )
+    events = await collect(chain)
+    assert [fmt(e) for e in events] == [
+        "run-start",
+        "stage-end s skipped",
+        "stage-start m",
+        "stage-end m succeeded",
+        "stage-start bad",
+        "stage-end bad failed",
+        "run-end failed",
+    ]
+    assert events[-2].error.message == "when: template error: 'nothing' is undefined"
+
+
+async def test_usage_so_far_is_visible_while_the_run_goes_on() -> None:
+    chain = chain_of(TWO_STAGES)
+    model = ScriptedChatModel(scripts=[["o"], [5.0]], usage=(4, 1))
+    got: list[RunEvent] = []
+    run = ChainRun(chain, {"topic": "t"}, models={"fake": model}, sink=got.append)
+    with anyio.fail_after(5):
+        task = asyncio.create_task(run.execute())
+        while not any(e.type == "stage-start" and e.stage == "draft" for e in got):
+            await asyncio.sleep(0.005)
+        assert (run.usage.input_tokens, run.usage.output_tokens) == (4, 1)
+        run.cancel()
+        end = await task
+    assert (end.usage.input_tokens, end.usage.output_tokens) == (4, 1)
+
+
+def test_array_and_object_inputs_accept_json_text() -> None:
+    chain = chain_of(
+        """
+inputs:
+  xs: {type: array}
+  o: {type: object}
+stages: [{id: t, kind: template, text: "{{ inputs.xs | length }}"}]
+"""
+    )
+    run = ChainRun(chain, {"xs": "[1, 2]", "o": '{"a": 1}'})
+    assert run.inputs == {"xs": [1, 2], "o": {"a": 1}}
+    with pytest.raises(InputError, match=r"inputs\.xs: expected array, got string"):
+        ChainRun(chain, {"xs": "[1,", "o": {}})
