@@ -50,6 +50,11 @@ class StagecastError(Exception):
         self.details = dict(details or {})
 
 
+class _ServerHiccup(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the server answered {status}")
+
+
 class StreamLost(StagecastError):
     """The event stream dropped and could not be resumed."""
 
@@ -198,6 +203,9 @@ class Client(_Base):
                     response = source.response
                     if response.status_code == 204:
                         return
+                    if response.status_code >= 500:  # a proxy or a restarting worker: retry
+                        response.read()
+                        raise _ServerHiccup(response.status_code)
                     if response.status_code >= 400:
                         response.read()
                         raise _error(response)
@@ -211,7 +219,7 @@ class Client(_Base):
                         yield event
                         if event.type == "run-end":
                             return
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, _ServerHiccup) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             else:
                 reason = "the stream ended before run-end"
@@ -310,6 +318,9 @@ class AsyncClient(_Base):
                     response = source.response
                     if response.status_code == 204:
                         return
+                    if response.status_code >= 500:  # a proxy or a restarting worker: retry
+                        await response.aread()
+                        raise _ServerHiccup(response.status_code)
                     if response.status_code >= 400:
                         await response.aread()
                         raise _error(response)
@@ -323,7 +334,7 @@ class AsyncClient(_Base):
                         yield event
                         if event.type == "run-end":
                             return
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, _ServerHiccup) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             else:
                 reason = "the stream ended before run-end"

@@ -78,8 +78,12 @@ _HTTP_CODES = {
 
 
 def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
+    """A field path in the same scheme as input errors: ``inputs.n``, ``chain``, ``[1]``."""
     out = ""
-    for part in loc:
+    parts = list(loc)
+    if parts[:1] == ["body"]:
+        parts = parts[1:]
+    for part in parts:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
