@@ -1,0 +1,53 @@
+"""The Python client's resume loop against scripted transports (no server)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from api.client import Client, StagecastError, StreamLost
+from engine.events import RunEnded, Token, event_to_json
+
+TOKEN = event_to_json(Token(run_id="r", seq=1, ts=1, stage="a", path=["a"], attempt=1, text="hi"))
+END = event_to_json(RunEnded(run_id="r", seq=2, ts=2, status="succeeded"))
+
+
+def sse(*frames: str) -> httpx.Response:
+    body = "".join(f"id: {i}\nevent: x\ndata: {f}\n\n" for i, f in enumerate(frames, 1))
+    return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+
+def scripted(*responses: httpx.Response) -> tuple[httpx.MockTransport, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+    queue = list(responses)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return queue.pop(0)
+
+    return httpx.MockTransport(handler), seen
+
+
+def test_a_5xx_while_resuming_is_retried_with_the_cursor() -> None:
+    transport, seen = scripted(
+        sse(TOKEN),  # the stream ends before run-end: resume
+        httpx.Response(503, text="upstream restarting"),
+        sse(TOKEN, END),  # the server replays from the cursor; the duplicate is dropped
+    )
+    client = Client("http://stagecast.test", transport=transport, reconnect_delay=0)
+    events = list(client.events("r"))
+    assert [(e.type, e.seq) for e in events] == [("token", 1), ("run-end", 2)]
+    assert [r.headers.get("last-event-id") for r in seen] == [None, "1", "1"]
+
+
+def test_a_4xx_is_an_error_at_once_and_endless_5xx_gives_up() -> None:
+    body = {"error": {"code": "unknown_run", "message": "no run 'r'", "details": {}}}
+    transport, seen = scripted(httpx.Response(404, json=body))
+    with pytest.raises(StagecastError, match="no run 'r'"):
+        list(Client("http://s.test", transport=transport).events("r"))
+    assert len(seen) == 1
+    transport, seen = scripted(*[httpx.Response(502) for _ in range(3)])
+    client = Client("http://s.test", transport=transport, max_reconnects=2, reconnect_delay=0)
+    with pytest.raises(StreamLost, match=r"the server answered 502 \(after event 0\)"):
+        list(client.events("r"))
+    assert len(seen) == 3
