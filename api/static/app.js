@@ -49,7 +49,9 @@ const view = new RunView($("#run"), {
 
 async function main() {
   $("#run-form").addEventListener("submit", onSubmit);
-  $("#chain").addEventListener("change", () => selectChain($("#chain").value));
+  $("#chain").addEventListener("change", () =>
+    selectChain($("#chain").value).catch((err) => formError(`Could not load the chain: ${err.message}`)),
+  );
   const params = new URLSearchParams(location.search);
   const runId = params.get("run");
   const models = loadModels();
@@ -86,7 +88,13 @@ async function loadChains(preferred) {
 }
 
 async function selectChain(id) {
+  if (state.chain?.id === id) return;
+  const form = $("#run-form");
+  delete form.dataset.chain;
+  state.chain = null;
+  state.loading = id;
   const detail = await getChain("", id);
+  if (state.loading !== id) return; // another chain was picked meanwhile
   state.chain = detail;
   $("#chain-description").textContent = detail.description || "";
   const plan = $("#chain-plan");
@@ -98,6 +106,7 @@ async function selectChain(id) {
     plan.append(li);
   }
   state.form = buildFields($("#inputs"), detail.inputs_schema, { idPrefix: "input" });
+  form.dataset.chain = id; // the form shows this chain's inputs (tests wait for this)
   formError("");
 }
 

@@ -50,14 +50,16 @@ def open_page(page: Any, path: str = "/") -> None:
 
 def choose_chain(page: Any, chain: str, first_field: str) -> None:
     page.select_option("#chain", chain)
-    page.wait_for_selector(f'#run-form [data-field="{first_field}"]')
+    page.wait_for_selector(f'#run-form[data-chain="{chain}"] [data-field="{first_field}"]')
 
 
 def start(page: Any, model: str) -> str:
     page.fill("#model", model)
     page.click("#start")
-    page.wait_for_url("**/?run=*")
+    page.wait_for_selector("#run[data-run-id], #form-error:not([hidden])")
+    assert page.locator("#form-error").is_hidden(), page.locator("#form-error").inner_text()
     run_id = page.evaluate("new URLSearchParams(location.search).get('run')")
+    assert run_id == page.get_attribute("#run", "data-run-id")
     page.wait_for_selector(f'#run[data-run-id="{run_id}"] [data-stage]')
     return str(run_id)
 
@@ -266,3 +268,111 @@ def test_markdown_renderer_builds_safe_dom(page: Any) -> None:
         [list(case) for case in MARKDOWN_CASES],
     )
     assert results == [expected for _, expected in MARKDOWN_CASES]
+
+
+def _ev(seq: int, type_: str, path: list[Any] | None = None, **payload: Any) -> dict[str, Any]:
+    stage = path[0] if path else None
+    attempt = payload.pop("attempt", 1 if path else None)
+    return {"v": 1, "type": type_, "run_id": "run_x", "seq": seq, "ts": 1_000 + seq,
+            "stage": stage, "path": path, "attempt": attempt, **payload}  # fmt: skip
+
+
+PLAN = [
+    {"stage": "draft", "label": "Drafting", "kind": "llm", "needs": [], "weight": 1,
+     "fan_out": False},
+    {"stage": "ask", "label": "Asking you", "kind": "input", "needs": ["draft"], "weight": 1,
+     "fan_out": False},
+]  # fmt: skip
+
+SYNTHETIC = [
+    _ev(1, "run-start", chain={"id": "t", "title": "T", "version": 1}, plan=PLAN, model="m"),
+    _ev(2, "stage-start", ["draft"], label="Drafting", kind="llm", index=None, total=None),
+    _ev(3, "token", ["draft"], text="first try "),
+    _ev(4, "stage-retry", ["draft"], error={"type": "timeout", "message": "too slow"}),
+    _ev(5, "token", ["draft"], text="second try", attempt=2),
+    _ev(6, "future-type", ["draft"], whatever=True),  # unknown types are ignored
+    _ev(4, "token", ["draft"], text=" (a replayed duplicate)"),
+    _ev(
+        7,
+        "stage-end",
+        ["draft"],
+        status="succeeded",
+        output="second try",
+        attempt=2,
+        usage={},
+        duration_ms=5,
+        error=None,
+        progress=0.5,
+    ),  # fmt: skip
+    _ev(8, "stage-start", ["ask"], label="Asking you", kind="input", index=None, total=None),
+    _ev(
+        9,
+        "input-required",
+        ["ask"],
+        prompt="How many **points**?",
+        schema={
+            "type": "object",
+            "required": ["count"],
+            "properties": {
+                "count": {"type": "integer", "minimum": 1, "title": "Count"},
+                "note": {"type": "string", "default": "none"},
+            },
+        },
+    ),  # fmt: skip
+]
+
+
+def test_retry_and_input_required_from_synthetic_events(page: Any) -> None:
+    page.goto("/")
+    page.evaluate(
+        """async (events) => {
+            const { RunView } = await import("/static/run-view.js");
+            const root = document.createElement("section");
+            root.id = "synthetic";
+            document.body.append(root);
+            window.__answers = [];
+            const view = new RunView(root, {
+                onAnswer: async (answer) => { window.__answers.push(answer); },
+            });
+            view.reset("run_x");
+            for (const e of events) view.apply(e);
+            window.__view = view;
+        }""",
+        SYNTHETIC,
+    )
+    root = page.locator("#synthetic")
+    draft = root.locator('[data-stage="draft"]')
+    # The failed attempt's tokens are gone; the retry is shown.
+    assert draft.locator(".stream").inner_text() == "second try"
+    assert "attempt 1 failed (too slow)" in draft.locator(".note-retry").inner_text()
+    assert draft.get_attribute("data-retries") == "1"
+    # input-required: a form in place, generated from the event's schema; the run waits.
+    assert root.get_attribute("data-run-status") == "waiting_input"
+    ask = root.locator('[data-stage="ask"]')
+    assert ask.get_attribute("data-awaiting") == "input"
+    assert ask.locator(".input-prompt strong").inner_text() == "points"
+    assert ask.locator("[name=note]").input_value() == "none"
+    ask.locator("button[type=submit]").click()
+    assert ask.locator('[data-field="count"] .field-problem').inner_text() == "required"
+    ask.locator("[name=count]").fill("3")
+    ask.locator("button[type=submit]").click()
+    page.wait_for_function("window.__answers.length === 1")
+    assert page.evaluate("window.__answers") == [{"count": 3, "note": "none"}]
+    # The next event of that stage removes the form and the run is running again.
+    page.evaluate(
+        "(e) => window.__view.apply(e)",
+        _ev(
+            10,
+            "stage-end",
+            ["ask"],
+            status="succeeded",
+            output={"count": 3},
+            usage={},
+            duration_ms=9,
+            error=None,
+            progress=1.0,
+        ),  # fmt: skip
+    )
+    assert ask.locator("form").count() == 0
+    assert root.get_attribute("data-run-status") == "running"
+    assert ask.locator("pre.json").inner_text() == '{\n  "count": 3\n}'
