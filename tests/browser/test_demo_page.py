@@ -376,3 +376,18 @@ def test_retry_and_input_required_from_synthetic_events(page: Any) -> None:
     assert ask.locator("form").count() == 0
     assert root.get_attribute("data-run-status") == "running"
     assert ask.locator("pre.json").inner_text() == '{\n  "count": 3\n}'
+
+
+def test_invalid_inputs_are_shown_at_their_field(page: Any) -> None:
+    open_page(page)
+    choose_chain(page, "advanced_summary", "document")
+    page.click("#start")  # the document is required: the form says so, no request is made
+    field = page.locator('[data-field="document"]')
+    assert field.locator(".field-problem").inner_text() == "required"
+    page.fill("[name=document]", "Some text.")
+    page.fill("[name=bullets]", "99")  # over the maximum: the server's 422 names the field
+    page.click("#start")
+    page.wait_for_selector("#form-error:not([hidden])")
+    problem = page.locator('[data-field="bullets"] .field-problem')
+    assert "20" in problem.inner_text(), problem.inner_text()
+    assert page.locator("#run").is_hidden()
