@@ -76,7 +76,8 @@ def _ensure_chromium() -> None:
     if CHROMIUM.exists():
         return
     message = f"{CHROMIUM} is missing and could not be installed: {problem or 'unknown reason'}"
-    if os.environ.get("STAGECAST_REQUIRE_BROWSER") == "1":
+    # in CI (CI=true) a browser test that cannot run is a failure, never a silent skip
+    if os.environ.get("STAGECAST_REQUIRE_BROWSER") == "1" or os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
 
@@ -121,8 +122,8 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         sock.close()
 
 
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
+@pytest.fixture(scope="module")  # not session: sync_playwright keeps an event loop running on
+def browser() -> Iterator[Any]:  # this thread, which would break later tests' asyncio.run()
     _ensure_chromium()
     from playwright.sync_api import sync_playwright
 
