@@ -20,8 +20,9 @@ from api.runs import ManagedRun, RunLimitError, RunManager, RunNotFound
 from api.settings import ServerSettings
 from api.sse import EventStreamResponse
 from engine.errors import InputError, ModelConfigError
-from engine.events import RUN_EVENT
+from engine.events import events_json_schema
 from engine.inputs import inputs_json_schema
+from engine.providers import describe_models
 
 __all__ = ["AppState", "router"]
 
@@ -47,7 +48,7 @@ class AppState:
     @property
     def event_schema(self) -> dict[str, Any]:
         if self._event_schema is None:
-            self._event_schema = RUN_EVENT.json_schema()
+            self._event_schema = events_json_schema()
         return self._event_schema
 
 
@@ -287,6 +288,30 @@ _SSE_CONTENT = {
         "itemSchema": {"$ref": "#/components/schemas/RunEvent"},
     }
 }
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(description="The name to pass as `model` in a run request.")
+    provider: str = Field(description="auto, offline or openai.")
+    model: str | None = Field(None, description="The provider's model name.")
+    description: str | None = Field(None, description="What the entry is for.")
+    usable: bool = Field(description="False when the entry needs a key the server does not have.")
+    why_not: str | None = Field(None, description="What to set to make it usable.")
+    default: bool = Field(False, description="True for the server's default model.")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+@v1.get("/models", response_model=ModelList, summary="List the models", responses=_errors(401))
+async def list_models(request: Request) -> dict[str, Any]:
+    """The entries of configs/models.yaml, and which are usable. Never a key or a URL secret."""
+    rows = describe_models(state_of(request).manager.registry)
+    return {"models": [{k: row.get(k) for k in ModelInfo.model_fields} for row in rows]}
 
 
 # -- chains ---------------------------------------------------------------------------------

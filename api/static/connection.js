@@ -1,8 +1,7 @@
 // What the page needs from the server, on top of the project's JS client (/static/stagecast.js).
 //
-// stagecast.js does chains, runs, cancel and following (EventSource with automatic resume).
-// Two small things it does not offer yet live here: answering an `input-required`
-// (POST /v1/runs/{id}/input) and listing models (GET /v1/models, when a server has it).
+// stagecast.js does chains, runs, models, cancel, answers and following (EventSource with
+// automatic resume); this module binds it to the page's origin and explains stream errors.
 
 import * as client from "./stagecast.js";
 
@@ -26,32 +25,15 @@ export function followRun(runId, { onEvent, onError }) {
 }
 
 /** Answer a pending `input-required` (202), or throw with the reason (422). */
-export async function answerInput(runId, answer) {
-  const response = await fetch(`/v1/runs/${encodeURIComponent(runId)}/input`, {
-    method: "POST",
-    headers: { "Content-Type": "application/json", Accept: "application/json" },
-    body: JSON.stringify({ answer }),
-  });
-  if (response.ok) return;
-  let info = {};
-  try {
-    info = (await response.json()).error || {};
-  } catch {
-    // not JSON: keep the status line
-  }
-  throw new StagecastError(response.status, info.code || "http_error", info.message || `HTTP ${response.status}`, info.details);
+export function answerInput(runId, answer) {
+  return client.answerInput("", runId, answer);
 }
 
-/** Models a server offers, or null when it has no models route. */
+/** Models the server offers, or null when it cannot say (older server, error). */
 export async function listModels() {
   try {
-    const response = await fetch("/v1/models", { headers: { Accept: "application/json" } });
-    if (!response.ok) return null;
-    const data = await response.json();
-    const list = Array.isArray(data) ? data : data?.models;
-    if (!Array.isArray(list)) return null;
-    const models = list.map((m) => (typeof m === "string" ? { name: m } : m)).filter((m) => m?.name);
-    return models.length ? models : null;
+    const models = await client.listModels("");
+    return Array.isArray(models) && models.length ? models : null;
   } catch {
     return null;
   }

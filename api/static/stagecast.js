@@ -12,6 +12,7 @@
 //     onEvent: (e) => log(e),            // every known event, before its typed handler
 //     onEnd: (runEnd) => done(runEnd),   // after run-end; the stream is closed by then
 //     onError: (err) => warn(err),       // the run is unknown/expired, or the stream failed
+//     onStatus: (s) => show(s),          // "open", "reconnecting" (resuming by itself), "closed"
 //   });
 //   stream.close();                      // stop watching (the run goes on)
 //   await cancelRun("", run.run_id);     // stop the run (it ends `cancelled`)
@@ -106,12 +107,24 @@ export async function cancelRun(baseUrl, runId, { apiKey } = {}) {
   return request(baseUrl, "POST", path, undefined, apiKey);
 }
 
+/** Answer a run's pending `input-required` event: resolves on 202, throws the reason (422). */
+export async function answerInput(baseUrl, runId, answer, { apiKey } = {}) {
+  const path = `/v1/runs/${encodeURIComponent(runId)}/input`;
+  return request(baseUrl, "POST", path, { answer }, apiKey);
+}
+
+/** The models a server offers: [{name, description, usable, ...}] (never a secret). */
+export async function listModels(baseUrl, { apiKey } = {}) {
+  const data = await request(baseUrl, "GET", "/v1/models", undefined, apiKey);
+  return data.models;
+}
+
 /**
  * Follow a run's events with EventSource (replay, then live; automatic resume).
  * Returns {close(), get lastSeq(), get closed()}.
  */
 export function followRun(baseUrl, runId, options = {}) {
-  const { on = {}, onEvent, onEnd, onError, after, apiKey } = options;
+  const { on = {}, onEvent, onEnd, onError, onStatus, after, apiKey } = options;
   const params = new URLSearchParams();
   if (after) params.set("after", String(after));
   if (apiKey) params.set("api_key", apiKey);
@@ -147,7 +160,13 @@ export function followRun(baseUrl, runId, options = {}) {
   }
 
   for (const type of EVENT_TYPES) source.addEventListener(type, handle);
+  source.onopen = () => {
+    if (onStatus) onStatus("open");
+  };
   source.onerror = () => {
+    if (onStatus && !closed) {
+      onStatus(source.readyState === EventSource.CLOSED ? "closed" : "reconnecting");
+    }
     // readyState CONNECTING: EventSource is resuming by itself. CLOSED: it gave up (the run is
     // unknown or expired: 404, or the server answered 204 after the end).
     if (source.readyState === EventSource.CLOSED && !closed) {

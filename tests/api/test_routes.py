@@ -262,6 +262,7 @@ def test_openapi_documents_every_route_and_the_event_stream(client: TestClient) 
         "/metrics",
         "/v1/chains",
         "/v1/chains/{chain_id}",
+        "/v1/models",
         "/v1/runs",
         "/v1/runs/{run_id}",
         "/v1/runs/{run_id}/events",
@@ -298,3 +299,20 @@ def test_cors_allows_every_origin_by_default(client: TestClient) -> None:
     simple = client.get("/v1/chains", headers={"Origin": "http://example.test"})
     assert simple.headers["access-control-allow-origin"] == "*"
     assert "Location" in simple.headers["access-control-expose-headers"]
+
+
+def test_models_route_lists_entries_and_says_which_are_usable(client: TestClient) -> None:
+    response = client.get("/v1/models")
+    assert response.status_code == 200
+    models = {m["name"]: m for m in response.json()["models"]}
+    assert {"endless", "fake", "offline"} == set(models)  # the test app's models file
+    assert models["offline"]["usable"] is True and models["offline"]["provider"] == "offline"
+    assert set(models["offline"]) == {
+        "name",
+        "provider",
+        "model",
+        "description",
+        "usable",
+        "why_not",
+        "default",
+    }

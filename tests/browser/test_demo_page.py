@@ -54,7 +54,8 @@ def choose_chain(page: Any, chain: str, first_field: str) -> None:
 
 
 def start(page: Any, model: str) -> str:
-    page.fill("#model", model)
+    page.wait_for_selector("select#model")  # the server lists its models (GET /v1/models)
+    page.select_option("#model", model)
     page.click("#start")
     page.wait_for_selector("#run[data-run-id], #form-error:not([hidden])")
     assert page.locator("#form-error").is_hidden(), page.locator("#form-error").inner_text()
