@@ -13,6 +13,7 @@ in-memory one without touching the routes (several workers behind one load balan
                         in order; ids are explicit so ``seq`` *is* the stream id)
     finish(run_id)      EXPIRE key <ttl> after the run-end entry
     read(after, wait)   XRANGE key (0-<after> + / XREAD BLOCK <wait ms> STREAMS key 0-<after>
+    follow_frames       the generic one: follow() + the codec's encoder per batch
     info(run_id)        XINFO STREAM (first/last entry id) + a "finished" flag key
     MAXLEN              XADD ... MAXLEN ~ <cap>
 

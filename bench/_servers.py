@@ -14,7 +14,9 @@ models by name (``create_app(settings, models=...)``):
   the fair analogue of "sse-starlette sending pre-built events";
 - ``raw-yield``: like ``raw-burst`` but yields to the event loop after every token, as a network
   stream does (one read per token): tokens trickle in and the writer wakes per token;
-- ``offline-50``: the offline model with a 50 ms delay per token (the concurrency benchmark).
+- ``offline-50``: the offline model with a 50 ms delay per token (the concurrency benchmark);
+- ``raw-50``: ``raw-burst``'s plain objects, 56 tokens at 50 ms each: the concurrency workload
+  without LangChain's per-chunk cost (``bench_concurrency.py --model raw-50``).
 
 ``plain``: a bare Starlette app with the comparison endpoints, all sending pre-built events:
 
@@ -74,7 +76,7 @@ def words(n: int) -> list[str]:
     return [f"w{i % 997} " for i in range(n)]
 
 
-def raw_model(tokens: int, yield_every: int) -> Any:
+def raw_model(tokens: int, yield_every: int, delay_s: float = 0.0) -> Any:
     from langchain_core.language_models import BaseChatModel
 
     class _Chunk:
@@ -97,7 +99,11 @@ def raw_model(tokens: int, yield_every: int) -> Any:
             raise NotImplementedError
 
         async def astream(self, input: Any, config: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
-            if yield_every:
+            if delay_s:
+                for word in items:
+                    await asyncio.sleep(delay_s)
+                    yield _Chunk(word)
+            elif yield_every:
                 for i, word in enumerate(items):
                     if i % yield_every == 0:
                         await asyncio.sleep(0)
@@ -132,6 +138,7 @@ def stagecast_app(args: argparse.Namespace) -> Any:
         "lc-burst": C.make_fake_model(args.tokens),
         "raw-burst": raw_model(args.tokens, 0),
         "raw-yield": raw_model(args.tokens, 1),
+        "raw-50": raw_model(56, 0, 0.05),
     }
     return create_app(settings, models=models)
 

@@ -14,6 +14,7 @@ the run time); the client's CPU share, to show it was not the bottleneck.
 
     python bench/bench_concurrency.py                 # C = 100, 500, 1000; ~1.5 min
     python bench/bench_concurrency.py -c 1000 --stages 3
+    python bench/bench_concurrency.py -c 1000 --model raw-50   # without LangChain's chunk cost
     python bench/bench_concurrency.py --smoke         # C = 20, one stage (~4 s)
 """
 
@@ -36,9 +37,9 @@ _ID = re.compile(rb"^id: (\d+)$", re.M)
 _EVENT = re.compile(rb"^event: ([a-z-]+)$", re.M)
 
 
-def chain_yaml(stages: int) -> str:
+def chain_yaml(stages: int, model: str = "offline-50") -> str:
     out = ["id: bench_long", "inputs:", "  topic: {type: string}", "defaults:",
-           "  model: offline-50", "stages:"]
+           f"  model: {model}", "stages:"]
     for i in range(stages):
         out += [f"  - id: s{i}", "    kind: llm", '    prompt: "{{ inputs.topic }}"']
         if i:
@@ -146,7 +147,7 @@ class SseClient(asyncio.Protocol):
 
 async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
     server = C.Server("stagecast", "--tokens", "10", "--ttl", "600",
-                      "--chain-yaml", chain_yaml(args.stages)).wait_ready()
+                      "--chain-yaml", chain_yaml(args.stages, args.model)).wait_ready()
     try:
         loop = asyncio.get_running_loop()
         body = json.dumps({"chain": "bench_long", "inputs": {"topic": TOPIC}}).encode()
@@ -207,7 +208,7 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
 async def main_async(args: argparse.Namespace) -> None:
     results = [await run_level(args, c) for c in args.c]
     C.header(f"Concurrency: C runs at once on one uvicorn worker, {args.stages} stages × ~56 "
-             "tokens at 50 ms/token each (offline-50), raw asyncio client")
+             f"tokens at 50 ms/token each ({args.model}), raw asyncio client")
     rows = []
     for r in results:
         rows.append([
@@ -236,6 +237,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-c", type=int, nargs="+", default=[100, 500, 1000],
                         help="concurrency levels")
+    parser.add_argument("--model", default="offline-50", help="offline-50 (the target), or "
+                        "raw-50: the same pacing without LangChain's per-chunk cost")
     parser.add_argument("--stages", type=int, default=7, help="sequential stages per run "
                         "(~2.8 s each)")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up after (s)")

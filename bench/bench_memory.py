@@ -180,12 +180,13 @@ def child_long_run(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     if end.status != "succeeded":
         raise SystemExit(f"the run ended {end.status}: {end.error}")
+    peak = maxrss_kib()  # before reading the events back for the figures below
     if log is not None:
         entries = logged_entries(log, [run_id])
         events, wire = len(entries), sum(len(e.data.encode()) for e in entries)
     else:
         events, wire = len(store), sum(len(s.encode()) for s in store)
-    return {"maxrss_kib": maxrss_kib(), "before_kib": before, "events": events,
+    return {"maxrss_kib": peak, "before_kib": before, "events": events,
             "wire_bytes": wire, "seconds": elapsed, "chain": source, "log": log_kind,
             "chars": len(document), "sections": end.outputs.get("sections")
             if isinstance(end.outputs, dict) else None}
