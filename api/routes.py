@@ -415,10 +415,10 @@ async def run_events(
     last_event_id: str | None = Header(None, description="Set by EventSource on reconnect."),
 ) -> Response:
     state = state_of(request)
+    managed = _managed(state, run_id)  # an unknown run is a 404 whatever the cursor
     cursor = _cursor(last_event_id, "Last-Event-ID")
     if cursor is None:
         cursor = _cursor(after, "after")
-    managed = _managed(state, run_id)
     return _stream(state, managed, cursor or 0, {})
 
 

@@ -13,7 +13,7 @@ A finished run (its status and its events) stays ``finished_run_ttl`` seconds, t
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -30,6 +30,9 @@ from engine.providers import ModelRegistry
 __all__ = ["ManagedRun", "OnDisconnect", "RunLimitError", "RunManager", "RunNotFound"]
 
 OnDisconnect = Literal["continue", "cancel"]
+
+
+logger = logging.getLogger("stagecast.runs")
 
 
 class RunNotFound(Exception):
@@ -179,18 +182,22 @@ class RunManager:
             if managed.ended is None:
                 # The engine crashed (a bug) or the task was cancelled from outside before the
                 # run-end: viewers still get exactly one run-end, last.
-                error = ErrorInfo(type="internal", message=f"the run stopped: {type(exc).__name__}")
+                error = ErrorInfo(
+                    type="internal_error", message=f"the run stopped: {type(exc).__name__}"
+                )
                 cancelled = isinstance(exc, asyncio.CancelledError)
                 ended = RunEnded(
                     run_id=run.run_id,
-                    seq=run.last_seq + 1,
+                    seq=self.log.info(run.run_id).last_seq + 1,  # the log is the truth
                     ts=_now_ms(),
                     status="cancelled" if cancelled else "failed",
                     usage=run.usage,
                     error=None if cancelled else error,
                 )
-                with contextlib.suppress(Exception):
+                try:
                     run.sink(ended)
+                except Exception:
+                    logger.exception("run %s: could not append the final run-end", run.run_id)
                 managed.ended = ended
             if isinstance(exc, asyncio.CancelledError):
                 raise

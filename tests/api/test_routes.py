@@ -316,3 +316,8 @@ def test_models_route_lists_entries_and_says_which_are_usable(client: TestClient
         "why_not",
         "default",
     }
+
+
+def test_unknown_run_is_404_even_with_a_malformed_cursor(client: TestClient) -> None:
+    err = error(client.get("/v1/runs/run_nope/events?after=abc"), 404)
+    assert err["code"] == "unknown_run"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -239,7 +240,12 @@ def test_run_outlives_its_viewers_and_a_late_viewer_replays_all(serve: Serve) ->
             first = next(response.iter_text())  # the viewer leaves early
         assert "retry: 2000" in first
         late = http.get(f"{url}/v1/runs/{run_id}/events")  # follows to the end
+        # the server lets a viewer go just after its last write: allow it that moment
+        deadline = time.monotonic() + 2
         status = http.get(f"{url}/v1/runs/{run_id}").json()
+        while status["viewers"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+            status = http.get(f"{url}/v1/runs/{run_id}").json()
     events = events_of(late.text)
     check_invariants(events)
     assert events[-1]["status"] == "succeeded"
