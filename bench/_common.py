@@ -44,18 +44,32 @@ def make_fake_model(tokens: int) -> Any:
         def _llm_type(self) -> str:
             return "bench-token-stream"
 
-        def _generate(self, messages: list[BaseMessage], stop: Any = None,
-                      run_manager: Any = None, **kwargs: Any) -> ChatResult:
+        def _generate(
+            self,
+            messages: list[BaseMessage],
+            stop: Any = None,
+            run_manager: Any = None,
+            **kwargs: Any,
+        ) -> ChatResult:
             return ChatResult(generations=[ChatGeneration(message=AIMessage("".join(words)))])
 
-        def _stream(self, messages: list[BaseMessage], stop: Any = None,
-                    run_manager: Any = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        def _stream(
+            self,
+            messages: list[BaseMessage],
+            stop: Any = None,
+            run_manager: Any = None,
+            **kwargs: Any,
+        ) -> Iterator[ChatGenerationChunk]:
             for word in words:
                 yield ChatGenerationChunk(message=AIMessageChunk(content=word))
 
-        async def _astream(self, messages: list[BaseMessage], stop: Any = None,
-                           run_manager: Any = None, **kwargs: Any
-                           ) -> AsyncIterator[ChatGenerationChunk]:
+        async def _astream(
+            self,
+            messages: list[BaseMessage],
+            stop: Any = None,
+            run_manager: Any = None,
+            **kwargs: Any,
+        ) -> AsyncIterator[ChatGenerationChunk]:
             for word in words:
                 # BaseChatModel.astream/ainvoke report each chunk to the callbacks themselves.
                 yield ChatGenerationChunk(message=AIMessageChunk(content=word))
@@ -95,7 +109,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     out = []
     for n, row in enumerate(cells):
-        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + " |")
         if n == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
@@ -117,7 +131,7 @@ def proc_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (its threads included), from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as f:
         stat = f.read()
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -137,8 +151,18 @@ def proc_rss_kib(pid: int) -> tuple[int, int]:
 # Machine info
 
 
-PACKAGES = ["langchain-core", "langgraph", "pydantic", "starlette", "fastapi", "sse-starlette",
-            "uvicorn", "uvloop", "httpx", "httpx-sse"]
+PACKAGES = [
+    "langchain-core",
+    "langgraph",
+    "pydantic",
+    "starlette",
+    "fastapi",
+    "sse-starlette",
+    "uvicorn",
+    "uvloop",
+    "httpx",
+    "httpx-sse",
+]
 
 
 def machine_info() -> str:
@@ -161,14 +185,21 @@ def machine_info() -> str:
         load = "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         load = ""
-    return (f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}; {load}\n" + ", ".join(versions))
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}; {load}\n" + ", ".join(versions)
+    )
 
 
 def git_head() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except Exception:
         return "?"
 
@@ -204,10 +235,21 @@ class Server:
 
     def __init__(self, kind: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        cmd = [sys.executable, str(ROOT / "bench" / "_servers.py"), kind,
-               "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cmd = [
+            sys.executable,
+            str(ROOT / "bench" / "_servers.py"),
+            kind,
+            "--port",
+            str(self.port),
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         self.kind = kind
 

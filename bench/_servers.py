@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
 C.ensure_root_on_path()
 
@@ -68,8 +68,10 @@ RUN_ID = "run_0123456789abcdef0123"
 
 
 def token_json(seq: int, text: str) -> str:
-    return (f'{{"v":1,"type":"token","run_id":"{RUN_ID}","seq":{seq},"ts":1767225600000,'
-            f'"stage":"answer","path":["answer"],"attempt":1,"text":{json.dumps(text)}}}')
+    return (
+        f'{{"v":1,"type":"token","run_id":"{RUN_ID}","seq":{seq},"ts":1767225600000,'
+        f'"stage":"answer","path":["answer"],"attempt":1,"text":{json.dumps(text)}}}'
+    )
 
 
 def words(n: int) -> list[str]:
@@ -153,8 +155,10 @@ def plain_app(args: argparse.Namespace) -> Any:
     datas = [token_json(i + 1, w) for i, w in enumerate(words(args.tokens))]
     events = [ServerSentEvent(data=d, id=str(i + 1), event="token") for i, d in enumerate(datas)]
     frames = [f"id: {i + 1}\nevent: token\ndata: {d}\n\n".encode() for i, d in enumerate(datas)]
-    first = (f'retry: 2000\n: raw\n\nid: 1\nevent: run-start\ndata: {{"v":1,"type":"run-start",'
-             f'"run_id":"{RUN_ID}","seq":1}}\n\n').encode()
+    first = (
+        f'retry: 2000\n: raw\n\nid: 1\nevent: run-start\ndata: {{"v":1,"type":"run-start",'
+        f'"run_id":"{RUN_ID}","seq":1}}\n\n'
+    ).encode()
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
     def count(request: Request) -> int:
@@ -186,11 +190,13 @@ def plain_app(args: argparse.Namespace) -> Any:
 
         return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)
 
-    return Starlette(routes=[
-        Route("/sse-starlette", sse_starlette),
-        Route("/streaming", streaming),
-        Route("/first", first_event, methods=["POST"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/sse-starlette", sse_starlette),
+            Route("/streaming", streaming),
+            Route("/first", first_event, methods=["POST"]),
+        ]
+    )
 
 
 def main() -> None:
@@ -209,9 +215,9 @@ def main() -> None:
     profile = os.environ.get("BENCH_PROFILE")  # a file: pyinstrument text profile, written on exit
     profiler = None
     if profile:
-        from pyinstrument import Profiler
-
         import signal
+
+        from pyinstrument import Profiler
 
         def stop(*_: Any) -> None:  # uvicorn re-raises SIGTERM after its shutdown: end cleanly
             raise SystemExit(0)
@@ -220,8 +226,16 @@ def main() -> None:
         profiler = Profiler(interval=0.0002, async_mode="disabled")
         profiler.start()
     try:
-        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", loop=args.loop,
-                    access_log=False, backlog=4096, timeout_keep_alive=60)
+        uvicorn.run(
+            app,
+            host="127.0.0.1",
+            port=args.port,
+            log_level="warning",
+            loop=args.loop,
+            access_log=False,
+            backlog=4096,
+            timeout_keep_alive=60,
+        )
     finally:
         if profiler is not None:
             profiler.stop()

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
 _TS = re.compile(rb'"ts":(\d+)')
 _ID = re.compile(rb"^id: (\d+)$", re.M)
@@ -38,8 +38,14 @@ _EVENT = re.compile(rb"^event: ([a-z-]+)$", re.M)
 
 
 def chain_yaml(stages: int, model: str = "offline-50") -> str:
-    out = ["id: bench_long", "inputs:", "  topic: {type: string}", "defaults:",
-           f"  model: {model}", "stages:"]
+    out = [
+        "id: bench_long",
+        "inputs:",
+        "  topic: {type: string}",
+        "defaults:",
+        f"  model: {model}",
+        "stages:",
+    ]
     for i in range(stages):
         out += [f"  - id: s{i}", "    kind: llm", '    prompt: "{{ inputs.topic }}"']
         if i:
@@ -84,7 +90,7 @@ class SseClient(asyncio.Protocol):
                 return
             self.status = raw[:12]
             self.headers_done = True
-            raw = raw[end + 4:]
+            raw = raw[end + 4 :]
         # chunked transfer encoding
         last = False
         while True:
@@ -93,14 +99,14 @@ class SseClient(asyncio.Protocol):
                 if eol < 0:
                     break
                 self.need = int(raw[:eol].split(b";")[0], 16)
-                raw = raw[eol + 2:]
+                raw = raw[eol + 2 :]
                 if self.need == 0:
                     last = True
                     break
             if len(raw) < self.need + 2:
                 break
-            self.body += raw[:self.need]
-            raw = raw[self.need + 2:]
+            self.body += raw[: self.need]
+            raw = raw[self.need + 2 :]
             self.need = None
         self.raw = raw
         body = self.body
@@ -146,23 +152,37 @@ class SseClient(asyncio.Protocol):
 
 
 async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
-    server = C.Server("stagecast", "--tokens", "10", "--ttl", "600",
-                      "--chain-yaml", chain_yaml(args.stages, args.model)).wait_ready()
+    server = C.Server(
+        "stagecast",
+        "--tokens",
+        "10",
+        "--ttl",
+        "600",
+        "--chain-yaml",
+        chain_yaml(args.stages, args.model),
+    ).wait_ready()
     try:
         loop = asyncio.get_running_loop()
         body = json.dumps({"chain": "bench_long", "inputs": {"topic": TOPIC}}).encode()
-        request = (b"POST /v1/runs?stream=true HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                   b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-                   b"Connection: close\r\nContent-Length: " + str(len(body)).encode()
-                   + b"\r\n\r\n" + body)
+        request = (
+            b"POST /v1/runs?stream=true HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
         # Warm-up: one instant run, so imports and first-request paths are not counted.
         warm: list[float] = []
         fut = loop.create_future()
         warm_body = json.dumps({"chain": "bench_stream", "model": "offline"}).encode()
-        warm_request = request.split(b"Content-Length:")[0] + b"Content-Length: " + str(
-            len(warm_body)).encode() + b"\r\n\r\n" + warm_body
-        await loop.create_connection(lambda: SseClient(warm_request, warm, fut), "127.0.0.1",
-                                     server.port)
+        warm_request = (
+            request.split(b"Content-Length:")[0]
+            + b"Content-Length: "
+            + str(len(warm_body)).encode()
+            + b"\r\n\r\n"
+            + warm_body
+        )
+        await loop.create_connection(
+            lambda: SseClient(warm_request, warm, fut), "127.0.0.1", server.port
+        )
         await asyncio.wait_for(fut, 120)
         await asyncio.sleep(0.3)
         rss0 = server.rss_kib()
@@ -170,7 +190,7 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
         lateness: list[float] = []
         clients: list[SseClient] = []
         futures = []
-        for i in range(concurrency):
+        for _i in range(concurrency):
             fut = loop.create_future()
             client = SseClient(request, lateness, fut)
             clients.append(client)
@@ -192,13 +212,22 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
         others = [late for c in clients for _, late in c.other_late]
         worst = sorted((x for c in clients for x in c.other_late), key=lambda kv: -kv[1])[:3]
         return {
-            "C": concurrency, "complete": complete, "seconds": elapsed,
-            "events": sum(c.events for c in clients), "tokens_min": min(tokens),
-            "tokens_max": max(tokens), "p50": C.percentile(lateness, 50),
-            "p99": C.percentile(lateness, 99), "max": max(lateness) if lateness else 0.0,
-            "p99_other": C.percentile(others, 99), "worst_other": worst,
-            "rss_per_run_kib": (peak - rss0) / concurrency, "rss0_kib": rss0,
-            "peak_kib": peak, "server_cpu": cpu / elapsed * 100, "client_cpu": ccpu / elapsed * 100,
+            "C": concurrency,
+            "complete": complete,
+            "seconds": elapsed,
+            "events": sum(c.events for c in clients),
+            "tokens_min": min(tokens),
+            "tokens_max": max(tokens),
+            "p50": C.percentile(lateness, 50),
+            "p99": C.percentile(lateness, 99),
+            "max": max(lateness) if lateness else 0.0,
+            "p99_other": C.percentile(others, 99),
+            "worst_other": worst,
+            "rss_per_run_kib": (peak - rss0) / concurrency,
+            "rss0_kib": rss0,
+            "peak_kib": peak,
+            "server_cpu": cpu / elapsed * 100,
+            "client_cpu": ccpu / elapsed * 100,
             "status": sorted({c.status.decode(errors="replace") for c in clients}),
         }
     finally:
@@ -207,40 +236,79 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
 
 async def main_async(args: argparse.Namespace) -> None:
     results = [await run_level(args, c) for c in args.c]
-    C.header(f"Concurrency: C runs at once on one uvicorn worker, {args.stages} stages × ~56 "
-             f"tokens at 50 ms/token each ({args.model}), raw asyncio client")
+    C.header(
+        f"Concurrency: C runs at once on one uvicorn worker, {args.stages} stages × ~56 "
+        f"tokens at 50 ms/token each ({args.model}), raw asyncio client"
+    )
     rows = []
     for r in results:
-        rows.append([
-            f"{r['C']:,}", f"{r['complete']:,}/{r['C']:,}", f"{r['seconds']:.1f}",
-            f"{r['events']:,}", f"{r['tokens_min']}–{r['tokens_max']}",
-            f"{r['p50']:.0f}", f"{r['p99']:.0f}", f"{r['max']:.0f}", f"{r['p99_other']:.0f}",
-            f"{r['rss_per_run_kib']:.0f}", f"{r['peak_kib'] / 1024:.0f}",
-            f"{r['server_cpu']:.0f}%", f"{r['client_cpu']:.0f}%",
-        ])
-    print(C.table(["C", "complete", "wall s", "events", "tokens/run", "lateness p50 ms",
-                   "p99 ms", "max ms", "p99 non-token ms", "server RSS KiB/run", "server peak RSS MiB",
-                   "server CPU (of 1 core)", "client CPU"], rows))
+        rows.append(
+            [
+                f"{r['C']:,}",
+                f"{r['complete']:,}/{r['C']:,}",
+                f"{r['seconds']:.1f}",
+                f"{r['events']:,}",
+                f"{r['tokens_min']}–{r['tokens_max']}",
+                f"{r['p50']:.0f}",
+                f"{r['p99']:.0f}",
+                f"{r['max']:.0f}",
+                f"{r['p99_other']:.0f}",
+                f"{r['rss_per_run_kib']:.0f}",
+                f"{r['peak_kib'] / 1024:.0f}",
+                f"{r['server_cpu']:.0f}%",
+                f"{r['client_cpu']:.0f}%",
+            ]
+        )
+    print(
+        C.table(
+            [
+                "C",
+                "complete",
+                "wall s",
+                "events",
+                "tokens/run",
+                "lateness p50 ms",
+                "p99 ms",
+                "max ms",
+                "p99 non-token ms",
+                "server RSS KiB/run",
+                "server peak RSS MiB",
+                "server CPU (of 1 core)",
+                "client CPU",
+            ],
+            rows,
+        )
+    )
     bad = [r for r in results if any(not s.startswith("HTTP/1.1 200") for s in r["status"])]
     for r in bad:
         print(f"C={r['C']}: HTTP status lines seen: {r['status']}")
     big = max(results, key=lambda r: r["C"])
-    ok = (big["complete"] == big["C"] and big["p99"] < 100 and big["rss_per_run_kib"] < 100)
-    print(f"\ntarget: C = {big['C']:,} completes, p99 lateness < 100 ms, < 100 KiB RSS per run → "
-          f"{big['complete']}/{big['C']} complete, p99 {big['p99']:.0f} ms, "
-          f"{big['rss_per_run_kib']:.0f} KiB/run ({'met' if ok else 'MISSED'})")
-    print("lateness = client receive time − event ts (ms clock of the same machine; ts has 1 ms "
-          "resolution).")
+    ok = big["complete"] == big["C"] and big["p99"] < 100 and big["rss_per_run_kib"] < 100
+    print(
+        f"\ntarget: C = {big['C']:,} completes, p99 lateness < 100 ms, < 100 KiB RSS per run → "
+        f"{big['complete']}/{big['C']} complete, p99 {big['p99']:.0f} ms, "
+        f"{big['rss_per_run_kib']:.0f} KiB/run ({'met' if ok else 'MISSED'})"
+    )
+    print(
+        "lateness = client receive time − event ts (ms clock of the same machine; ts has 1 ms "
+        "resolution)."
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-c", type=int, nargs="+", default=[100, 500, 1000],
-                        help="concurrency levels")
-    parser.add_argument("--model", default="offline-50", help="offline-50 (the target), or "
-                        "raw-50: the same pacing without LangChain's per-chunk cost")
-    parser.add_argument("--stages", type=int, default=7, help="sequential stages per run "
-                        "(~2.8 s each)")
+    parser.add_argument(
+        "-c", type=int, nargs="+", default=[100, 500, 1000], help="concurrency levels"
+    )
+    parser.add_argument(
+        "--model",
+        default="offline-50",
+        help="offline-50 (the target), or "
+        "raw-50: the same pacing without LangChain's per-chunk cost",
+    )
+    parser.add_argument(
+        "--stages", type=int, default=7, help="sequential stages per run (~2.8 s each)"
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="give up after (s)")
     parser.add_argument("--smoke", action="store_true", help="C = 20, one stage")
     args = parser.parse_args()

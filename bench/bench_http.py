@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
 
 async def read_stream(client: Any, method: str, url: str, body: Any) -> tuple[int, int, str]:
@@ -46,8 +46,9 @@ async def read_stream(client: Any, method: str, url: str, body: Any) -> tuple[in
     async with aconnect_sse(client, method, url, **kwargs) as source:
         if source.response.status_code != 200:
             await source.response.aread()
-            raise SystemExit(f"{url}: HTTP {source.response.status_code} "
-                             f"{source.response.text[:300]}")
+            raise SystemExit(
+                f"{url}: HTTP {source.response.status_code} {source.response.text[:300]}"
+            )
         async for sse in source.aiter_sse():
             events += 1
             last = sse.event
@@ -98,8 +99,12 @@ async def run(args: argparse.Namespace, servers: dict[str, C.Server]) -> None:
         srv = servers[server]
 
         async def go(client: Any) -> tuple[int, int, str]:
-            return await read_stream(client, "POST", f"{srv.url}/v1/runs?stream=true",
-                                     {"chain": "bench_stream", "model": model})
+            return await read_stream(
+                client,
+                "POST",
+                f"{srv.url}/v1/runs?stream=true",
+                {"chain": "bench_stream", "model": model},
+            )
 
         return srv, go
 
@@ -117,10 +122,10 @@ async def run(args: argparse.Namespace, servers: dict[str, C.Server]) -> None:
         "Stagecast (raw-yield: loop turn per token)": stagecast("raw-yield", "stagecast"),
         "sse-starlette, pre-built events": plain("/sse-starlette"),
         "Starlette StreamingResponse, pre-built frames": plain("/streaming"),
-        f"Stagecast coalesce {args.coalesce_ms:g} ms (raw-yield)":
-            stagecast("raw-yield", "coalesce"),
-        f"Stagecast coalesce {args.coalesce_ms:g} ms (lc-burst)":
-            stagecast("lc-burst", "coalesce"),
+        f"Stagecast coalesce {args.coalesce_ms:g} ms (raw-yield)": stagecast(
+            "raw-yield", "coalesce"
+        ),
+        f"Stagecast coalesce {args.coalesce_ms:g} ms (lc-burst)": stagecast("lc-burst", "coalesce"),
     }
     names = list(cases)
     cpu_us: dict[str, list[float]] = {k: [] for k in names}
@@ -156,29 +161,55 @@ async def run(args: argparse.Namespace, servers: dict[str, C.Server]) -> None:
     ours = "Stagecast (raw-burst source)"
 
     def ratio(a: str, b: str) -> float:
-        return C.median([x / y for x, y in zip(cpu_us[a], cpu_us[b])])
+        return C.median([x / y for x, y in zip(cpu_us[a], cpu_us[b], strict=True)])
 
-    C.header(f"Over HTTP: one run, {args.tokens:,} token events, one client (httpx-sse), "
-             f"one uvicorn worker; {args.reps} interleaved repetitions, medians")
+    C.header(
+        f"Over HTTP: one run, {args.tokens:,} token events, one client (httpx-sse), "
+        f"one uvicorn worker; {args.reps} interleaved repetitions, medians"
+    )
     rows = []
     for name in names:
-        rows.append([
-            name, f"{events_seen[name]:,}", C.fmt(C.median(cpu_us[name])),
-            C.spread(cpu_us[name]), C.fmt(C.median(cpu_tok[name])),
-            f"{C.median(eps[name]):,.0f}", f"{C.median(tps[name]):,.0f}",
-            "-" if "coalesce" in name else C.fmt(ratio(name, ref)),
-        ])
-    print(C.table(["contender", "events", "server CPU µs/event", "noise", "server CPU µs/token",
-                   "events/s (client)", "tokens/s (client)", "× sse-starlette CPU/event"],
-                  rows))
-    print("\nserver CPU is sampled at 10 ms resolution (/proc clock ticks); "
-          "client events/s is bound by the httpx-sse client (one core).")
+        rows.append(
+            [
+                name,
+                f"{events_seen[name]:,}",
+                C.fmt(C.median(cpu_us[name])),
+                C.spread(cpu_us[name]),
+                C.fmt(C.median(cpu_tok[name])),
+                f"{C.median(eps[name]):,.0f}",
+                f"{C.median(tps[name]):,.0f}",
+                "-" if "coalesce" in name else C.fmt(ratio(name, ref)),
+            ]
+        )
+    print(
+        C.table(
+            [
+                "contender",
+                "events",
+                "server CPU µs/event",
+                "noise",
+                "server CPU µs/token",
+                "events/s (client)",
+                "tokens/s (client)",
+                "× sse-starlette CPU/event",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nserver CPU is sampled at 10 ms resolution (/proc clock ticks); "
+        "client events/s is bound by the httpx-sse client (one core)."
+    )
     r = ratio(ours, ref)
-    print(f"\ntarget: Stagecast ≤ 1.5× plain sse-starlette server CPU per event → {r:.2f}× "
-          f"({'met' if r <= 1.5 else 'MISSED'})")
+    print(
+        f"\ntarget: Stagecast ≤ 1.5× plain sse-starlette server CPU per event → {r:.2f}× "
+        f"({'met' if r <= 1.5 else 'MISSED'})"
+    )
     best = max(C.median(tps[n]) for n in names if "coalesce" in n)
-    print(f"target: with coalescing ≥ 500k tokens/s → best {best:,.0f} tokens/s "
-          f"({'met' if best >= 500_000 else 'MISSED'})")
+    print(
+        f"target: with coalescing ≥ 500k tokens/s → best {best:,.0f} tokens/s "
+        f"({'met' if best >= 500_000 else 'MISSED'})"
+    )
 
 
 if __name__ == "__main__":

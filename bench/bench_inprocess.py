@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
 C.ensure_root_on_path()
 
@@ -161,10 +161,13 @@ def build_contenders(tokens: int, *, extras: bool) -> dict[str, Contender]:
         steps: list[Any] = [RunnableLambda(lambda t: [HumanMessage(f"Write about {t}.")])]
         for i in range(3):
             if i:
-                steps.append(RunnableLambda(
-                    (lambda s: [HumanMessage("Continue this text: " + s)]) if parser
-                    else (lambda m: [HumanMessage("Continue this text: " + m.content)])
-                ))
+                steps.append(
+                    RunnableLambda(
+                        (lambda s: [HumanMessage("Continue this text: " + s)])
+                        if parser
+                        else (lambda m: [HumanMessage("Continue this text: " + m.content)])
+                    )
+                )
             steps.append(model)
             if parser:
                 steps.append(StrOutputParser())
@@ -231,30 +234,49 @@ async def main_async(args: argparse.Namespace) -> None:
     ours = "Stagecast run_chain"
 
     def ratio(a: str, b: str, src: dict[str, list[float]]) -> float:
-        return C.median([x / y for x, y in zip(src[a], src[b])])
+        return C.median([x / y for x, y in zip(src[a], src[b], strict=True)])
 
     rows = []
     for name in names:
-        rows.append([
-            name,
-            C.fmt(C.median(wall[name])),
-            C.spread(wall[name]),
-            C.fmt(C.median(cpu[name])),
-            C.fmt(ratio(name, base, wall)),
-            C.fmt(ratio(name, ours, wall)),
-        ])
-    C.header("In-process overhead: µs per token event (3 stages × "
-             f"{args.tokens:,} tokens, {args.reps} interleaved repetitions, "
-             f"{'uvloop' if args.uvloop else 'asyncio'} loop)")
-    print(C.table(["contender", "µs/token (wall, median)", "noise (min–max)",
-                   "µs/token (CPU)", "× hand-written (per-rep median)", "× Stagecast"], rows))
+        rows.append(
+            [
+                name,
+                C.fmt(C.median(wall[name])),
+                C.spread(wall[name]),
+                C.fmt(C.median(cpu[name])),
+                C.fmt(ratio(name, base, wall)),
+                C.fmt(ratio(name, ours, wall)),
+            ]
+        )
+    C.header(
+        "In-process overhead: µs per token event (3 stages × "
+        f"{args.tokens:,} tokens, {args.reps} interleaved repetitions, "
+        f"{'uvloop' if args.uvloop else 'asyncio'} loop)"
+    )
+    print(
+        C.table(
+            [
+                "contender",
+                "µs/token (wall, median)",
+                "noise (min–max)",
+                "µs/token (CPU)",
+                "× hand-written (per-rep median)",
+                "× Stagecast",
+            ],
+            rows,
+        )
+    )
     r = ratio(ours, base, wall)
-    print(f"\ntarget: Stagecast ≤ 1.3× hand-written astream loop → {r:.2f}× "
-          f"({'met' if r <= 1.3 else 'MISSED'})")
+    print(
+        f"\ntarget: Stagecast ≤ 1.3× hand-written astream loop → {r:.2f}× "
+        f"({'met' if r <= 1.3 else 'MISSED'})"
+    )
     lg = "LangGraph stream_mode=messages"
     ev = "LCEL astream_events v2"
-    print(f"LangGraph / Stagecast = {ratio(lg, ours, wall):.1f}× (goal ≥ 2.5×); "
-          f"astream_events / Stagecast = {ratio(ev, ours, wall):.1f}× (goal ≥ 15×)")
+    print(
+        f"LangGraph / Stagecast = {ratio(lg, ours, wall):.1f}× (goal ≥ 2.5×); "
+        f"astream_events / Stagecast = {ratio(ev, ours, wall):.1f}× (goal ≥ 15×)"
+    )
 
 
 async def profile(contenders: dict[str, Contender], which: str, expected: int) -> None:
@@ -277,10 +299,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2000, help="tokens per stage")
     parser.add_argument("--reps", type=int, default=11, help="interleaved repetitions")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
-    parser.add_argument("--no-extras", action="store_true",
-                        help="skip the extra rows (ChainRun sink, LCEL without parser)")
-    parser.add_argument("--profile", metavar="CONTENDER",
-                        help="print a pyinstrument profile of one contender instead")
+    parser.add_argument(
+        "--no-extras",
+        action="store_true",
+        help="skip the extra rows (ChainRun sink, LCEL without parser)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="CONTENDER",
+        help="print a pyinstrument profile of one contender instead",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny workload, 2 repetitions")
     args = parser.parse_args()
     if args.smoke:

@@ -28,11 +28,10 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
 C.ensure_root_on_path()
 
@@ -80,10 +79,12 @@ stages:
     prompt: "{{ stages.merge.output }}"
 """
 
-WORDS = ("revenue margin customer pipeline latency deployment region quarter forecast churn "
-         "contract renewal incident migration roadmap hiring budget vendor compliance audit "
-         "throughput backlog release feature partner pricing inventory logistics warehouse "
-         "analytics retention onboarding security outage capacity storage network").split()
+WORDS = (
+    "revenue margin customer pipeline latency deployment region quarter forecast churn "
+    "contract renewal incident migration roadmap hiring budget vendor compliance audit "
+    "throughput backlog release feature partner pricing inventory logistics warehouse "
+    "analytics retention onboarding security outage capacity storage network"
+).split()
 
 
 def make_document(chars: int) -> str:
@@ -144,7 +145,7 @@ def logged_entries(log: Any, run_ids: list[str]) -> list[Any]:
     """Every event the log holds for these runs (``entries()`` since the log stores frames)."""
     if hasattr(log, "entries"):
         return [e for run_id in run_ids for e in log.entries(run_id)]
-    return [e for run_id in run_ids for e in log._runs[run_id].entries]  # noqa: SLF001
+    return [e for run_id in run_ids for e in log._runs[run_id].entries]
 
 
 def maxrss_kib() -> int:
@@ -186,10 +187,17 @@ def child_long_run(args: argparse.Namespace) -> dict[str, Any]:
         events, wire = len(entries), sum(len(e.data.encode()) for e in entries)
     else:
         events, wire = len(store), sum(len(s.encode()) for s in store)
-    return {"maxrss_kib": peak, "before_kib": before, "events": events,
-            "wire_bytes": wire, "seconds": elapsed, "chain": source, "log": log_kind,
-            "chars": len(document), "sections": end.outputs.get("sections")
-            if isinstance(end.outputs, dict) else None}
+    return {
+        "maxrss_kib": peak,
+        "before_kib": before,
+        "events": events,
+        "wire_bytes": wire,
+        "seconds": elapsed,
+        "chain": source,
+        "log": log_kind,
+        "chars": len(document),
+        "sections": end.outputs.get("sections") if isinstance(end.outputs, dict) else None,
+    }
 
 
 def child_replay(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,14 +214,13 @@ def child_replay(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(n):
             run_id = f"{prefix}{i:06d}"
             sink = make_sink(log, run_id, store)
-            run = ChainRun(chain, {"document": document}, model="offline", run_id=run_id,
-                           sink=sink)
+            run = ChainRun(chain, {"document": document}, model="offline", run_id=run_id, sink=sink)
             end = await run.execute()
             assert end.status == "succeeded", end.error
 
     asyncio.run(run_all(20, "warm"))  # caches, templates, interned strings
     if log is not None:
-        for run_id in list(log._runs):  # noqa: SLF001
+        for run_id in list(log._runs):
             log.discard(run_id)
     store.clear()
     gc.collect()
@@ -230,7 +237,7 @@ def child_replay(args: argparse.Namespace) -> dict[str, Any]:
     log_bytes = None
     if log is not None:
         log_bytes = log.stored_bytes() if hasattr(log, "stored_bytes") else None
-        entries = logged_entries(log, list(log._runs))  # noqa: SLF001
+        entries = logged_entries(log, list(log._runs))
         events, wire = len(entries), sum(len(e.data.encode()) for e in entries)
     else:
         events, wire = len(store), sum(len(s.encode()) for s in store)
@@ -238,9 +245,18 @@ def child_replay(args: argparse.Namespace) -> dict[str, Any]:
     if log is not None:
         for e in entries:
             by_type[e.type] = by_type.get(e.type, 0) + len(e.data.encode())
-    return {"runs": args.runs, "rss_delta_kib": rss1 - rss0, "traced_bytes": traced,
-            "events": events, "wire_bytes": wire, "seconds": elapsed, "log": log_kind,
-            "chain": source, "wire_by_type": by_type, "log_bytes": log_bytes}
+    return {
+        "runs": args.runs,
+        "rss_delta_kib": rss1 - rss0,
+        "traced_bytes": traced,
+        "events": events,
+        "wire_bytes": wire,
+        "seconds": elapsed,
+        "log": log_kind,
+        "chain": source,
+        "wire_by_type": by_type,
+        "log_bytes": log_bytes,
+    }
 
 
 CHILDREN = {"baseline": child_baseline, "long-run": child_long_run, "replay": child_replay}
@@ -263,7 +279,9 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=400_000, help="document length")
     parser.add_argument("--runs", type=int, default=1000, help="finished runs kept for replay")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each child")
-    parser.add_argument("--smoke", action="store_true", help="small document, 40 runs, 1 repetition")
+    parser.add_argument(
+        "--smoke", action="store_true", help="small document, 40 runs, 1 repetition"
+    )
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--tracemalloc", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -283,19 +301,26 @@ def main() -> None:
     # tracemalloc slows allocation ~2×; a quarter of the runs gives the same per-run figure.
     traced.append(spawn("replay", "--runs", str(max(10, args.runs // 4)), "--tracemalloc"))
 
-    C.header(f"Memory ({args.reps} repetitions of the long run, {len(replay)} of the replay; "
-             "medians; each in a fresh process)")
+    C.header(
+        f"Memory ({args.reps} repetitions of the long run, {len(replay)} of the replay; "
+        "medians; each in a fresh process)"
+    )
     base_kib = C.median([b["maxrss_kib"] for b in base])
     peak_kib = C.median([r["maxrss_kib"] for r in long])
     info = long[0]
     rows = [
         ["baseline: import engine + load chain (peak RSS)", mib(base_kib), ""],
-        [f"long run: {info['chars']:,} chars, {info['sections']} sections (peak RSS)",
-         mib(peak_kib), f"{C.spread([r['maxrss_kib'] for r in long])} noise"],
+        [
+            f"long run: {info['chars']:,} chars, {info['sections']} sections (peak RSS)",
+            mib(peak_kib),
+            f"{C.spread([r['maxrss_kib'] for r in long])} noise",
+        ],
         ["long run minus baseline", mib(peak_kib - base_kib), ""],
-        ["long run: events / wire JSON kept",
-         f"{info['events']:,} / {info['wire_bytes'] / 2**20:.1f} MiB",
-         f"{C.median([r['seconds'] for r in long]):.2f} s run time"],
+        [
+            "long run: events / wire JSON kept",
+            f"{info['events']:,} / {info['wire_bytes'] / 2**20:.1f} MiB",
+            f"{C.median([r['seconds'] for r in long]):.2f} s run time",
+        ],
     ]
     print(f"chain: {info['chain']}; events stored in: {info['log']}\n")
     print(C.table(["what", "value", "note"], rows))
@@ -305,27 +330,43 @@ def main() -> None:
     per_run_traced = traced[0]["traced_bytes"] / traced[0]["runs"] / 1024
     per_run_wire = r0["wire_bytes"] / r0["runs"] / 1024
     rows = [
-        [f"{r0['runs']:,} finished runs: RSS growth", mib(C.median([r['rss_delta_kib']
-                                                                   for r in replay])),
-         f"{C.spread([r['rss_delta_kib'] for r in replay])} noise"],
+        [
+            f"{r0['runs']:,} finished runs: RSS growth",
+            mib(C.median([r["rss_delta_kib"] for r in replay])),
+            f"{C.spread([r['rss_delta_kib'] for r in replay])} noise",
+        ],
         ["per run: RSS growth", f"{per_run_rss:.1f} KiB", ""],
-        ["per run: tracemalloc (live Python objects)", f"{per_run_traced:.1f} KiB",
-         f"over {traced[0]['runs']} runs"],
-        ["per run: wire JSON bytes", f"{per_run_wire:.1f} KiB",
-         f"{r0['events'] / r0['runs']:.0f} events per run"],
+        [
+            "per run: tracemalloc (live Python objects)",
+            f"{per_run_traced:.1f} KiB",
+            f"over {traced[0]['runs']} runs",
+        ],
+        [
+            "per run: wire JSON bytes",
+            f"{per_run_wire:.1f} KiB",
+            f"{r0['events'] / r0['runs']:.0f} events per run",
+        ],
     ]
     if r0.get("log_bytes") is not None:
-        rows.append(["per run: bytes the log holds (`stored_bytes()`)",
-                     f"{r0['log_bytes'] / r0['runs'] / 1024:.1f} KiB",
-                     "frames, zlib blocks once finished, + offsets"])
+        rows.append(
+            [
+                "per run: bytes the log holds (`stored_bytes()`)",
+                f"{r0['log_bytes'] / r0['runs'] / 1024:.1f} KiB",
+                "frames, zlib blocks once finished, + offsets",
+            ]
+        )
     by_type = sorted(r0["wire_by_type"].items(), key=lambda kv: -kv[1])
-    print(f"\nreplay: {r0['runs']:,} runs of {r0['chain']} over "
-          f"chains/examples/quarterly_report.md (offline model), kept in {r0['log']}\n")
+    print(
+        f"\nreplay: {r0['runs']:,} runs of {r0['chain']} over "
+        f"chains/examples/quarterly_report.md (offline model), kept in {r0['log']}\n"
+    )
     print(C.table(["what", "value", "note"], rows))
     if by_type:
         total = sum(v for _, v in by_type)
-        print("\nwire bytes by event type: " + ", ".join(
-            f"{k} {v / total * 100:.0f}%" for k, v in by_type))
+        print(
+            "\nwire bytes by event type: "
+            + ", ".join(f"{k} {v / total * 100:.0f}%" for k, v in by_type)
+        )
 
 
 if __name__ == "__main__":

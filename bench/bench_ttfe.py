@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
 
 class Conn:
@@ -32,9 +32,10 @@ class Conn:
     async def first_event(self, path: str, body: dict[str, object], event: bytes) -> float:
         """Seconds from sending the request to holding the first ``event:`` frame."""
         payload = json.dumps(body).encode()
-        request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                   f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\n\r\n"
-                   ).encode() + payload
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
         t0 = time.perf_counter()
         self.writer.write(request)
         buf = b""
@@ -61,11 +62,18 @@ class Conn:
 
 async def run(args: argparse.Namespace, stagecast: C.Server, plain: C.Server) -> None:
     cases = {
-        "Stagecast POST /v1/runs?stream=true → run-start":
-            (stagecast.port, "/v1/runs?stream=true",
-             {"chain": "bench_stream", "model": "offline"}, b"run-start"),
-        "raw SSE endpoint (Starlette StreamingResponse) → first frame":
-            (plain.port, "/first", {"chain": "x"}, b"run-start"),
+        "Stagecast POST /v1/runs?stream=true → run-start": (
+            stagecast.port,
+            "/v1/runs?stream=true",
+            {"chain": "bench_stream", "model": "offline"},
+            b"run-start",
+        ),
+        "raw SSE endpoint (Starlette StreamingResponse) → first frame": (
+            plain.port,
+            "/first",
+            {"chain": "x"},
+            b"run-start",
+        ),
     }
     conns = {}
     for name, (port, *_rest) in cases.items():
@@ -74,7 +82,7 @@ async def run(args: argparse.Namespace, stagecast: C.Server, plain: C.Server) ->
     times: dict[str, list[float]] = {k: [] for k in cases}
     names = list(cases)
     for i in range(args.warmup + args.n):
-        for name in (names if i % 2 == 0 else names[::-1]):
+        for name in names if i % 2 == 0 else names[::-1]:
             _, path, body, event = cases[name]
             t = await conns[name].first_event(path, body, event)
             if i >= args.warmup:
@@ -82,19 +90,32 @@ async def run(args: argparse.Namespace, stagecast: C.Server, plain: C.Server) ->
             await asyncio.sleep(0.005)
     for conn in conns.values():
         conn.close()
-    C.header(f"Time to first event: median of {args.n} requests each, interleaved, loopback, "
-             "one uvicorn worker per server")
+    C.header(
+        f"Time to first event: median of {args.n} requests each, interleaved, loopback, "
+        "one uvicorn worker per server"
+    )
     rows = []
     for name in names:
         v = times[name]
-        rows.append([name, f"{C.median(v):.2f}", f"{C.percentile(v, 10):.2f}",
-                     f"{C.percentile(v, 90):.2f}", f"{max(v):.2f}"])
+        rows.append(
+            [
+                name,
+                f"{C.median(v):.2f}",
+                f"{C.percentile(v, 10):.2f}",
+                f"{C.percentile(v, 90):.2f}",
+                f"{max(v):.2f}",
+            ]
+        )
     print(C.table(["what", "median ms", "p10 ms", "p90 ms", "max ms"], rows))
     ours = C.median(times[names[0]])
-    print(f"\nStagecast / raw = {ours / C.median(times[names[1]]):.1f}×; "
-          f"target: ≤ 2 ms → {ours:.2f} ms ({'met' if ours <= 2 else 'MISSED'})")
-    print("each Stagecast request runs a one-stage chain to the end (its stream is drained); "
-          "only the time to its first event is measured")
+    print(
+        f"\nStagecast / raw = {ours / C.median(times[names[1]]):.1f}×; "
+        f"target: ≤ 2 ms → {ours:.2f} ms ({'met' if ours <= 2 else 'MISSED'})"
+    )
+    print(
+        "each Stagecast request runs a one-stage chain to the end (its stream is drained); "
+        "only the time to its first event is measured"
+    )
 
 
 def main() -> None:
@@ -106,8 +127,10 @@ def main() -> None:
     if args.smoke:
         args.n, args.warmup = 5, 1
     tokens = "200" if args.smoke else "2000"
-    with C.Server("stagecast", "--tokens", tokens) as stagecast, \
-            C.Server("plain", "--tokens", "10") as plain:
+    with (
+        C.Server("stagecast", "--tokens", tokens) as stagecast,
+        C.Server("plain", "--tokens", "10") as plain,
+    ):
         asyncio.run(run(args, stagecast, plain))
 
 

@@ -26,7 +26,10 @@ SCRIPTS = {
 def test_benchmark_runs_in_smoke_mode(script: str) -> None:
     out = subprocess.run(
         [sys.executable, str(BENCH / script), "--smoke"],
-        capture_output=True, text=True, timeout=120, cwd=BENCH.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=BENCH.parent,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert SCRIPTS[script] in out.stdout
