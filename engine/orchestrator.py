@@ -198,8 +198,12 @@ class ChainRun:
             self.registry = models
         else:
             self.registry = ModelRegistry(overrides=models)
-        if isinstance(model, BaseChatModel):
-            self.registry.overrides["__run__"] = model
+        if isinstance(model, BaseChatModel):  # a registry of its own: never touch a shared one
+            self.registry = ModelRegistry(
+                self.registry.config,
+                overrides={**self.registry.overrides, "__run__": model},
+                environ=self.registry.environ,
+            )
             model = "__run__"
         self.model_override = model
         self.run_id = run_id or new_run_id()

@@ -712,3 +712,14 @@ stages: [{id: t, kind: template, text: "{{ inputs.xs | length }}"}]
     assert run.inputs == {"xs": [1, 2], "o": {"a": 1}}
     with pytest.raises(InputError, match=r"inputs\.xs: expected array, got string"):
         ChainRun(chain, {"xs": "[1,", "o": {}})
+
+
+async def test_a_chat_model_object_as_the_run_model_leaves_a_shared_registry_alone() -> None:
+    from engine.providers import ModelRegistry
+
+    shared = ModelRegistry()
+    model = ScriptedChatModel(scripts=[["mine"]])
+    chain = chain_of("stages: [{id: a, kind: llm, prompt: x}]")
+    events = await collect(chain, models=shared, model=model)
+    assert events[-1].outputs == {"output": "mine"}
+    assert "__run__" not in shared.overrides
