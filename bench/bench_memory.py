@@ -35,50 +35,6 @@ import _common as C
 
 C.ensure_root_on_path()
 
-# Used when chains/advanced_summary.yaml is absent: the same shape (split 2000/200 → map llm →
-# merge llm → polish llm json).
-INLINE_CHAIN = """
-id: advanced_summary_inline
-inputs:
-  document: {type: string, max_length: 400000}
-  bullets: {type: integer, default: 5}
-defaults:
-  model: offline
-stages:
-  - id: sections
-    kind: split
-    text: "{{ inputs.document }}"
-    chunk_size: 2000
-    overlap: 200
-    sources: true
-  - id: section_summaries
-    kind: map
-    over: "{{ stages.sections.output }}"
-    as: section
-    concurrency: 4
-    stage:
-      kind: llm
-      prompt:
-        system: You summarize faithfully.
-        user: "{{ section.text }}"
-  - id: merge
-    kind: llm
-    prompt: |
-      {% for s in stages.section_summaries.output %}- {{ s }}
-      {% endfor %}
-  - id: polish
-    kind: llm
-    output: json
-    schema:
-      type: object
-      required: [title, key_points, summary]
-      properties:
-        title: {type: string}
-        key_points: {type: array, items: {type: string}}
-        summary: {type: string}
-    prompt: "{{ stages.merge.output }}"
-"""
-
 WORDS = (
     "revenue margin customer pipeline latency deployment region quarter forecast churn "
     "contract renewal incident migration roadmap hiring budget vendor compliance audit "
@@ -108,12 +64,9 @@ def make_document(chars: int) -> str:
 
 
 def load_summary_chain() -> tuple[Any, str]:
-    from engine.loading import load_chain, load_chain_text
+    from engine.loading import load_chain
 
-    path = C.ROOT / "chains" / "advanced_summary.yaml"
-    if path.exists():
-        return load_chain(path), "chains/advanced_summary.yaml"
-    return load_chain_text(INLINE_CHAIN, filename="advanced_summary_inline.yaml"), "inline chain"
+    return load_chain(C.ROOT / "chains" / "advanced_summary.yaml"), "chains/advanced_summary.yaml"
 
 
 def new_log() -> tuple[Any, str]:
