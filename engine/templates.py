@@ -9,13 +9,14 @@ how validation finds unknown names.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import ItemsView, Iterator, KeysView, ValuesView
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, nodes
+from jinja2 import StrictUndefined, UndefinedError, meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -40,7 +41,14 @@ ENV = _Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-ENV.filters["tojson_pretty"] = lambda v: __import__("json").dumps(v, indent=2, ensure_ascii=False)
+
+
+def _tojson_pretty(value: Any) -> str:
+    """Indented JSON that keeps non-ASCII text readable (Korean stays Korean)."""
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+ENV.filters["tojson_pretty"] = _tojson_pretty
 
 _LAZY = (Iterator, KeysView, ValuesView, ItemsView, range)
 _WHOLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}|\{\{).)*)\}\}\s*$", re.DOTALL)
@@ -109,8 +117,6 @@ def references(source: str) -> References:
     match = _WHOLE_EXPRESSION.match(source)
     ast = ENV.parse(source if not match else "{{" + match["expr"] + "}}")
     refs = References()
-    from jinja2 import meta
-
     refs.names = set(meta.find_undeclared_variables(ast))
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
         assert isinstance(node, (nodes.Getattr, nodes.Getitem))
@@ -130,13 +136,4 @@ def _key(node: nodes.Getattr | nodes.Getitem) -> str | None:
         return node.attr
     if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
         return node.arg.value
-    return None
-
-
-def check_syntax(source: str) -> TemplateSyntaxError | None:
-    """The syntax error of ``source``, or None."""
-    try:
-        compile_template(source)
-    except TemplateSyntaxError as exc:
-        return exc
     return None
