@@ -396,12 +396,12 @@ class InMemoryEventLog(EventLog):
             raise ValueError(f"run {run_id!r} is finished; its log takes no more events")
         if entry.seq != log.last_seq + 1:
             raise ValueError(f"run {run_id!r}: expected seq {log.last_seq + 1}, got {entry.seq}")
-        tail = log.tail
-        tail += self._encode(entry)
-        log.ends.append(log.tail_start + len(tail))
+        frame = self._encode(entry)
+        if len(log.tail) >= self.block_bytes:
+            log.seal()  # before: the newest frame stays in the tail, so live viewers never inflate
+        log.tail += frame
+        log.ends.append(log.tail_start + len(log.tail))
         log.last_seq = entry.seq
-        if len(tail) >= self.block_bytes:
-            log.seal()
         if len(log.ends) > self.max_events + self._slack:
             drop = len(log.ends) - self.max_events
             log.drop_before(log.ends[drop - 1])
@@ -512,6 +512,7 @@ class InMemoryEventLog(EventLog):
                     after = batch.last_seq
                     if pinger is not None:
                         pinger.sent = loop.time()
+                    del log  # a slow send must not pin an expired run's frames
                     yield batch
                     continue
                 if log.finished_at is not None:
@@ -520,7 +521,11 @@ class InMemoryEventLog(EventLog):
                 log.waiters.append(fut)
                 if pinger is not None:
                     pinger.waiter, pinger.log = fut, log
-                if await fut:  # True: the ping timer, not an event
+                del log
+                woke_by_ping = await fut
+                if pinger is not None:
+                    pinger.log = None
+                if woke_by_ping:  # True: the ping timer, not an event
                     fut = None
                     assert pinger is not None
                     pinger.sent = loop.time()

@@ -234,7 +234,7 @@ _CURSOR = re.compile(r"^[0-9]{1,18}$")
 
 
 def _cursor(raw: str | None, where: str) -> int | None:
-    if raw is None:
+    if raw is None or not raw.strip():  # an empty SSE id means "no id"
         return None
     text = raw.strip()
     if not _CURSOR.match(text):

@@ -54,14 +54,22 @@ def encode_entry(entry: LogEntry) -> str:
     return f"id: {entry.seq}\nevent: {entry.type}\ndata: {entry.data}\n\n"
 
 
+# A lone surrogate (a split emoji from a model, "\ud800" in posted JSON) can only sit inside a
+# JSON string, where backslashreplace writes it as the valid JSON escape \udXXX; valid text costs
+# nothing extra.
+_LONE_SURROGATES = "backslashreplace"
+
+
 def encode_entries(entries: Iterable[LogEntry]) -> bytes:
     """Several frames as one write."""
-    return "".join([f"id: {e.seq}\nevent: {e.type}\ndata: {e.data}\n\n" for e in entries]).encode()
+    text = "".join([f"id: {e.seq}\nevent: {e.type}\ndata: {e.data}\n\n" for e in entries])
+    return text.encode("utf-8", _LONE_SURROGATES)
 
 
 def encode_frame(entry: LogEntry) -> bytes:
     """One event as the bytes of its SSE frame (what the in-memory log stores)."""
-    return f"id: {entry.seq}\nevent: {entry.type}\ndata: {entry.data}\n\n".encode()
+    frame = f"id: {entry.seq}\nevent: {entry.type}\ndata: {entry.data}\n\n"
+    return frame.encode("utf-8", _LONE_SURROGATES)
 
 
 def decode_frame(frame: bytes) -> LogEntry:

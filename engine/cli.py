@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import importlib
 import inspect
+import io
 import json
 import os
 import signal
@@ -266,6 +267,9 @@ def dry_run(
 def _make_view(events: bool) -> Any:
     from engine._live import EventsView, LiveView, PlainView
 
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # a lone surrogate (a model's split emoji) becomes its JSON escape instead of a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     if events:
         return EventsView(sys.stdout)
     if sys.stdout.isatty():

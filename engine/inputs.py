@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +48,20 @@ def _coerce(spec: InputSpec, value: Any) -> Any:
         return number if math.isfinite(number) else value
     if spec.type == "boolean" and text.lower() in ("true", "false", "yes", "no", "1", "0"):
         return text.lower() in ("true", "yes", "1")
+    return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean(value: Any) -> Any:
+    """Lone surrogates (valid in JSON escapes, not in UTF-8) become U+FFFD, so text stays text."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value) if _SURROGATE.search(value) else value
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
     return value
 
 
@@ -96,7 +111,7 @@ def validate_inputs(chain: Chain, inputs: Mapping[str, Any] | None) -> dict[str,
             else:
                 result[name] = spec.default
             continue
-        value = _coerce(spec, given[name])
+        value = _clean(_coerce(spec, given[name]))
         problem = _check(spec, value)
         if problem:
             errors[name] = problem

@@ -321,3 +321,19 @@ def test_models_route_lists_entries_and_says_which_are_usable(client: TestClient
 def test_unknown_run_is_404_even_with_a_malformed_cursor(client: TestClient) -> None:
     err = error(client.get("/v1/runs/run_nope/events?after=abc"), 404)
     assert err["code"] == "unknown_run"
+
+
+def test_an_empty_last_event_id_means_no_id(client: TestClient) -> None:
+    run = client.post("/v1/runs", json={"chain": "parallel", "inputs": {"things": []}}).json()
+    response = client.get(f"/v1/runs/{run['run_id']}/events", headers={"Last-Event-ID": " "})
+    assert response.status_code == 200 and "id: 1\n" in response.text
+
+
+def test_a_lone_surrogate_in_inputs_does_not_break_the_run(client: TestClient) -> None:
+    body = '{"chain": "parallel", "inputs": {"things": ["x\\ud800y"]}}'
+    created = client.post("/v1/runs", content=body, headers={"content-type": "application/json"})
+    assert created.status_code == 201, created.text
+    events = client.get(f"/v1/runs/{created.json()['run_id']}/events").text
+    assert '"status":"succeeded"' in events.rsplit("event: run-end", 1)[1]
+    status = client.get(f"/v1/runs/{created.json()['run_id']}")
+    assert status.status_code == 200 and status.json()["status"] == "succeeded"
