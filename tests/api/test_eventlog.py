@@ -188,7 +188,7 @@ async def test_follow_frames_batches_what_arrived_pings_when_idle_and_ends() -> 
     pings = batches[2:-1]
     assert 1 <= len(pings) <= 3 and all(p == (b"", 0, 6) for p in pings)
     assert batches[-1] == (encode_frame(entry(7, "run-end")), 1, 7)
-    assert log._runs["r"].waiters == []
+    assert not log._runs["r"].waiters
 
 
 async def test_follow_frames_closed_early_leaves_no_waiter_and_a_discarded_run_ends_it() -> None:
@@ -197,7 +197,7 @@ async def test_follow_frames_closed_early_leaves_no_waiter_and_a_discarded_run_e
     with anyio.move_on_after(0.02):
         await stream.__anext__()  # waits: nothing after 1
     await stream.aclose()
-    assert log._runs["r"].waiters == []
+    assert not log._runs["r"].waiters
 
     errors: list[Exception] = []
 
