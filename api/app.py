@@ -18,15 +18,18 @@ from langchain_core.language_models import BaseChatModel
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.catalog import ChainCatalog
-from api.errors import error_response, install_error_handlers
-from api.eventlog import EventLog, InMemoryEventLog
-from api.metrics import Metrics
-from api.routes import STATIC_DIR, AppState, router
-from api.runs import RunManager
-from api.settings import ServerSettings
-from engine.events import RUN_EVENT
-from engine.providers import ModelRegistry, load_models_config
+from stagecast.api.catalog import ChainCatalog
+from stagecast.api.errors import error_response, install_error_handlers
+from stagecast.api.eventlog import EventLog
+from stagecast.api.memlog import InMemoryEventLog
+from stagecast.api.metrics import Metrics
+from stagecast.api.routes import STATIC_DIR, AppState, router
+from stagecast.api.runs import RunManager
+from stagecast.api.settings import ServerSettings
+from stagecast.engine.events import RUN_EVENT
+from stagecast.engine.model_config import load_models_config
+from stagecast.engine.providers import ModelRegistry
+from stagecast.engine.resources import chain_dirs
 
 __all__ = ["BodyLimitMiddleware", "create_app"]
 
@@ -134,7 +137,7 @@ def create_app(
     )
     metrics = Metrics()
     manager = RunManager(settings, log, registry, metrics)
-    catalog = ChainCatalog(settings.chains_dir)
+    catalog = ChainCatalog(settings.chains_dir if settings.chains_dir is not None else chain_dirs())
     state = AppState(settings, log, manager, catalog, metrics)
     metrics.add_gauge("stagecast_runs_active", "Runs executing now.", lambda: manager.active)
     metrics.add_gauge(

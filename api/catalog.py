@@ -1,4 +1,7 @@
-"""The chains a server offers: the YAML files of its chains directory, loaded on demand.
+"""The chains a server offers: the YAML files of its chains directories, loaded on demand.
+
+The directories are searched in order and the first file of an id wins: by default
+``./chains`` of the working directory, then the shipped chains.
 
 A chain is looked up by id only (``[a-z0-9_-]+``), never by a path a client sends. Files are
 re-read when they change (by mtime), so editing a chain needs no restart.
@@ -7,13 +10,15 @@ re-read when they change (by mtime), so editing a chain needs no restart.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.chain import Chain
-from engine.loading import load_chain
-from engine.orchestrator import plan_of
+from stagecast.engine.chain import Chain
+from stagecast.engine.loading import load_chain
+from stagecast.engine.orchestrator import plan_of
+from stagecast.engine.resources import chain_files
 
 __all__ = ["CHAIN_ID", "ChainCatalog", "ChainEntry", "plan_of"]
 
@@ -36,10 +41,10 @@ def _error_text(exc: Exception, path: Path) -> str:
 
 
 class ChainCatalog:
-    """Chains of one directory, by id."""
+    """Chains of one or more directories, by id (earlier directories win)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self, directories: Path | Sequence[Path]) -> None:
+        self.directories = (directories,) if isinstance(directories, Path) else tuple(directories)
         self._cache: dict[Path, tuple[float, ChainEntry]] = {}
 
     def _load(self, path: Path) -> ChainEntry:
@@ -56,23 +61,17 @@ class ChainCatalog:
         return entry
 
     def entries(self) -> list[ChainEntry]:
-        if not self.directory.is_dir():
-            return []
-        files = sorted(
-            p for p in self.directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()
-        )
-        return [self._load(p) for p in files]
+        return [self._load(p) for p in chain_files(self.directories).values()]
 
     def find(self, chain_id: str) -> ChainEntry | None:
         """The chain with this id (its ``id:`` or, without one, its file stem)."""
         if not CHAIN_ID.match(chain_id):
             return None
-        for name in (f"{chain_id}.yaml", f"{chain_id}.yml"):
-            path = self.directory / name
-            if path.is_file():
-                entry = self._load(path)
-                if entry.id == chain_id or entry.chain is None:
-                    return entry
+        path = chain_files(self.directories).get(chain_id)
+        if path is not None:
+            entry = self._load(path)
+            if entry.id == chain_id or entry.chain is None:
+                return entry
         for entry in self.entries():
             if entry.id == chain_id:
                 return entry

@@ -30,7 +30,7 @@ import httpx
 from httpx_sse import aconnect_sse, connect_sse
 from pydantic import ValidationError
 
-from engine.events import RunEvent, event_from_json
+from stagecast.engine.events import RunEvent, event_from_json
 
 __all__ = ["AsyncClient", "Client", "RunHandle", "StagecastError", "StreamLost"]
 

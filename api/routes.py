@@ -1,4 +1,4 @@
-"""The HTTP API v1 routes (DESIGN.md §5). Request and response models live here too."""
+"""The HTTP API v1 routes (docs/protocol.md, § HTTP API); request and response models too."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.catalog import ChainCatalog, ChainEntry, plan_of
-from api.errors import ApiError, ErrorResponse
-from api.eventlog import CursorError, EventLog, EventsExpired, UnknownRun
-from api.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
-from api.runs import ManagedRun, RunLimitError, RunManager, RunNotFound
-from api.settings import ServerSettings
-from api.sse import EventStreamResponse
-from engine.errors import InputError, ModelConfigError
-from engine.events import events_json_schema
-from engine.inputs import inputs_json_schema
-from engine.providers import describe_models
+from stagecast.api.catalog import ChainCatalog, ChainEntry, plan_of
+from stagecast.api.errors import ApiError, ErrorResponse
+from stagecast.api.eventlog import CursorError, EventLog, EventsExpired, UnknownRun
+from stagecast.api.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
+from stagecast.api.runs import ManagedRun, RunLimitError, RunManager, RunNotFound
+from stagecast.api.settings import ServerSettings
+from stagecast.api.sse import EventStreamResponse
+from stagecast.engine.errors import InputError, ModelConfigError
+from stagecast.engine.events import RunStatus, events_json_schema
+from stagecast.engine.inputs import inputs_json_schema
+from stagecast.engine.providers import describe_models
 
 __all__ = ["AppState", "router"]
 
@@ -173,7 +173,7 @@ class InputAnswer(BaseModel):
 class RunStatusModel(BaseModel):
     run_id: str
     chain: dict[str, Any]
-    status: Literal["running", "waiting_input", "succeeded", "failed", "cancelled"]
+    status: RunStatus
     model: str
     created_at: int = Field(description="Milliseconds since the epoch.")
     finished_at: int | None

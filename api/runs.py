@@ -19,13 +19,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from api.eventlog import EventLog, LogEntry
-from api.metrics import Metrics
-from api.settings import ServerSettings
-from engine.chain import Chain
-from engine.events import ErrorInfo, RunEnded, RunEvent, event_to_json
-from engine.orchestrator import ChainRun
-from engine.providers import ModelRegistry
+from stagecast.api.eventlog import EventLog, LogEntry
+from stagecast.api.metrics import Metrics
+from stagecast.api.settings import ServerSettings
+from stagecast.engine.chain import Chain
+from stagecast.engine.events import ErrorInfo, RunEnded, RunEvent, RunStatus, event_to_json
+from stagecast.engine.orchestrator import ChainRun
+from stagecast.engine.providers import ModelRegistry
 
 __all__ = ["ManagedRun", "OnDisconnect", "RunLimitError", "RunManager", "RunNotFound"]
 
@@ -73,7 +73,7 @@ class ManagedRun:
         return self.finished_at is not None
 
     @property
-    def status(self) -> str:
+    def status(self) -> RunStatus:
         if self.ended is not None:
             return self.ended.status
         return "running"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from api.settings import ServerSettings, SettingsError, load_settings
+from stagecast.api.settings import ServerSettings, SettingsError, load_settings
 
 __all__ = ["serve"]
 
@@ -23,7 +23,7 @@ def serve(
     """Run the API server until interrupted (one worker; runs live in this process)."""
     import uvicorn
 
-    from api.app import create_app
+    from stagecast.api.app import create_app
 
     if settings is None:
         try:

@@ -19,10 +19,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stagecast.engine.resources import SHIPPED_CONFIGS, config_file
+
 __all__ = ["DEFAULT_SERVER_FILE", "ServerSettings", "SettingsError", "load_settings"]
 
-_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SERVER_FILE = _ROOT / "configs" / "server.yaml"
+DEFAULT_SERVER_FILE = SHIPPED_CONFIGS / "server.yaml"
+"""The shipped server.yaml; ``./configs/server.yaml`` of the working directory wins over it."""
 ENV_PREFIX = "STAGECAST_"
 
 
@@ -69,7 +71,11 @@ class ServerSettings(BaseModel):
     shutdown_timeout: float = Field(
         5.0, ge=0, description="Seconds open streams get to finish when the server stops."
     )
-    chains_dir: Path = Field(_ROOT / "chains", description="Where chain YAML files are found.")
+    chains_dir: Path | None = Field(
+        None,
+        description="Where chain YAML files are found; by default ./chains of the working "
+        "directory, then the shipped chains.",
+    )
     models_file: Path | None = Field(
         None, description="configs/models.yaml by default (the engine's built-ins if absent)."
     )
@@ -109,7 +115,7 @@ def load_settings(
     """
     env = os.environ if environ is None else environ
     named = path or env.get(ENV_PREFIX + "SERVER_CONFIG")
-    file = Path(named) if named else DEFAULT_SERVER_FILE
+    file = Path(named) if named else config_file("server.yaml")
     data: dict[str, Any] = {}
     where: dict[str, str] = {}
     if file.exists():
@@ -135,7 +141,7 @@ def load_settings(
     except ValidationError as exc:
         raise SettingsError(_problems(exc, where)) from None
     base = file.parent.parent if file.parent.name == "configs" else file.parent
-    if not settings.chains_dir.is_absolute():
+    if settings.chains_dir is not None and not settings.chains_dir.is_absolute():
         settings.chains_dir = base / settings.chains_dir
     if settings.models_file is not None and not settings.models_file.is_absolute():
         settings.models_file = base / settings.models_file

@@ -27,7 +27,7 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from api.eventlog import EventLogError, FrameBatch, FrameCodec, LogEntry
+from stagecast.api.eventlog import EventLogError, FrameBatch, FrameCodec, LogEntry
 
 __all__ = [
     "PING",

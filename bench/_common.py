@@ -165,6 +165,31 @@ PACKAGES = [
 ]
 
 
+def missing(module: str) -> bool:
+    """True (and a note on stdout) when an optional contender's package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        return False
+    print(
+        f"note: {module} is not installed, so its contender is skipped "
+        "(pip install -e '.[bench]' adds every contender)\n"
+    )
+    return True
+
+
+def run_async(main: Any, *, uvloop: bool = True) -> None:
+    """Run ``main`` (a coroutine) on uvloop when asked and installed, else on asyncio."""
+    import asyncio
+
+    if uvloop and not missing("uvloop"):
+        import uvloop as _uvloop
+
+        _uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
 def machine_info() -> str:
     cpu = "?"
     try:

@@ -118,8 +118,8 @@ def raw_model(tokens: int, yield_every: int, delay_s: float = 0.0) -> Any:
 
 
 def stagecast_app(args: argparse.Namespace) -> Any:
-    from api.app import create_app
-    from api.settings import ServerSettings
+    from stagecast.api.app import create_app
+    from stagecast.api.settings import ServerSettings
 
     tmp = Path(tempfile.mkdtemp(prefix="stagecast-bench-"))
     (tmp / "chains").mkdir()

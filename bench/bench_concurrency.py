@@ -314,9 +314,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.c, args.stages = [20], 1
-    import uvloop
-
-    uvloop.run(main_async(args))
+    C.run_async(main_async(args))  # uvloop when installed (the bench extra), else asyncio
 
 
 if __name__ == "__main__":

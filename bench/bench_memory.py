@@ -64,25 +64,25 @@ def make_document(chars: int) -> str:
 
 
 def load_summary_chain() -> tuple[Any, str]:
-    from engine.loading import load_chain
+    from stagecast.engine.loading import load_chain
 
     return load_chain(C.ROOT / "chains" / "advanced_summary.yaml"), "chains/advanced_summary.yaml"
 
 
 def new_log() -> tuple[Any, str]:
     try:
-        from api.eventlog import InMemoryEventLog
+        from stagecast.api.memlog import InMemoryEventLog
     except ImportError:
         return None, "list of wire JSON strings"
-    return InMemoryEventLog(max_events=1_000_000, ttl=1e9), "api.eventlog.InMemoryEventLog"
+    return InMemoryEventLog(max_events=1_000_000, ttl=1e9), "stagecast.api.memlog.InMemoryEventLog"
 
 
 def make_sink(log: Any, run_id: str, store: list[str]) -> Any:
-    from engine.events import event_to_json
+    from stagecast.engine.events import event_to_json
 
     if log is None:
         return lambda event: store.append(event_to_json(event))
-    from api.eventlog import LogEntry
+    from stagecast.api.eventlog import LogEntry
 
     log.create(run_id)
 
@@ -111,14 +111,14 @@ def maxrss_kib() -> int:
 
 def child_baseline(_: argparse.Namespace) -> dict[str, Any]:
     load_summary_chain()
-    from engine.offline import OfflineChatModel  # noqa: F401
+    from stagecast.engine.offline import OfflineChatModel  # noqa: F401
 
     gc.collect()
     return {"maxrss_kib": maxrss_kib(), "rss_kib": C.proc_rss_kib(os.getpid())[0]}
 
 
 def child_long_run(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.orchestrator import ChainRun
+    from stagecast.engine.orchestrator import ChainRun
 
     chain, source = load_summary_chain()
     log, log_kind = new_log()
@@ -156,7 +156,7 @@ def child_long_run(args: argparse.Namespace) -> dict[str, Any]:
 def child_replay(args: argparse.Namespace) -> dict[str, Any]:
     import tracemalloc
 
-    from engine.orchestrator import ChainRun
+    from stagecast.engine.orchestrator import ChainRun
 
     chain, source = load_summary_chain()
     log, log_kind = new_log()

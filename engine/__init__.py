@@ -9,8 +9,8 @@ The public surface::
 ``ChainRun`` is the lower-level handle (sink callback, cancel, status) the HTTP API uses.
 """
 
-from engine.chain import Chain
-from engine.errors import (
+from stagecast.engine.chain import Chain
+from stagecast.engine.errors import (
     ChainError,
     ChainSpecError,
     InputError,
@@ -20,11 +20,18 @@ from engine.errors import (
     TemplateError,
     TransientError,
 )
-from engine.events import RUN_EVENT, RunEvent, event_from_json, event_to_dict, event_to_json
-from engine.inputs import inputs_json_schema, validate_inputs
-from engine.loading import find_chain, load_chain
-from engine.orchestrator import ChainRun, run_chain
-from engine.providers import ModelRegistry, load_models_config
+from stagecast.engine.events import (
+    RUN_EVENT,
+    RunEvent,
+    event_from_json,
+    event_to_dict,
+    event_to_json,
+)
+from stagecast.engine.inputs import inputs_json_schema, validate_inputs
+from stagecast.engine.loading import find_chain, load_chain
+from stagecast.engine.model_config import load_models_config
+from stagecast.engine.orchestrator import ChainRun, run_chain
+from stagecast.engine.providers import ModelRegistry
 
 __all__ = [
     "RUN_EVENT",

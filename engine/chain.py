@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-from engine.spec import ChainSpec, LlmStage, MapStage, StageSpec
-from engine.templates import references
+from stagecast.engine.sourcemap import KeyPath
+from stagecast.engine.spec import (
+    ChainSpec,
+    InputStage,
+    LlmStage,
+    MapStage,
+    Message,
+    PromptParts,
+    RetrieveStage,
+    SplitStage,
+    StageSpec,
+    TemplateStage,
+)
+from stagecast.engine.templates import references
 
-__all__ = ["Chain", "stage_templates", "stage_dependencies"]
+__all__ = [
+    "Chain",
+    "PromptRole",
+    "StageTemplate",
+    "prompt_parts",
+    "stage_dependencies",
+    "stage_templates",
+]
 
 
 @dataclass
@@ -40,30 +60,58 @@ class Chain:
         raise KeyError(stage_id)
 
 
-def stage_templates(stage: StageSpec) -> list[tuple[str, str]]:
-    """Every template of a stage (nested stages included) as ``(key path, source)``."""
-    out: list[tuple[str, str]] = []
+PromptRole = Literal["system", "user", "assistant"]
+
+
+def prompt_parts(
+    prompt: str | PromptParts | list[Message],
+) -> list[tuple[PromptRole, KeyPath, str]]:
+    """An llm stage's prompt as ``(role, key path under prompt, template source)``, in order.
+
+    The one walk over the three prompt forms: a string is the user message; ``{system, user}``;
+    a list of ``{role, content}`` messages.
+    """
+    if isinstance(prompt, str):
+        return [("user", (), prompt)]
+    if isinstance(prompt, list):
+        return [(m.role, (i, "content"), m.content) for i, m in enumerate(prompt)]
+    parts: list[tuple[PromptRole, KeyPath, str]] = []
+    if prompt.system is not None:
+        parts.append(("system", ("system",), prompt.system))
+    parts.append(("user", ("user",), prompt.user))
+    return parts
+
+
+@dataclass(frozen=True, slots=True)
+class StageTemplate:
+    """One template field of a stage."""
+
+    path: KeyPath
+    """Where it is, from the path the walk started at: ``(..., "prompt", "system")``."""
+    source: str
+    scope: frozenset[str]
+    """Names it may read besides ``inputs`` and ``stages`` (a map's ``as`` and ``index``)."""
+
+
+def stage_templates(
+    stage: StageSpec, path: KeyPath = (), scope: frozenset[str] = frozenset()
+) -> Iterator[StageTemplate]:
+    """Every template of a stage, nested map stages included, in field order."""
     if stage.when is not None:
-        out.append(("when", stage.when))
+        yield StageTemplate((*path, "when"), stage.when, scope)
     if isinstance(stage, LlmStage):
-        prompt = stage.prompt
-        if isinstance(prompt, str):
-            out.append(("prompt", prompt))
-        elif isinstance(prompt, list):
-            out.extend((f"prompt[{i}].content", m.content) for i, m in enumerate(prompt))
-        else:
-            if prompt.system is not None:
-                out.append(("prompt.system", prompt.system))
-            out.append(("prompt.user", prompt.user))
+        for _, where, source in prompt_parts(stage.prompt):
+            yield StageTemplate((*path, "prompt", *where), source, scope)
     elif isinstance(stage, MapStage):
-        out.append(("over", stage.over))
-        out.extend((f"stage.{k}", s) for k, s in stage_templates(stage.stage))
-    else:
-        for attr in ("text", "query", "prompt"):
-            value: Any = getattr(stage, attr, None)
-            if isinstance(value, str):
-                out.append((attr, value))
-    return out
+        yield StageTemplate((*path, "over"), stage.over, scope)
+        inner = scope | {stage.as_, "index"}
+        yield from stage_templates(stage.stage, (*path, "stage"), inner)
+    elif isinstance(stage, TemplateStage | SplitStage):
+        yield StageTemplate((*path, "text"), stage.text, scope)
+    elif isinstance(stage, RetrieveStage):
+        yield StageTemplate((*path, "query"), stage.query, scope)
+    elif isinstance(stage, InputStage):
+        yield StageTemplate((*path, "prompt"), stage.prompt, scope)
 
 
 def stage_dependencies(spec: ChainSpec) -> dict[str, list[str]]:
@@ -75,9 +123,9 @@ def stage_dependencies(spec: ChainSpec) -> dict[str, list[str]]:
         if not stage.id:
             continue
         wanted: set[str] = set(stage.needs)
-        for _, source in stage_templates(stage):
+        for template in stage_templates(stage):
             try:
-                wanted.update(references(source).stages)
+                wanted.update(references(template.source).stages)
             except Exception:
                 continue  # syntax errors are validation's business
         wanted.discard(stage.id)

@@ -42,6 +42,8 @@ class Problem:
     hint: str = ""
 
     def __str__(self) -> str:
+        if not self.file and self.line is None and not self.key:  # a problem of no one file
+            return self.problem + (f"\n  hint: {self.hint}" if self.hint else "")
         where = f"{self.file}:{self.line or '?'}:{self.col or '?'}"
         text = f"{where}: {self.key}: {self.problem}" if self.key else f"{where}: {self.problem}"
         return text + (f"\n  hint: {self.hint}" if self.hint else "")

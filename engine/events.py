@@ -1,7 +1,7 @@
 """The event protocol v1: one typed event per thing that happens in a run.
 
 Every event carries the envelope ``v, type, run_id, seq, ts, stage, path, attempt``; the payload
-fields follow ``../shared/DESIGN.md`` §4. Every field is always present on the wire (``null`` where
+fields follow docs/protocol.md (§ Events). Every field is always present on the wire (``null`` where
 it does not apply), so a frontend never has to test for a missing key.
 
 Events are plain slotted dataclasses: cheap to build on the per-token path. ``RUN_EVENT`` (a
@@ -23,12 +23,14 @@ __all__ = [
     "RUN_EVENT",
     "ChainInfo",
     "ErrorInfo",
+    "FinalStatus",
     "InputRequired",
     "PlanStep",
     "RunEnded",
     "RunEvent",
     "RunId",
     "RunStarted",
+    "RunStatus",
     "Source",
     "SourceFound",
     "StageEnded",
@@ -36,6 +38,7 @@ __all__ = [
     "StageProgress",
     "StageRetried",
     "StageStarted",
+    "StageStatus",
     "Token",
     "Usage",
     "event_from_json",
@@ -55,7 +58,10 @@ PathItem = str | int
 _CONFIG = ConfigDict(
     use_attribute_docstrings=True, json_schema_serialization_defaults_required=True
 )
-RunStatus = Literal["succeeded", "failed", "cancelled"]
+RunStatus = Literal["pending", "running", "waiting_input", "succeeded", "failed", "cancelled"]
+"""A run's status, as the engine and ``GET /v1/runs/{id}`` report it (the one definition)."""
+FinalStatus = Literal["succeeded", "failed", "cancelled"]
+"""How a run ended (``run-end`` ``status``): the last three of ``RunStatus``."""
 StageStatus = Literal["succeeded", "failed", "skipped", "cancelled"]
 
 
@@ -256,7 +262,7 @@ class RunEnded(_Envelope):
     __pydantic_config__ = _CONFIG
 
     type: Literal["run-end"] = "run-end"
-    status: RunStatus
+    status: FinalStatus
     outputs: Any = None
     usage: Usage = field(default_factory=Usage)
     duration_ms: int = 0
@@ -342,6 +348,11 @@ _ENVELOPE_DOCS = {
     "path": "The path from the top: [stage] or [map stage, item index]; null on run events.",
     "attempt": "The attempt on stage events, from 1; null on run events.",
 }
+
+
+def events_json_schema_text() -> str:
+    """``events_json_schema()`` exactly as committed (``stagecast schema --events`` prints it)."""
+    return json.dumps(events_json_schema(), indent=2, ensure_ascii=False) + "\n"
 
 
 def events_json_schema() -> dict[str, Any]:

@@ -7,13 +7,13 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
-from engine.chain import Chain
-from engine.errors import InputError
-from engine.spec import InputSpec
+from stagecast.engine.chain import Chain
+from stagecast.engine.errors import InputError
+from stagecast.engine.spec import InputSpec
 
-__all__ = ["inputs_json_schema", "validate_inputs"]
+__all__ = ["Rule", "broken_rule", "inputs_json_schema", "validate_inputs"]
 
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
@@ -65,25 +65,48 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _check(spec: InputSpec, value: Any) -> str | None:
-    expected = _JSON_TYPES[spec.type]
-    if isinstance(value, bool) and spec.type in ("integer", "number"):
-        return f"expected {spec.type}, got boolean"
-    if not isinstance(value, expected):
-        return f"expected {spec.type}, got {_json_type(value)}"
+Rule = Literal["type", "enum", "min_length", "max_length", "minimum", "maximum"]
+
+
+def broken_rule(spec: InputSpec, value: Any) -> Rule | None:
+    """The first constraint of ``spec`` that ``value`` breaks, or None.
+
+    The one checker of input constraints: run inputs (``validate_inputs``) and a chain's own
+    defaults (``validation``) both use it, each wording the rule for its reader.
+    """
+    is_bool = isinstance(value, bool)
+    if not isinstance(value, _JSON_TYPES[spec.type]) or (is_bool and spec.type != "boolean"):
+        return "type"
     if spec.enum is not None and value not in spec.enum:
-        return f"must be one of {', '.join(map(repr, spec.enum))}"
+        return "enum"
     if isinstance(value, str):
         if spec.min_length is not None and len(value) < spec.min_length:
-            return f"must have at least {spec.min_length} characters (has {len(value)})"
+            return "min_length"
         if spec.max_length is not None and len(value) > spec.max_length:
-            return f"must have at most {spec.max_length} characters (has {len(value)})"
-    if isinstance(value, (int, float)):
+            return "max_length"
+    if isinstance(value, int | float) and not is_bool:
         if spec.minimum is not None and value < spec.minimum:
-            return f"must be >= {spec.minimum:g}"
+            return "minimum"
         if spec.maximum is not None and value > spec.maximum:
-            return f"must be <= {spec.maximum:g}"
+            return "maximum"
     return None
+
+
+def _check(spec: InputSpec, value: Any) -> str | None:
+    rule = broken_rule(spec, value)
+    if rule is None:
+        return None
+    if rule == "type":
+        return f"expected {spec.type}, got {_json_type(value)}"
+    if rule == "enum":
+        return f"must be one of {', '.join(map(repr, spec.enum or []))}"
+    if rule == "min_length":
+        return f"must have at least {spec.min_length} characters (has {len(value)})"
+    if rule == "max_length":
+        return f"must have at most {spec.max_length} characters (has {len(value)})"
+    if rule == "minimum":
+        return f"must be >= {spec.minimum:g}"
+    return f"must be <= {spec.maximum:g}"
 
 
 def _json_type(value: Any) -> str:

@@ -26,34 +26,39 @@ import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import jsonschema
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
-from engine.chain import Chain
-from engine.errors import StageError, TemplateError, TransientError
-from engine.events import (
+from stagecast.engine.chain import Chain, PromptRole, prompt_parts
+from stagecast.engine.errors import StageError, TemplateError, TransientError
+from stagecast.engine.events import (
     ChainInfo,
     ErrorInfo,
+    FinalStatus,
     PlanStep,
     RunEnded,
     RunEvent,
     RunStarted,
+    RunStatus,
     Source,
     SourceFound,
     StageEnded,
     StageProgress,
     StageRetried,
     StageStarted,
+    StageStatus,
     Token,
     Usage,
 )
-from engine.inputs import validate_inputs
-from engine.offline import OfflineChatModel
-from engine.providers import ModelRegistry, ResolvedModel, classify_error, prepare_json_model
-from engine.spec import (
+from stagecast.engine.faults import classify_error
+from stagecast.engine.inputs import validate_inputs
+from stagecast.engine.offline import OfflineChatModel
+from stagecast.engine.openai_model import prepare_json_model
+from stagecast.engine.providers import ModelRegistry, ResolvedModel
+from stagecast.engine.spec import (
     InputStage,
     LlmStage,
     MapStage,
@@ -62,12 +67,16 @@ from engine.spec import (
     StageSpec,
     TemplateStage,
 )
-from engine.splitting import split_text
-from engine.templates import compile_template
+from stagecast.engine.splitting import split_text
+from stagecast.engine.templates import compile_template
 
-__all__ = ["ChainRun", "RunStatus", "StageState", "new_run_id", "plan_of", "run_chain"]
+__all__ = ["ChainRun", "StageState", "new_run_id", "plan_of", "run_chain"]
 
-RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+_MESSAGE_KINDS: dict[PromptRole, type[BaseMessage]] = {
+    "system": SystemMessage,
+    "user": HumanMessage,
+    "assistant": AIMessage,
+}
 Sink = Callable[[RunEvent], None]
 Path = list[str | int]
 
@@ -280,9 +289,7 @@ class ChainRun:
             error = await self._schedule()
             if error is None:
                 outputs = self._render_outputs()
-            status: Literal["succeeded", "failed", "cancelled"] = (
-                "succeeded" if error is None else "failed"
-            )
+            status: FinalStatus = "succeeded" if error is None else "failed"
         except asyncio.CancelledError:
             status = "cancelled"
             task = asyncio.current_task()
@@ -350,7 +357,7 @@ class ChainRun:
 
     def _finish(
         self,
-        status: Literal["succeeded", "failed", "cancelled"],
+        status: FinalStatus,
         outputs: Any,
         error: ErrorInfo | None,
         started: float,
@@ -558,7 +565,7 @@ class ChainRun:
     def _end(
         self,
         unit: _Unit,
-        status: Literal["succeeded", "failed", "skipped", "cancelled"],
+        status: StageStatus,
         started: float | None,
         output: Any,
         usage: Usage,
@@ -623,17 +630,10 @@ class ChainRun:
         return chunks
 
     def _messages(self, spec: LlmStage, context: dict[str, Any]) -> list[BaseMessage]:
-        prompt = spec.prompt
-        if isinstance(prompt, str):
-            return [HumanMessage(compile_template(prompt).render_text(context))]
-        if isinstance(prompt, list):
-            kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
-            return [kinds[m.role](compile_template(m.content).render_text(context)) for m in prompt]
-        messages: list[BaseMessage] = []
-        if prompt.system is not None:
-            messages.append(SystemMessage(compile_template(prompt.system).render_text(context)))
-        messages.append(HumanMessage(compile_template(prompt.user).render_text(context)))
-        return messages
+        return [
+            _MESSAGE_KINDS[role](compile_template(source).render_text(context))
+            for role, _, source in prompt_parts(spec.prompt)
+        ]
 
     async def _run_llm(self, unit: _Unit, spec: LlmStage, attempt: int, usage: Usage) -> Any:
         messages = self._messages(spec, unit.context)

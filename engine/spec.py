@@ -7,7 +7,7 @@ variables, model names) live in ``engine.validation``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field
 
@@ -22,6 +22,7 @@ __all__ = [
     "PromptParts",
     "RetrieveStage",
     "SplitStage",
+    "STAGE_KINDS",
     "StageSpec",
     "TemplateStage",
 ]
@@ -186,6 +187,12 @@ StageSpec = Annotated[
     Discriminator("kind"),
 ]
 MapStage.model_rebuild()
+
+STAGE_KINDS: tuple[str, ...] = tuple(
+    get_args(member.model_fields["kind"].annotation)[0]
+    for member in get_args(get_args(StageSpec)[0])
+)
+"""Every stage ``kind``, in the union's order (derived from it: one list to keep current)."""
 
 
 class ChainSpec(_Model):

@@ -20,7 +20,7 @@ from jinja2 import StrictUndefined, UndefinedError, meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine.errors import TemplateError
+from stagecast.engine.errors import TemplateError
 
 __all__ = ["ENV", "References", "Template", "compile_template", "references"]
 

@@ -21,34 +21,32 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
-from engine.errors import Problem
-from engine.spec import (
+from stagecast.engine.chain import stage_templates
+from stagecast.engine.errors import Problem
+from stagecast.engine.inputs import broken_rule
+from stagecast.engine.spec import (
     ChainSpec,
     InputSpec,
     InputStage,
     LlmStage,
     MapStage,
-    PromptParts,
     RetrieveStage,
     SplitStage,
     StageSpec,
-    TemplateStage,
 )
-from engine.templates import ENV, compile_template, references
+from stagecast.engine.templates import ENV, compile_template, references
 
 if TYPE_CHECKING:
-    from engine.loading import KeyPath, SourceMap
+    from stagecast.engine.sourcemap import KeyPath, SourceMap
 
 __all__ = [
     "AVAILABLE_KINDS",
     "SCHEMA_DIALECT",
-    "STAGE_KINDS",
     "chain_json_schema",
     "chain_json_schema_text",
     "check_chain",
 ]
 
-STAGE_KINDS = ("llm", "map", "split", "template", "retrieve", "input")
 AVAILABLE_KINDS = ("llm", "map", "split", "template")
 """Kinds the orchestrator runs today; ``retrieve`` and ``input`` come with later issues."""
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -410,29 +408,8 @@ def _find_cycle(start: str, edges: dict[str, dict[str, Problem]]) -> list[str] |
 def _stage_templates(
     stage: StageSpec, path: KeyPath, scope: frozenset[str], owner: str | None
 ) -> Iterator[_Template]:
-    if stage.when is not None:
-        yield _Template((*path, "when"), stage.when, scope, owner)
-    if isinstance(stage, LlmStage):
-        prompt = stage.prompt
-        if isinstance(prompt, str):
-            yield _Template((*path, "prompt"), prompt, scope, owner)
-        elif isinstance(prompt, PromptParts):
-            if prompt.system is not None:
-                yield _Template((*path, "prompt", "system"), prompt.system, scope, owner)
-            yield _Template((*path, "prompt", "user"), prompt.user, scope, owner)
-        else:
-            for index, message in enumerate(prompt):
-                yield _Template((*path, "prompt", index, "content"), message.content, scope, owner)
-    elif isinstance(stage, MapStage):
-        yield _Template((*path, "over"), stage.over, scope, owner)
-        inner = scope | {stage.as_, "index"}
-        yield from _stage_templates(stage.stage, (*path, "stage"), inner, owner)
-    elif isinstance(stage, TemplateStage | SplitStage):
-        yield _Template((*path, "text"), stage.text, scope, owner)
-    elif isinstance(stage, RetrieveStage):
-        yield _Template((*path, "query"), stage.query, scope, owner)
-    elif isinstance(stage, InputStage):
-        yield _Template((*path, "prompt"), stage.prompt, scope, owner)
+    for template in stage_templates(stage, path, scope):
+        yield _Template(template.path, template.source, template.scope, owner)
 
 
 def _value_templates(value: Any, path: KeyPath) -> Iterator[_Template]:
@@ -446,35 +423,33 @@ def _value_templates(value: Any, path: KeyPath) -> Iterator[_Template]:
             yield from _value_templates(item, (*path, index))
 
 
-_TYPE_CHECKS: dict[str, tuple[str, tuple[type, ...]]] = {
-    "string": ("a string", (str,)),
-    "integer": ("an integer", (int,)),
-    "number": ("a number", (int, float)),
-    "boolean": ("true or false", (bool,)),
-    "array": ("a list", (list,)),
-    "object": ("a mapping", (dict,)),
+_TYPE_WORDS = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "array": "a list",
+    "object": "a mapping",
 }
 
 
 def _default_problem(spec: InputSpec) -> str:
     value = spec.default
-    words, types = _TYPE_CHECKS[spec.type]
-    is_bool = isinstance(value, bool)
-    if not isinstance(value, types) or (is_bool and spec.type != "boolean"):
+    rule = broken_rule(spec, value)
+    if rule is None:
+        return ""
+    if rule == "type":
+        words = _TYPE_WORDS[spec.type]
         return f"default {_show(value)} is not {words} (the input's type is {spec.type})"
-    if spec.enum is not None and value not in spec.enum:
+    if rule == "enum":
         return f"default {_show(value)} is not one of the enum values"
-    if isinstance(value, int | float) and not is_bool:
-        if spec.minimum is not None and value < spec.minimum:
-            return f"default {_show(value)} is below the minimum ({spec.minimum:g})"
-        if spec.maximum is not None and value > spec.maximum:
-            return f"default {_show(value)} is above the maximum ({spec.maximum:g})"
-    if isinstance(value, str):
-        if spec.min_length is not None and len(value) < spec.min_length:
-            return f"default is shorter than min_length ({spec.min_length})"
-        if spec.max_length is not None and len(value) > spec.max_length:
-            return f"default is longer than max_length ({spec.max_length})"
-    return ""
+    if rule == "minimum":
+        return f"default {_show(value)} is below the minimum ({spec.minimum:g})"
+    if rule == "maximum":
+        return f"default {_show(value)} is above the maximum ({spec.maximum:g})"
+    if rule == "min_length":
+        return f"default is shorter than min_length ({spec.min_length})"
+    return f"default is longer than max_length ({spec.max_length})"
 
 
 def _show(value: Any) -> str:

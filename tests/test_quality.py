@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +28,64 @@ def test_ruff_format_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_mypy_is_clean_strict_on_engine() -> None:
-    result = run("mypy")
+def test_mypy_is_clean_strict_on_engine_and_api(tmp_path: Path) -> None:
+    # mypy cannot follow setuptools' editable finder: give it the installed layout as symlinks
+    view = tmp_path / "stagecast"
+    view.mkdir()
+    for package in ("engine", "api"):
+        (view / package).symlink_to(ROOT / package, target_is_directory=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml")]
+        + [str(view / "engine"), str(view / "api")],
+        cwd=tmp_path,  # not ROOT: there, engine/ would also be found as a module named engine
+        env={**os.environ, "MYPYPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "no issues found in" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("source", "banned"),
+    [
+        ("import fastapi\n", "fastapi"),
+        ("from starlette.responses import Response\n", "starlette"),
+        ("import sse_starlette.sse\n", "sse_starlette"),
+        ("def f() -> None:\n    import uvicorn\n", "uvicorn"),
+        ("from stagecast.api.sse import PING\n", "stagecast.api"),
+        ("from stagecast import api\n", "stagecast.api"),
+        ("from engine.spec import ChainSpec\n", "engine"),
+    ],
+)
+def test_the_engine_boundary_is_checked_statically(source: str, banned: str) -> None:
+    # engine/ruff.toml bans the web stack and the api package inside engine/ (api -> engine only)
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--output-format", "concise", "--select", "TID251"]
+        + ["--stdin-filename", "engine/probe.py", "-"],
+        cwd=ROOT,
+        input=source,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"TID251 `{banned}` is banned" in result.stdout
+
+
+def test_the_api_may_import_the_engine_but_not_bare_names() -> None:
+    allowed = "from stagecast.engine.spec import ChainSpec\nimport fastapi\n"
+    bare = "from engine.spec import ChainSpec\n"
+    checks = [(allowed, 0), (bare, 1)]
+    for source, code in checks:
+        result = subprocess.run(
+            [sys.executable, "-m", "ruff", "check", "--select", "TID251"]
+            + ["--stdin-filename", "api/probe.py", "-"],
+            cwd=ROOT,
+            input=source,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == code, (source, result.stdout)

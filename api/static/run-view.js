@@ -1,4 +1,4 @@
-// The live view of one run, driven by protocol-v1 events (DESIGN.md §4), one `apply` per event.
+// The live view of one run, driven by protocol-v1 events (docs/protocol.md), one `apply` per event.
 //
 // The view is a pure function of the events it was given: a reload replays the run from the
 // start into a fresh view and ends up in the same state as a viewer who watched it live.
@@ -139,7 +139,7 @@ export class RunView {
       case "run-end":
         return this.#runEnd(event);
       default:
-        return undefined; // unknown types are ignored (DESIGN.md §4)
+        return undefined; // unknown types are ignored (docs/protocol.md)
     }
   }
 

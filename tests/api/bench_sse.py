@@ -19,8 +19,9 @@ from typing import Any
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.responses import StreamingResponse
 
-from api.eventlog import InMemoryEventLog, LogEntry
-from api.sse import EventStreamResponse, encode_entry
+from stagecast.api.eventlog import LogEntry
+from stagecast.api.memlog import InMemoryEventLog
+from stagecast.api.sse import EventStreamResponse, encode_entry
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
 DATA = (

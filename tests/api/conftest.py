@@ -19,9 +19,10 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
-from api.app import create_app
-from api.settings import ServerSettings
-from engine.providers import ModelEntry, ModelRegistry, ModelsConfig
+from stagecast.api.app import create_app
+from stagecast.api.settings import ServerSettings
+from stagecast.engine.model_config import ModelEntry, ModelsConfig
+from stagecast.engine.providers import ModelRegistry
 
 CHAINS = Path(__file__).parent / "chains"
 

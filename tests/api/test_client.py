@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from api.client import Client, StagecastError, StreamLost
-from engine.events import RunEnded, Token, event_to_json
+from stagecast.api.client import Client, StagecastError, StreamLost
+from stagecast.engine.events import RunEnded, Token, event_to_json
 
 TOKEN = event_to_json(Token(run_id="r", seq=1, ts=1, stage="a", path=["a"], attempt=1, text="hi"))
 END = event_to_json(RunEnded(run_id="r", seq=2, ts=2, status="succeeded"))

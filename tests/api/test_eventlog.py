@@ -7,16 +7,16 @@ from typing import Any
 import anyio
 import pytest
 
-from api.eventlog import (
+from stagecast.api.eventlog import (
     CursorError,
     EventLog,
     EventsExpired,
     FrameBatch,
-    InMemoryEventLog,
     LogEntry,
     UnknownRun,
 )
-from api.sse import SSE_CODEC, encode_frame
+from stagecast.api.memlog import InMemoryEventLog
+from stagecast.api.sse import SSE_CODEC, encode_frame
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from api.catalog import plan_of
-from engine.loading import load_chain
+from stagecast.api.catalog import plan_of
+from stagecast.engine.loading import load_chain
 from tests.api.conftest import CHAINS, ScriptedModel, make_app
 from tests.api.sse_parse import events_of
 

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from api.settings import DEFAULT_SERVER_FILE, SettingsError, load_settings
+from stagecast.api.settings import DEFAULT_SERVER_FILE, SettingsError, load_settings
 
 
 def test_shipped_config_loads_with_the_documented_defaults() -> None:
     settings = load_settings(DEFAULT_SERVER_FILE, environ={})
     assert settings.cors_origins == ["*"] and settings.api_keys == []
     assert settings.ping_interval == 15 and settings.port == 8000
-    assert settings.chains_dir == DEFAULT_SERVER_FILE.parent.parent / "chains"
+    assert settings.chains_dir is None  # ./chains of the working directory, then the shipped ones
 
 
 def test_env_overrides_yaml_and_arguments_override_env(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import anyio
 import pytest
 
-from api.eventlog import FrameBatch, LogEntry
-from api.sse import (
+from stagecast.api.eventlog import FrameBatch, LogEntry
+from stagecast.api.sse import (
     SSE_CODEC,
     EventStreamResponse,
     decode_frame,

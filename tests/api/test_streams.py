@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 
-from api.client import AsyncClient, Client
+from stagecast.api.client import AsyncClient, Client
 from tests.api.conftest import ScriptedModel
 from tests.api.sse_parse import events_of, parse_frames
 

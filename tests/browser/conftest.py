@@ -1,8 +1,8 @@
 """Browser tests: the demo page in headless Chromium, against a real server on 127.0.0.1.
 
-Chromium is Debian's package at /usr/bin/chromium, installed by ``install_chromium.sh`` when it
-is missing (as root, with apt-get; no browser download). Without it, and without root, the tests
-are skipped — unless ``STAGECAST_REQUIRE_BROWSER=1`` (set it in CI), which makes that an error.
+Chromium is Debian's package at /usr/bin/chromium, installed by ``tests/setup.sh`` (part of the
+README's test command; as root, with apt-get; no browser download). Without it the tests are
+skipped — unless ``CI=true`` or ``STAGECAST_REQUIRE_BROWSER=1``, which makes that a failure.
 
 The server is ``api.app.create_app`` under uvicorn in a thread, on a free port, serving the
 shipped chains (plus one test chain, ``xss_echo``) with a test models file whose offline models
@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -27,9 +26,10 @@ import pytest
 import uvicorn
 from langchain_core.messages import BaseMessage
 
-from api.app import create_app
-from api.settings import ServerSettings
-from engine.offline import OfflineChatModel
+from stagecast.api.app import create_app
+from stagecast.api.settings import ServerSettings
+from stagecast.engine.offline import OfflineChatModel
+from stagecast.engine.resources import SHIPPED_CHAINS
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -63,19 +63,10 @@ class EchoChatModel(OfflineChatModel):
 
 
 def _ensure_chromium() -> None:
+    # installing is tests/setup.sh's job (the README's test command runs it), never pytest's
     if CHROMIUM.exists():
         return
-    script = HERE / "install_chromium.sh"
-    try:
-        done = subprocess.run(
-            ["sh", str(script)], capture_output=True, text=True, timeout=1800, check=False
-        )
-        problem = done.stderr.strip()[-2000:] if done.returncode else ""
-    except subprocess.TimeoutExpired:
-        problem = "install_chromium.sh timed out"
-    if CHROMIUM.exists():
-        return
-    message = f"{CHROMIUM} is missing and could not be installed: {problem or 'unknown reason'}"
+    message = f"{CHROMIUM} is missing: run `sh tests/setup.sh` (installs Debian's chromium)"
     # in CI (CI=true) a browser test that cannot run is a failure, never a silent skip
     if os.environ.get("STAGECAST_REQUIRE_BROWSER") == "1" or os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
@@ -87,9 +78,9 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     base = tmp_path_factory.mktemp("stagecast-browser")
     chains = base / "chains"
     chains.mkdir()
-    for path in [*(ROOT / "chains").glob("*.yaml"), *(HERE / "chains").glob("*.yaml")]:
+    for path in [*SHIPPED_CHAINS.glob("*.yaml"), *(HERE / "chains").glob("*.yaml")]:
         shutil.copy(path, chains / path.name)
-    schema = ROOT / "chains" / "chain.schema.json"
+    schema = SHIPPED_CHAINS / "chain.schema.json"
     if schema.exists():
         shutil.copy(schema, chains / schema.name)
     models = base / "models.yaml"

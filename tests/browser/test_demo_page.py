@@ -1,7 +1,7 @@
 """The demo page end to end: every shipped chain runs and is watched in headless Chromium.
 
 Each test drives the page as a person would (pick a chain, fill the generated form, start) and
-checks what DESIGN.md §4–§5 and the demo-page issue promise: every stage row goes through its
+checks what docs/protocol.md and the demo-page issue promise: every stage row goes through its
 statuses to `succeeded`, the overall bar reaches 100, tokens show while their stage runs, a reload
 mid-run resumes the same run, cancel ends `cancelled`, and model output is only ever text.
 Screenshots go to test-artifacts/ (gitignored).

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
-from engine.validation import SCHEMA_DIALECT, chain_json_schema, chain_json_schema_text
+from stagecast.engine.validation import SCHEMA_DIALECT, chain_json_schema, chain_json_schema_text
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "chains" / "chain.schema.json"

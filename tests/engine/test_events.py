@@ -10,7 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from engine.events import (
+from stagecast.engine.events import (
     ErrorInfo,
     RunEnded,
     StageEnded,
@@ -19,6 +19,7 @@ from engine.events import (
     event_from_json,
     event_to_json,
     events_json_schema,
+    events_json_schema_text,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,6 +91,7 @@ def test_every_field_is_present_even_when_null() -> None:
 
 def test_committed_event_schema_is_current() -> None:
     expected = json.dumps(events_json_schema(), indent=2, ensure_ascii=False) + "\n"
+    assert events_json_schema_text() == expected
     assert SCHEMA_FILE.read_text(encoding="utf-8") == expected, (
         "api/schema/run-events.json is stale: run `stagecast schema --events > "
         "api/schema/run-events.json` and review the wire change"
@@ -116,12 +118,14 @@ def test_schema_accepts_real_events_and_rejects_missing_fields() -> None:
 
 
 def test_engine_imports_no_web_stack() -> None:
+    # every engine module, imported for real: none may pull in the web stack or stagecast.api
     probe = (
-        "import sys, engine, engine.orchestrator, engine.loading, engine.providers;"
-        "import importlib.util;"
-        "cli = importlib.util.find_spec('engine.cli') and __import__('engine.cli');"
+        "import sys, pkgutil, importlib, stagecast.engine as e;"
+        "mods = pkgutil.walk_packages(e.__path__, e.__name__ + '.');"
+        "[importlib.import_module(m.name) for m in mods];"
         "web = {'fastapi', 'starlette', 'sse_starlette', 'uvicorn'};"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & web))"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & web),"
+        " sorted(m for m in sys.modules if m.startswith('stagecast.api')))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[] []"

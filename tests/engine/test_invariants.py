@@ -9,9 +9,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.chain import Chain
-from engine.orchestrator import ChainRun
-from engine.spec import ChainSpec
+from stagecast.engine.chain import Chain
+from stagecast.engine.orchestrator import ChainRun
+from stagecast.engine.spec import ChainSpec
 from tests.fakes import ScriptedChatModel
 
 
@@ -108,7 +108,7 @@ def check_invariants(events: list[Any], chain: Chain) -> None:
 def test_protocol_invariants_hold_for_random_dags(case: Any) -> None:
     spec_data, scripts, fail = case
     chain = Chain.from_spec(ChainSpec.model_validate(spec_data), id="random")
-    from engine.errors import TransientError
+    from stagecast.engine.errors import TransientError
 
     if fail == "transient":
         scripts = [["x", TransientError("flaky")], *scripts]

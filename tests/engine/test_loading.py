@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.chain import Chain
-from engine.errors import ChainSpecError
-from engine.loading import (
+from stagecast.engine.chain import Chain
+from stagecast.engine.errors import ChainSpecError
+from stagecast.engine.loading import (
     find_chain,
     load_chain,
     load_chain_text,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
 
-from engine.offline import OfflineChatModel, fake_json
-from engine.splitting import split_text
+from stagecast.engine.offline import OfflineChatModel, fake_json
+from stagecast.engine.splitting import split_text
 
 pytestmark = pytest.mark.anyio
 

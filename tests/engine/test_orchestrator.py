@@ -10,11 +10,11 @@ import anyio
 import pytest
 import yaml
 
-from engine.chain import Chain
-from engine.errors import InputError, ModelConfigError, TransientError
-from engine.events import RunEvent, event_from_json, event_to_json
-from engine.orchestrator import ChainRun, run_chain
-from engine.spec import ChainSpec
+from stagecast.engine.chain import Chain
+from stagecast.engine.errors import InputError, ModelConfigError, TransientError
+from stagecast.engine.events import RunEvent, event_from_json, event_to_json
+from stagecast.engine.orchestrator import ChainRun, run_chain
+from stagecast.engine.spec import ChainSpec
 from tests.fakes import ScriptedChatModel, fmt
 
 pytestmark = pytest.mark.anyio
@@ -715,7 +715,7 @@ stages: [{id: t, kind: template, text: "{{ inputs.xs | length }}"}]
 
 
 async def test_a_chat_model_object_as_the_run_model_leaves_a_shared_registry_alone() -> None:
-    from engine.providers import ModelRegistry
+    from stagecast.engine.providers import ModelRegistry
 
     shared = ModelRegistry()
     model = ScriptedChatModel(scripts=[["mine"]])

@@ -18,12 +18,13 @@ from typing import Any
 import anyio
 import pytest
 
-from engine.chain import Chain
-from engine.events import event_to_dict
-from engine.loading import CHAINS_DIR, PROJECT_ROOT, load_chain, load_chain_text
-from engine.orchestrator import run_chain
-from engine.providers import load_models_config
-from engine.spec import (
+from stagecast.engine.chain import Chain
+from stagecast.engine.events import event_to_dict
+from stagecast.engine.loading import load_chain, load_chain_text
+from stagecast.engine.model_config import load_models_config
+from stagecast.engine.orchestrator import run_chain
+from stagecast.engine.resources import SHIPPED_CHAINS as CHAINS_DIR
+from stagecast.engine.spec import (
     ChainSpec,
     Defaults,
     InputSpec,
@@ -38,7 +39,7 @@ from engine.spec import (
 pytestmark = pytest.mark.anyio
 
 EXAMPLES_DIR = CHAINS_DIR / "examples"
-DOCS = PROJECT_ROOT / "docs" / "authoring.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "authoring.md"
 DOCS_CHAINS = Path(__file__).parent / "chains_from_docs"
 SCHEMA_COMMENT = "# yaml-language-server: $schema=./chain.schema.json"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import ChainSpecError
-from engine.loading import load_chain, validate_chain_file
+from stagecast.engine.errors import ChainSpecError
+from stagecast.engine.loading import load_chain, validate_chain_file
 
 BAD = Path(__file__).parent / "chains_bad"
 MODELS = ["default", "gpt-4o"]

@@ -18,9 +18,10 @@ import anyio
 import pytest
 import yaml
 
-from engine.loading import find_chain, load_chain
-from engine.orchestrator import run_chain
-from engine.providers import ModelEntry, ModelRegistry, ModelsConfig
+from stagecast.engine.loading import find_chain, load_chain
+from stagecast.engine.model_config import ModelEntry, ModelsConfig
+from stagecast.engine.orchestrator import run_chain
+from stagecast.engine.providers import ModelRegistry
 from tests.providers.conftest import KEY, entry_fields
 from tests.providers.openai_server import OpenAIServer, Reply
 
@@ -98,7 +99,7 @@ def check_events(events: list[dict[str, Any]], server: OpenAIServer) -> None:
 
 
 async def test_advanced_summary_streams_the_servers_tokens(server: OpenAIServer) -> None:
-    from engine.events import event_to_dict
+    from stagecast.engine.events import event_to_dict
 
     script(server)
     entry = ModelEntry.model_validate(entry_fields(base_url=server.base_url))
@@ -132,7 +133,7 @@ async def test_stagecast_run_advanced_summary_with_model_entry(
     env = {**os.environ, "STAGECAST_MODELS": str(models_file), "STAGECAST_TEST_KEY": KEY}
     env.pop("OPENAI_API_KEY", None)
     # A real process, as a user runs it (its own event loop; the server keeps serving here).
-    command = [sys.executable, "-c", "from engine.cli import main; main()"]
+    command = [sys.executable, "-c", "from stagecast.api.cli import main; main()"]
     command += ["run", "advanced_summary", "--model", "testsrv", "--events"]
     command += ["-i", f"document=@{document}"]
     with anyio.fail_after(60):

@@ -8,16 +8,11 @@ from typing import Any
 
 import pytest
 
-from engine.errors import ModelConfigError, StageError, TransientError
-from engine.providers import (
-    DEFAULT_MODELS_FILE,
-    ModelEntry,
-    ModelRegistry,
-    ModelsConfig,
-    classify_error,
-    describe_models,
-    load_models_config,
-)
+from stagecast.engine.errors import ModelConfigError, StageError, TransientError
+from stagecast.engine.faults import classify_error
+from stagecast.engine.model_config import ModelEntry, ModelsConfig, load_models_config
+from stagecast.engine.providers import ModelRegistry, describe_models
+from stagecast.engine.resources import SHIPPED_CONFIGS
 from tests.providers.conftest import KEY
 from tests.providers.openai_server import OpenAIServer, Reply
 
@@ -25,7 +20,7 @@ pytestmark = pytest.mark.anyio
 
 
 def test_shipped_models_file_has_the_builtins_and_local_servers() -> None:
-    config = load_models_config(DEFAULT_MODELS_FILE)
+    config = load_models_config(SHIPPED_CONFIGS / "models.yaml")
     assert {"auto", "offline", "demo"} <= set(config.models)
     assert config.default == "auto"
     for name in ("ollama", "vllm", "llamacpp"):

@@ -15,11 +15,12 @@ import anyio
 import pytest
 import yaml
 
-from engine.chain import Chain
-from engine.events import event_to_json
-from engine.orchestrator import ChainRun, run_chain
-from engine.providers import ModelEntry, ModelRegistry, ModelsConfig
-from engine.spec import ChainSpec
+from stagecast.engine.chain import Chain
+from stagecast.engine.events import event_to_json
+from stagecast.engine.model_config import ModelEntry, ModelsConfig
+from stagecast.engine.orchestrator import ChainRun, run_chain
+from stagecast.engine.providers import ModelRegistry
+from stagecast.engine.spec import ChainSpec
 from tests.providers.conftest import KEY, entry_fields
 from tests.providers.openai_server import OpenAIServer, Reply, blackhole_port, free_port
 

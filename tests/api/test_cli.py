@@ -16,10 +16,17 @@ from typing import Any
 import anyio
 import pytest
 
-from engine._live import LiveView
-from engine.events import RUN_EVENT, RunEnded, RunEvent, event_from_json, event_to_json
-from engine.loading import CHAINS_DIR, load_chain
-from engine.orchestrator import ChainRun
+from stagecast.api.live import LiveView
+from stagecast.engine.events import (
+    RunEnded,
+    RunEvent,
+    event_from_json,
+    event_to_json,
+    events_json_schema,
+)
+from stagecast.engine.loading import load_chain
+from stagecast.engine.orchestrator import ChainRun
+from stagecast.engine.resources import SHIPPED_CHAINS
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "cli_chains"
@@ -34,7 +41,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args],
+        [sys.executable, "-m", "stagecast.api.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -189,7 +196,7 @@ def test_unknown_chain_and_unknown_model_exit_2() -> None:
 
 def test_ctrl_c_cancels_cleanly_and_exits_130() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "run", str(FIXTURES / "slow.yaml"), "--events"],
+        [sys.executable, "-m", "stagecast.api.cli", "run", str(FIXTURES / "slow.yaml"), "--events"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -270,7 +277,7 @@ def test_list_shows_every_shipped_chain() -> None:
     result = cli("list")
     assert result.returncode == 0, result.stderr
     rows = result.stdout.splitlines()
-    shipped = sorted(p for p in CHAINS_DIR.glob("*.yaml"))
+    shipped = sorted(p for p in SHIPPED_CHAINS.glob("*.yaml"))
     assert len(rows) == len(shipped)
     for row, path in zip(rows, shipped, strict=True):
         chain = load_chain(path)
@@ -280,12 +287,16 @@ def test_list_shows_every_shipped_chain() -> None:
             assert f"{name} (" in row
 
 
-def test_schema_prints_the_chain_and_event_schemas() -> None:
-    chain_schema = json.loads(cli("schema").stdout)
-    assert "stages" in chain_schema["properties"]
+def test_schema_prints_the_committed_chain_and_event_schemas() -> None:
+    # the fix the staleness tests suggest (`stagecast schema [--events] > FILE`) must make them pass
+    chain_schema = cli("schema")
+    assert chain_schema.returncode == 0
+    assert chain_schema.stdout == (SHIPPED_CHAINS / "chain.schema.json").read_text("utf-8")
+    assert "stages" in json.loads(chain_schema.stdout)["properties"]
     result = cli("schema", "--events")
     assert result.returncode == 0
-    assert json.loads(result.stdout) == RUN_EVENT.json_schema()
+    assert result.stdout == (ROOT / "api" / "schema" / "run-events.json").read_text("utf-8")
+    assert json.loads(result.stdout) == events_json_schema()
 
 
 def test_models_says_which_are_usable_and_never_prints_a_secret() -> None:
@@ -399,13 +410,21 @@ def _free_port() -> int:
 
 
 def test_run_against_a_server(tmp_path: Path) -> None:
-    pytest.importorskip("api.server")
     import httpx
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "stagecast.api.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=ROOT,

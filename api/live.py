@@ -28,7 +28,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from engine.events import (
+from stagecast.engine.events import (
     InputRequired,
     RunEnded,
     RunEvent,
@@ -209,7 +209,8 @@ class View:
         pass
 
     def handle(self, event: RunEvent) -> None:
-        raise NotImplementedError
+        """Show one event (called in ``seq`` order, on the event loop's thread)."""
+        raise NotImplementedError  # every view shows events its own way
 
     def prompt(self, stage: str, path: list[str | int], messages: list[BaseMessage]) -> None:
         pass

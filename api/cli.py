@@ -4,18 +4,19 @@ Exit codes: 0 the run succeeded (or every file is valid); 1 the run failed, or a
 problems; 2 bad usage or input (unknown chain, unknown model, bad ``-i``); 130 cancelled (Ctrl-C:
 the run is cancelled cleanly and still ends with run-end ``cancelled``).
 
-``--events`` prints exactly ``engine.events.event_to_json`` per line on stdout and nothing else;
-every diagnostic goes to stderr. Without a terminal on stdout ``run`` prints a plain log instead of
-the live view. The web stack (``serve``, ``--server``) is imported only inside those commands, so
-the engine never imports it.
+``--events`` prints exactly ``stagecast.engine.events.event_to_json`` per line on stdout and
+nothing else; every diagnostic goes to stderr. Without a terminal on stdout ``run`` prints a plain
+log instead of the live view.
+
+The CLI is the outer layer: it imports the engine and the server (``serve``, ``--server``) with
+plain imports. The server modules are imported inside those commands only so that ``run`` and
+``validate`` start fast; nothing here is hidden from the type checker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import inspect
 import io
 import json
 import os
@@ -23,19 +24,25 @@ import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from engine.chain import Chain
-from engine.errors import ChainSpecError, InputError, ModelConfigError, Problem
-from engine.events import RUN_EVENT, RunEnded
-from engine.loading import CHAINS_DIR, find_chain, load_chain, validate_chain_file
-from engine.orchestrator import ChainRun
-from engine.providers import ModelRegistry, describe_models, load_models_config
-from engine.spec import ChainSpec, InputSpec, MapStage
-from engine.templates import references
-from engine.validation import chain_json_schema
+from stagecast.api.live import EventsView, LiveView, PlainView, View
+from stagecast.engine.chain import Chain
+from stagecast.engine.errors import ChainSpecError, InputError, ModelConfigError, Problem
+from stagecast.engine.events import RunEnded, events_json_schema_text
+from stagecast.engine.graph import chain_mermaid
+from stagecast.engine.loading import find_chain, load_chain, validate_chain_file
+from stagecast.engine.model_config import load_models_config
+from stagecast.engine.orchestrator import ChainRun
+from stagecast.engine.providers import ModelRegistry, describe_models
+from stagecast.engine.resources import chain_dirs, chain_files, data_glob, data_path
+from stagecast.engine.spec import InputSpec
+from stagecast.engine.validation import chain_json_schema_text
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
 
 __all__ = ["app", "main"]
 
@@ -68,7 +75,7 @@ def _fail(message: str, code: int = EXIT_USAGE, hint: str = "") -> NoReturn:
 def _problem_lines(problem: Problem) -> str:
     """A problem with a place as ``file:line:col: key: problem``; one without, as its message."""
     if problem.line is None and not problem.key:
-        where = "" if problem.file == str(CHAINS_DIR) else f"{problem.file}: "
+        where = f"{problem.file}: " if problem.file and Path(problem.file).is_file() else ""
         text = f"{where}{problem.problem}"
         return text + (f"\n  hint: {problem.hint}" if problem.hint else "")
     return str(problem)
@@ -109,7 +116,7 @@ def _read_text(path: str, what: str) -> str:
     try:
         if path == "-":
             return sys.stdin.read()
-        return Path(path).read_text(encoding="utf-8")
+        return data_path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         _fail(f"{what}: {path}: no such file")
     except IsADirectoryError:
@@ -160,7 +167,10 @@ def collect_inputs(
 def _chain_files(paths: list[str]) -> list[Path]:
     files: list[Path] = []
     for name in paths:
-        path = Path(name)
+        path = data_path(name)
+        if not path.exists() and any(c in name for c in "*?["):
+            files.extend(data_glob(name))  # a pattern the shell left alone (no ./chains here)
+            continue
         if path.is_dir():
             files.extend(sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")))
         elif path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
@@ -264,9 +274,7 @@ def dry_run(
     _run_local(chain, input or [], inputs, "offline", events, coalesce_ms, dry_run=True)
 
 
-def _make_view(events: bool) -> Any:
-    from engine._live import EventsView, LiveView, PlainView
-
+def _make_view(events: bool) -> View:
     if isinstance(sys.stdout, io.TextIOWrapper):
         # a lone surrogate (a model's split emoji) becomes its JSON escape instead of a crash
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -292,7 +300,7 @@ def _run_local(
     path = _find(chain_name)
     registry = _registry()
     if dry_run and "offline" not in registry.config.models:
-        from engine.offline import OfflineChatModel
+        from stagecast.engine.offline import OfflineChatModel
 
         registry.overrides["offline"] = OfflineChatModel()
     chain = _load(path, registry)
@@ -331,7 +339,9 @@ def _run_local(
     _exit_for(end, view, events)
 
 
-async def _drive(execute: Any, cancel: Callable[[], None], view: Any) -> RunEnded | None:
+async def _drive(
+    execute: Coroutine[Any, Any, RunEnded | None], cancel: Callable[[], None], view: View
+) -> RunEnded | None:
     """Run to the end; the first Ctrl-C (or SIGTERM) cancels cleanly: run-end ``cancelled``."""
     loop = asyncio.get_running_loop()
 
@@ -358,8 +368,8 @@ async def _drive(execute: Any, cancel: Callable[[], None], view: Any) -> RunEnde
     return end
 
 
-def _exit_for(end: RunEnded | None, view: Any, events: bool) -> NoReturn:
-    if getattr(view, "broken", False):
+def _exit_for(end: RunEnded | None, view: View, events: bool) -> NoReturn:
+    if view.broken:
         # stdout was closed (`| head`): say nothing more there, and do not fail at exit.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -387,13 +397,9 @@ def _run_remote(
     model: str | None,
     events: bool,
 ) -> NoReturn:
-    """``run --server URL``: the same views, fed by api.client (imported here, never before)."""
-    try:
-        client_module = importlib.import_module("api.client")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("api.client", "api"):
-            _fail(f"--server needs {exc.name}, which is not installed")
-        _fail("--server needs the HTTP client (api/client.py), which is not available")
+    """``run --server URL``: the same views, fed by the HTTP client."""
+    from stagecast.api.client import AsyncClient, StagecastError
+
     declared: Mapping[str, InputSpec] = {}
     chain_id = chain_name
     with contextlib.suppress(ChainSpecError):
@@ -401,14 +407,13 @@ def _run_remote(
         declared, chain_id = local.spec.inputs, local.id
     values = collect_inputs(declared, pairs, inputs_file)
     view = _make_view(events)
-    api_error: Any = client_module.StagecastError
     run_id: list[str] = []
     cancelled = asyncio.Event()
 
     async def execute() -> RunEnded | None:
         end: RunEnded | None = None
         api_key = os.environ.get("STAGECAST_API_KEY") or None
-        async with client_module.AsyncClient(server, api_key=api_key) as client:
+        async with AsyncClient(server, api_key=api_key) as client:
 
             async def cancel_when_asked() -> None:
                 await cancelled.wait()
@@ -431,7 +436,7 @@ def _run_remote(
         end = asyncio.run(_drive(execute(), cancelled.set, view))
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_CANCELLED) from None
-    except api_error as exc:
+    except StagecastError as exc:
         fields = exc.details.get("fields") if isinstance(exc.details, dict) else None
         if isinstance(fields, dict) and fields:
             for key, problem in fields.items():
@@ -449,87 +454,6 @@ def _run_remote(
 
 
 # -- graph ------------------------------------------------------------------------------------
-
-_MERMAID_RESERVED = {
-    "end",
-    "graph",
-    "subgraph",
-    "flowchart",
-    "style",
-    "class",
-    "classDef",
-    "click",
-    "linkStyle",
-    "default",
-}
-
-
-def _node_id(stage_id: str) -> str:
-    return stage_id + "_" if stage_id in _MERMAID_RESERVED else stage_id
-
-
-def _mermaid_text(text: str) -> str:
-    text = " ".join(text.split())
-    for char, code in (("&", "#amp;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):
-        text = text.replace(char, code)
-    return text
-
-
-def _when_expr(source: str) -> str:
-    text = source.strip()
-    if text.startswith("{{") and text.endswith("}}"):
-        text = text[2:-2].strip()
-    return text
-
-
-def chain_mermaid(chain: Chain) -> str:
-    """The chain as a Mermaid flowchart: a node per stage, edges from the DAG, outputs last."""
-    spec = chain.spec
-    lines = ["flowchart TD"]
-    conditional: list[str] = []
-    for stage in spec.stages:
-        sid = stage.id or ""
-        kind: str = stage.kind
-        if isinstance(stage, MapStage):
-            kind = f"map × {stage.stage.kind}"
-        label = f"{_mermaid_text(stage.label or sid)}<br/><small>{kind} · {sid}</small>"
-        if stage.when is not None:
-            label += f"<br/><i>when: {_mermaid_text(_when_expr(stage.when))}</i>"
-            conditional.append(_node_id(sid))
-        shape = {
-            "map": ('[["', '"]]'),
-            "split": ('[/"', '"/]'),
-            "template": ('("', '")'),
-            "retrieve": ('[("', '")]'),
-            "input": ('{{"', '"}}'),
-        }.get(stage.kind, ('["', '"]'))
-        lines.append(f"    {_node_id(sid)}{shape[0]}{label}{shape[1]}")
-    for stage in spec.stages:
-        sid = stage.id or ""
-        arrow = "-.->" if stage.when is not None else "-->"
-        for dep in chain.deps.get(sid, []):
-            lines.append(f"    {_node_id(dep)} {arrow} {_node_id(sid)}")
-    out_names, out_deps = _outputs_deps(spec)
-    names = _mermaid_text(", ".join(out_names))
-    lines.append(f'    outputs__(["outputs<br/><small>{names}</small>"])')
-    for dep in out_deps:
-        lines.append(f"    {_node_id(dep)} --> outputs__")
-    if conditional:
-        lines.append("    classDef conditional stroke-dasharray: 5 5")
-        lines.append(f"    class {','.join(conditional)} conditional")
-    return "\n".join(lines)
-
-
-def _outputs_deps(spec: ChainSpec) -> tuple[list[str], list[str]]:
-    ids = [s.id or "" for s in spec.stages]
-    if spec.outputs is None:
-        return ["output"], [ids[-1]]
-    wanted: set[str] = set()
-    for value in spec.outputs.values():
-        if isinstance(value, str):
-            with contextlib.suppress(Exception):
-                wanted.update(references(value).stages)
-    return list(spec.outputs), [i for i in ids if i in wanted]
 
 
 @app.command()
@@ -553,10 +477,10 @@ def _describe_input(name: str, spec: InputSpec) -> str:
 
 @app.command("list")
 def list_chains() -> None:
-    """List the chains in chains/ with their inputs."""
-    files = sorted(p for p in CHAINS_DIR.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
+    """List the chains (./chains, then the shipped ones) with their inputs."""
+    files = list(chain_files().values())
     if not files:
-        _err(f"no chains in {CHAINS_DIR}")
+        _err("no chains in " + ", ".join(str(d) for d in chain_dirs()))
         return
     rows: list[tuple[str, str, str]] = []
     for path in files:
@@ -587,11 +511,8 @@ def schema(
     ] = False,
 ) -> None:
     """Print the chain YAML JSON Schema (or, with --events, the event union's)."""
-    if events:
-        data: Any = RUN_EVENT.json_schema()
-    else:
-        data = chain_json_schema()
-    print(json.dumps(data, indent=2, ensure_ascii=False))
+    # the exact text of api/schema/run-events.json / chains/chain.schema.json
+    sys.stdout.write(events_json_schema_text() if events else chain_json_schema_text())
 
 
 def _model_rows(registry: ModelRegistry) -> list[tuple[str, str, str, str]]:
@@ -640,18 +561,10 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
 ) -> None:
     """Serve the HTTP API (runs as Server-Sent Event streams)."""
+    from stagecast.api.server import serve as start_server
+
     try:
-        server = importlib.import_module("api.server")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("api.server", "api"):
-            _fail(f"the HTTP server needs {exc.name}, which is not installed", EXIT_FAILED)
-        _fail("the HTTP server (api/server.py) is not available in this version", EXIT_FAILED)
-    start: Any = server.serve
-    kwargs: dict[str, Any] = {"host": host, "port": port}
-    if "settings" in inspect.signature(start).parameters:
-        kwargs["settings"] = None
-    try:
-        start(**kwargs)
+        start_server(host=host, port=port)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_OK) from None
 

@@ -1,0 +1,1 @@
+"""The shipped chains (package data): stagecast.engine.resources reads them."""

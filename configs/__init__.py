@@ -1,0 +1,1 @@
+"""The shipped configuration files (package data): stagecast.engine.resources reads them."""

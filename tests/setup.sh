@@ -1,0 +1,19 @@
+#!/bin/sh
+# The test suite's own setup: what `pytest` needs besides the Python packages of the `test`
+# extra. It is part of the README's test command (and so of .ci/run); pytest itself never
+# installs anything. Today that is Debian's Chromium for the demo-page tests.
+#
+# Outside CI, what cannot be installed (no root, no apt-get) is reported and the tests that need
+# it skip, saying why; with CI=true it is an error here and a failure in the suite.
+set -eu
+cd "$(dirname "$0")"
+
+status=0
+if ! sh browser/install_chromium.sh; then
+    if [ "${CI:-}" = "true" ]; then
+        status=1
+    else
+        echo "tests/setup.sh: no Chromium: the browser tests (tests/browser) will skip" >&2
+    fi
+fi
+exit "$status"
