@@ -142,6 +142,7 @@ class RunManager:
             models=self.registry,
             model=model,
             coalesce_ms=self.settings.coalesce_ms if coalesce_ms is None else coalesce_ms,
+            render_limits=self.settings.render_limits(),
         )
         managed = ManagedRun(
             run=run,

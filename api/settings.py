@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stagecast.engine.resources import SHIPPED_CONFIGS, config_file
+from stagecast.engine.templates import DEFAULT_LIMITS, RenderLimits
 
 __all__ = ["DEFAULT_SERVER_FILE", "ServerSettings", "SettingsError", "load_settings"]
 
@@ -71,6 +72,20 @@ class ServerSettings(BaseModel):
     shutdown_timeout: float = Field(
         5.0, ge=0, description="Seconds open streams get to finish when the server stops."
     )
+    template_max_chars: int = Field(
+        DEFAULT_LIMITS.max_chars,
+        gt=0,
+        description="Most characters (or list items) one template render produces or holds "
+        "in one value; more fails the stage.",
+    )
+    template_max_steps: int = Field(
+        DEFAULT_LIMITS.max_steps,
+        gt=0,
+        description="Most steps (template lines, loop turns included) one render runs.",
+    )
+    template_max_seconds: float = Field(
+        DEFAULT_LIMITS.max_seconds, gt=0, description="Most seconds one template render runs."
+    )
     chains_dir: Path | None = Field(
         None,
         description="Where chain YAML files are found; by default ./chains of the working "
@@ -79,6 +94,14 @@ class ServerSettings(BaseModel):
     models_file: Path | None = Field(
         None, description="configs/models.yaml by default (the engine's built-ins if absent)."
     )
+
+    def render_limits(self) -> RenderLimits:
+        """The template limits every run of this server gets."""
+        return RenderLimits(
+            max_chars=self.template_max_chars,
+            max_steps=self.template_max_steps,
+            max_seconds=self.template_max_seconds,
+        )
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -68,7 +68,12 @@ from stagecast.engine.spec import (
     TemplateStage,
 )
 from stagecast.engine.splitting import split_text
-from stagecast.engine.templates import compile_template
+from stagecast.engine.templates import (
+    DEFAULT_LIMITS,
+    RenderLimits,
+    compile_template,
+    render_async,
+)
 
 __all__ = ["ChainRun", "StageState", "new_run_id", "plan_of", "run_chain"]
 
@@ -185,6 +190,7 @@ class ChainRun:
         retry_backoff: base seconds of the exponential backoff between attempts.
         on_prompt: called with (stage id, path, messages) each time an llm stage's prompt is
             rendered, before the model call (``stagecast dry-run`` prints them).
+        render_limits: how big and how long one template render may get (``RenderLimits``).
     """
 
     def __init__(
@@ -200,6 +206,7 @@ class ChainRun:
         coalesce_ms: float = 0.0,
         retry_backoff: float = 0.5,
         on_prompt: Callable[[str, Path, list[BaseMessage]], None] | None = None,
+        render_limits: RenderLimits | None = None,
     ) -> None:
         self.chain = chain
         self.inputs = validate_inputs(chain, inputs)
@@ -219,6 +226,7 @@ class ChainRun:
         self.sink: Sink = sink or (lambda event: None)
         self.retry_backoff = retry_backoff
         self.on_prompt = on_prompt
+        self.render_limits = render_limits or DEFAULT_LIMITS
         self.coalesce_s = coalesce_ms / 1000
         self.status: RunStatus = "pending"
         self.outputs: Any = None
@@ -288,7 +296,7 @@ class ChainRun:
                 raise asyncio.CancelledError
             error = await self._schedule()
             if error is None:
-                outputs = self._render_outputs()
+                outputs = await self._render_outputs()
             status: FinalStatus = "succeeded" if error is None else "failed"
         except asyncio.CancelledError:
             status = "cancelled"
@@ -424,13 +432,13 @@ class ChainRun:
         if interrupted:
             raise asyncio.CancelledError
 
-    def _render_outputs(self) -> Any:
+    async def _render_outputs(self) -> Any:
         spec = self.chain.spec
         context = self._context()
         if spec.outputs is None:
             last = spec.stages[-1].id or ""
             return {"output": self._results.get(last, {}).get("output")}
-        return _render_value(spec.outputs, context, "outputs")
+        return await self._render_value(spec.outputs, context, "outputs")
 
     def _context(self) -> dict[str, Any]:
         return {"inputs": self.inputs, "stages": dict(self._results)}
@@ -463,7 +471,7 @@ class ChainRun:
         spec = unit.spec
         if spec.when is not None:
             try:
-                go = compile_template(spec.when).render(unit.context)
+                go = await self._render(spec.when, unit.context)
             except TemplateError as exc:
                 error = ErrorInfo(type=exc.type, message=f"when: {exc}")
                 self._end(unit, "failed", self._start(unit), None, Usage(), 1, error)
@@ -602,15 +610,15 @@ class ChainRun:
         if isinstance(spec, LlmStage):
             return await self._run_llm(unit, spec, attempt, usage)
         if isinstance(spec, TemplateStage):
-            return compile_template(spec.text).render_text(unit.context)
+            return await self._render(spec.text, unit.context, text=True)
         if isinstance(spec, SplitStage):
-            return self._run_split(unit, spec, attempt)
+            return await self._run_split(unit, spec, attempt)
         if isinstance(spec, (RetrieveStage, InputStage)):
             raise StageError(f"stage kind {spec.kind!r} is not available yet", type="unsupported")
         raise StageError(f"unknown stage kind {spec.kind!r}")  # pragma: no cover
 
-    def _run_split(self, unit: _Unit, spec: SplitStage, attempt: int) -> Any:
-        text = compile_template(spec.text).render_text(unit.context)
+    async def _run_split(self, unit: _Unit, spec: SplitStage, attempt: int) -> Any:
+        text = await self._render(spec.text, unit.context, text=True)
         chunks = split_text(text, spec.chunk_size, min(spec.overlap, spec.chunk_size - 1))
         if spec.sources:
             total = len(chunks)
@@ -629,14 +637,33 @@ class ChainRun:
                 )
         return chunks
 
-    def _messages(self, spec: LlmStage, context: dict[str, Any]) -> list[BaseMessage]:
+    async def _render(self, source: str, context: dict[str, Any], *, text: bool = False) -> Any:
+        """Render a template field: inline when it is plain substitution, else off the loop."""
+        return await render_async(compile_template(source), context, self.render_limits, text=text)
+
+    async def _render_value(self, value: Any, context: dict[str, Any], key: str) -> Any:
+        """Render every template inside ``value`` (nested mappings and lists included)."""
+        if isinstance(value, str):
+            try:
+                return await self._render(value, context)
+            except TemplateError as exc:
+                raise _StageFailed(ErrorInfo(type=exc.type, message=f"{key}: {exc}")) from None
+        if isinstance(value, dict):
+            return {k: await self._render_value(v, context, f"{key}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [
+                await self._render_value(v, context, f"{key}[{i}]") for i, v in enumerate(value)
+            ]
+        return value
+
+    async def _messages(self, spec: LlmStage, context: dict[str, Any]) -> list[BaseMessage]:
         return [
-            _MESSAGE_KINDS[role](compile_template(source).render_text(context))
+            _MESSAGE_KINDS[role](await self._render(source, context, text=True))
             for role, _, source in prompt_parts(spec.prompt)
         ]
 
     async def _run_llm(self, unit: _Unit, spec: LlmStage, attempt: int, usage: Usage) -> Any:
-        messages = self._messages(spec, unit.context)
+        messages = await self._messages(spec, unit.context)
         if self.on_prompt is not None:
             self.on_prompt(unit.stage_id, unit.path, messages)
         resolved = self._resolve(spec)
@@ -687,11 +714,14 @@ class ChainRun:
     async def _run_map(self, unit: _Unit, spec: MapStage, started: float) -> Any:
         state = self._state(unit)
         try:
-            items = compile_template(spec.over).render(unit.context)
+            items = await self._render(spec.over, unit.context)
         except TemplateError as exc:
             error = ErrorInfo(type=exc.type, message=f"over: {exc}")
             self._end(unit, "failed", started, None, Usage(), 1, error)
             raise _StageFailed(error) from None
+        except asyncio.CancelledError:  # the render is a wait: the stage started, so it ends
+            self._end(unit, "cancelled", started, None, Usage(), 1, None)
+            raise
         if items is None:  # the stage it reads was skipped: nothing to do
             items = []
         if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
@@ -768,20 +798,6 @@ class ChainRun:
         self._done_weight += unit.share - sum(u.share for u in item_units)
         self._end(unit, "succeeded", started, results, usage, 1, None)
         return results
-
-
-def _render_value(value: Any, context: dict[str, Any], key: str) -> Any:
-    """Render every template inside ``value`` (nested mappings and lists included)."""
-    if isinstance(value, str):
-        try:
-            return compile_template(value).render(context)
-        except TemplateError as exc:
-            raise _StageFailed(ErrorInfo(type=exc.type, message=f"{key}: {exc}")) from None
-    if isinstance(value, dict):
-        return {k: _render_value(v, context, f"{key}.{k}") for k, v in value.items()}
-    if isinstance(value, list):
-        return [_render_value(v, context, f"{key}[{i}]") for i, v in enumerate(value)]
-    return value
 
 
 def _sum_usage(units: list[_Unit]) -> Usage:

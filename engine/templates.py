@@ -1,40 +1,280 @@
-"""Jinja2 templates in a sandbox with strict undefined.
+"""Jinja2 templates in a sandbox with strict undefined, bounded in size and work.
 
 A field whose whole value is one ``{{ expression }}`` keeps the expression's type (a list for
 ``over``, a boolean for ``when``); anything else renders to text. Values are data: a value that
 holds ``{{ 7*7 }}`` is never rendered again. ``references`` reads a template's AST to find which
 ``stages.<id>`` and ``inputs.<name>`` it uses, which is how the orchestrator derives the DAG and
 how validation finds unknown names.
+
+One server renders many people's templates, so a render is bounded (``RenderLimits``):
+
+- **size**: ``*`` and ``**`` (``"x" * 10**8``, ``9 ** 10**9``), ``+`` and ``~`` on text and lists,
+  filters and method calls (``center(10**9)``, ``replace`` that grows) are checked before they
+  allocate, where the result's size is known up front, and after, where it is not; the rendered
+  text is capped while it is produced. Each limit is ``max_chars`` (characters, or items of a
+  list), 10 million by default: far above any real prompt (the largest shipped input is 400,000);
+- **work**: a render that is not plain substitution runs in a worker thread (``render_async``),
+  so the event loop keeps serving other runs, under a trace that counts the template's steps
+  (lines of its compiled code) and its wall time (``max_steps``, ``max_seconds``).
+
+Going over a limit raises ``RenderLimitError`` (a ``TemplateError``, type ``template_limit``) that
+names the limit and the setting that raises it; the stage fails with it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import re
-from collections.abc import ItemsView, Iterator, KeysView, ValuesView
+import sys
+import time
+from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
+from types import FrameType
 from typing import Any
 
-from jinja2 import StrictUndefined, UndefinedError, meta, nodes
+from jinja2 import Environment, StrictUndefined, UndefinedError, meta, nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import concat as _str_join
 
 from stagecast.engine.errors import TemplateError
 
-__all__ = ["ENV", "References", "Template", "compile_template", "references"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "ENV",
+    "References",
+    "RenderLimitError",
+    "RenderLimits",
+    "Template",
+    "compile_template",
+    "references",
+    "render_async",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RenderLimits:
+    """How big and how long one render may get (server settings ``template_max_*``)."""
+
+    max_chars: int = 10_000_000
+    """Most characters of text (or items of a list) a render produces, or holds in one value."""
+    max_steps: int = 5_000_000
+    """Most steps (lines of the compiled template) one render runs; loops count every turn."""
+    max_seconds: float = 10.0
+    """Most wall-clock seconds one render runs (in its worker thread)."""
+
+
+DEFAULT_LIMITS = RenderLimits()
+_LIMITS: ContextVar[RenderLimits] = ContextVar("stagecast_render_limits", default=DEFAULT_LIMITS)
+
+
+class RenderLimitError(TemplateError):
+    """A render went over one of its ``RenderLimits``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, type="template_limit")
+
+
+def _too_large(size: int, what: str = "a value", unit: str = "characters") -> RenderLimitError:
+    limit = _LIMITS.get().max_chars
+    return RenderLimitError(
+        f"template too large: {what} would have {size:,} {unit}, over the limit of {limit:,} "
+        "(template_max_chars)"
+    )
+
+
+def _unit(value: Any) -> str:
+    return "characters" if isinstance(value, str) else "items"
+
+
+def _size(value: Any, budget: int) -> int:
+    """The characters and items ``value`` holds, nested values included, counted only up to
+    just past ``budget`` (lists that share one item many times cannot make this slow)."""
+    if isinstance(value, str):
+        return len(value)
+    if not isinstance(value, list | tuple | dict):
+        return 0
+    total = 0
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, list | tuple | dict):
+            total += len(item)
+            if total > budget:
+                break
+            stack.extend(item.values() if isinstance(item, dict) else item)
+        else:
+            total += 1
+        if total > budget:
+            break
+    return total
+
+
+def _check(value: Any) -> Any:
+    """``value`` itself, unless it holds more than ``max_chars`` characters and items."""
+    if isinstance(value, str | list | tuple | dict):
+        limit = _LIMITS.get().max_chars
+        size = _size(value, limit)
+        if size > limit:
+            if isinstance(value, str) or size == len(value):
+                raise _too_large(size, unit=_unit(value))
+            raise _too_large(size, "a value with its nested values", "characters and items")
+    return value
+
+
+_FORMAT_WIDTHS = re.compile(r"%[-+ #0]*(\d+)(?:\.(\d+))?|\{[^{}]*:[^{}]*?(\d+)(?:\.(\d+))?[^{}]*\}")
+
+
+def _format_precheck(spec: Any) -> None:
+    """Refuse a format string whose widths or precisions alone are over the limit."""
+    if not isinstance(spec, str) or ("%" not in spec and "{" not in spec):
+        return
+    numbers = [int(n) for m in _FORMAT_WIDTHS.finditer(spec) for n in m.groups() if n]
+    if numbers and max(numbers) > _LIMITS.get().max_chars:
+        raise _too_large(max(numbers), "a formatted value")
+
+
+def _join_precheck(sep: Any, items: Any) -> None:
+    if isinstance(sep, str) and sep and isinstance(items, list | tuple | dict):
+        size = len(sep) * max(len(items) - 1, 0)
+        if size > _LIMITS.get().max_chars:
+            raise _too_large(size, "joined text")
+
+
+_SEQUENCES = (str, list, tuple)
+_WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill"})
+
+
+def _method_precheck(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse a str method whose result size is known before it allocates."""
+    target = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
+    owner = getattr(target, "__self__", None)
+    name = getattr(target, "__name__", "")
+    if not isinstance(owner, str):
+        return
+    limit = _LIMITS.get().max_chars
+    numbers = [a for a in (*args, *kwargs.values()) if isinstance(a, int)]
+    if name in _WIDTH_METHODS and numbers and max(numbers) > limit:
+        raise _too_large(max(numbers))
+    if name == "expandtabs" and numbers and owner.count("\t") * max(numbers) > limit:
+        raise _too_large(owner.count("\t") * max(numbers), "expanded text")
+    if name == "join" and args:
+        _join_precheck(owner, args[0])
+    if name == "format":
+        _format_precheck(owner)
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], str):
+        old, new = args[0], args[1]
+        if isinstance(new, str) and len(new) > len(old):
+            hits = owner.count(old) if old else len(owner) + 1
+            size = len(owner) + hits * (len(new) - len(old))
+            if size > limit:
+                raise _too_large(size)
+
+
+def _guard_filter(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A filter whose result is size-checked (and whose width arguments are checked first)."""
+
+    name = func.__name__.removeprefix("do_")
+
+    @functools.wraps(func)  # keeps jinja's pass_context / pass_environment markers
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        plain = [a for a in args if not isinstance(a, EvalContext | Context | Environment)]
+        if plain:
+            _check(plain[0])  # a nested value that shares items could serialize to gigabytes
+        if name in ("center", "indent"):
+            widths = [a for a in (*plain[1:], *kwargs.values()) if isinstance(a, int)]
+            if widths and max(widths) > _LIMITS.get().max_chars:
+                raise _too_large(max(widths))
+            if name == "indent" and widths and isinstance(plain[0], str):
+                size = len(plain[0]) + (plain[0].count("\n") + 1) * max(widths)
+                if size > _LIMITS.get().max_chars:
+                    raise _too_large(size, "indented text")
+        elif name == "join" and plain:
+            _join_precheck(plain[1] if len(plain) > 1 else kwargs.get("d", ""), list(plain[0]))
+        elif name == "format" and plain:
+            _format_precheck(plain[0])
+        elif name == "replace" and len(plain) >= 3:
+            _method_precheck(str(plain[0]).replace, (plain[1], plain[2]), {})
+        return _check(func(*args, **kwargs))
+
+    return guarded
+
+
+class _CodeGenerator(CodeGenerator):
+    """``a ~ b`` joins through the environment, so its size is checked like ``+``."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.checked_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
 
 
 class _Environment(ImmutableSandboxedEnvironment):
-    """Data keys win over dict methods: ``inputs.items`` is the input named ``items``."""
+    """Data keys win over dict methods: ``inputs.items`` is the input named ``items``.
+
+    Operators, ``~``, method calls and filters are size-checked (see the module docstring).
+    """
+
+    code_generator_class = _CodeGenerator
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is dict and attribute in obj:
             return obj[attribute]
         return super().getattr(obj, attribute)
 
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            seq, count = (left, right) if isinstance(left, _SEQUENCES) else (right, left)
+            if isinstance(seq, _SEQUENCES) and isinstance(count, int) and count > 0:
+                if len(seq) * count > _LIMITS.get().max_chars:
+                    what = (
+                        f"{'text' if isinstance(seq, str) else 'a list'} repeated {count:,} times"
+                    )
+                    raise _too_large(len(seq) * count, what, _unit(seq))
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+                digits = int(left.bit_length() * right * 0.302) + 1  # log10(2) per bit
+                if digits > _LIMITS.get().max_chars:
+                    raise _too_large(digits, f"{left} ** {right:,}", "digits")
+        elif operator == "%":
+            _format_precheck(left)
+        elif operator == "+":
+            both = isinstance(left, _SEQUENCES) and type(left) is type(right)
+            if both and len(left) + len(right) > _LIMITS.get().max_chars:
+                raise _too_large(len(left) + len(right), "a sum", _unit(left))
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _method_precheck(__obj, args, kwargs)
+        return _check(super().call(__context, __obj, *args, **kwargs))
+
+    @staticmethod
+    def checked_concat(parts: tuple[Any, ...]) -> str:
+        text = _str_join(parts)
+        if len(text) > _LIMITS.get().max_chars:
+            raise _too_large(len(text), "joined text (~)")
+        return text
+
+
+def _finalize(value: Any) -> Any:
+    """Every ``{{ value }}`` of a text template: checked before it becomes text."""
+    return _check(value)
+
 
 ENV = _Environment(
+    finalize=_finalize,
     undefined=StrictUndefined,
     autoescape=False,
     keep_trailing_newline=True,
@@ -49,6 +289,7 @@ def _tojson_pretty(value: Any) -> str:
 
 
 ENV.filters["tojson_pretty"] = _tojson_pretty
+ENV.filters.update({name: _guard_filter(func) for name, func in ENV.filters.items()})
 
 _LAZY = (Iterator, KeysView, ValuesView, ItemsView, range)
 _WHOLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}|\{\{).)*)\}\}\s*$", re.DOTALL)
@@ -61,8 +302,20 @@ class Template:
     source: str
     is_expression: bool
     _compiled: Any = field(repr=False, compare=False)
+    simple: bool = False
+    """Only text, names, attributes, items and constants: no loop, call, filter or operator.
+    Its render costs what copying its values costs, so it runs inline on the event loop."""
 
-    def render(self, context: dict[str, Any]) -> Any:
+    def render(self, context: dict[str, Any], limits: RenderLimits | None = None) -> Any:
+        """Render here and now (size limits apply; steps and seconds only in ``render_async``)."""
+        token = _LIMITS.set(limits) if limits is not None else None
+        try:
+            return self._render(context)
+        finally:
+            if token is not None:
+                _LIMITS.reset(token)
+
+    def _render(self, context: dict[str, Any]) -> Any:
         try:
             if self.is_expression:
                 value = self._compiled(**context)
@@ -70,8 +323,16 @@ class Template:
                     str(value)  # raises the UndefinedError with jinja's own message
                 if isinstance(value, _LAZY):
                     value = list(value)  # map/select/…/.keys() are lazy; data must be concrete
-                return value
-            return self._compiled.render(context)
+                return _check(value)
+            limit = _LIMITS.get().max_chars
+            parts: list[str] = []
+            size = 0
+            for part in self._compiled.generate(context):
+                size += len(part)
+                if size > limit:
+                    raise _too_large(size, "the rendered text")
+                parts.append(part)
+            return "".join(parts)
         except SecurityError as exc:
             raise TemplateError(f"unsafe template: {exc}", type="template_unsafe") from None
         except UndefinedError as exc:
@@ -84,9 +345,56 @@ class Template:
         except Exception as exc:  # a filter or an operator failed on the data
             raise TemplateError(f"template error: {type(exc).__name__}: {exc}") from None
 
-    def render_text(self, context: dict[str, Any]) -> str:
-        value = self.render(context)
-        return value if isinstance(value, str) else ("" if value is None else str(value))
+    def render_text(self, context: dict[str, Any], limits: RenderLimits | None = None) -> str:
+        return _as_text(self.render(context, limits))
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+async def render_async(
+    template: Template, context: dict[str, Any], limits: RenderLimits, *, text: bool = False
+) -> Any:
+    """Render without holding up the event loop: inline when ``template.simple``, else in a
+    worker thread under a step and time budget. ``text`` renders to text, as ``render_text``."""
+    if template.simple:
+        value = template.render(context, limits)
+    else:
+        value = await asyncio.to_thread(_render_counted, template, context, limits)
+    return _as_text(value) if text else value
+
+
+_TEMPLATE_FILE = "<template>"  # the filename jinja compiles from_string templates under
+
+
+def _render_counted(template: Template, context: dict[str, Any], limits: RenderLimits) -> Any:
+    steps = 0
+    deadline = time.monotonic() + limits.max_seconds
+
+    def count(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal steps
+        if event == "line":
+            steps += 1
+            if steps > limits.max_steps:
+                raise RenderLimitError(
+                    f"template too slow: over {limits.max_steps:,} steps (template_max_steps)"
+                )
+            if not steps & 63 and time.monotonic() > deadline:
+                raise RenderLimitError(
+                    f"template too slow: over {limits.max_seconds:g} s (template_max_seconds)"
+                )
+        return count
+
+    def calls(frame: FrameType, event: str, arg: Any) -> Any:
+        return count if frame.f_code.co_filename == _TEMPLATE_FILE else None
+
+    previous = sys.gettrace()
+    sys.settrace(calls)  # this worker thread only
+    try:
+        return template.render(context, limits)
+    finally:
+        sys.settrace(previous)
 
 
 @lru_cache(maxsize=4096)
@@ -94,10 +402,25 @@ def compile_template(source: str) -> Template:
     """Compile once; raises jinja2's TemplateSyntaxError (with ``lineno``) on bad syntax."""
     match = _WHOLE_EXPRESSION.match(source)
     if match:
-        return Template(
-            source, True, ENV.compile_expression(match["expr"], undefined_to_none=False)
-        )
-    return Template(source, False, ENV.from_string(source))
+        compiled = ENV.compile_expression(match["expr"], undefined_to_none=False)
+        ast = ENV.parse("{{" + match["expr"] + "}}")
+        return Template(source, True, compiled, _is_simple(ast))
+    return Template(source, False, ENV.from_string(source), _is_simple(ENV.parse(source)))
+
+
+_SIMPLE_NODES = (
+    nodes.Template,
+    nodes.Output,
+    nodes.TemplateData,
+    nodes.Name,
+    nodes.Getattr,
+    nodes.Getitem,
+    nodes.Const,
+)
+
+
+def _is_simple(ast: nodes.Template) -> bool:
+    return all(isinstance(node, _SIMPLE_NODES) for node in ast.find_all(nodes.Node))
 
 
 @dataclass

@@ -206,7 +206,11 @@ async def test_stream_true_cancels_on_disconnect(serve: Serve) -> None:
                     text += chunk
                     if "event: token" in text:
                         break
-            # the connection is closed: the server cancels the run
+            # the connection is closed: the server cancels the run. Wait for that before
+            # replaying: a viewer attached before the server saw the disconnect would (rightly)
+            # keep the run going, since it is cancelled only when its last viewer leaves.
+            while (await http.get(f"/v1/runs/{run_id}")).json()["status"] == "running":
+                await anyio.sleep(0.01)
             replay = await http.get(f"/v1/runs/{run_id}/events")
         events = events_of(replay.text)
     assert events[-1]["type"] == "run-end" and events[-1]["status"] == "cancelled"
