@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stagecast.api.catalog import ChainCatalog
-from stagecast.api.errors import error_response, install_error_handlers
+from stagecast.api.errors import TextSafeJSONResponse, error_response, install_error_handlers
 from stagecast.api.eventlog import EventLog
 from stagecast.api.memlog import InMemoryEventLog
 from stagecast.api.metrics import Metrics
@@ -167,6 +167,7 @@ def create_app(
         description="Run YAML prompt chains and follow every stage as Server-Sent Events "
         "(event protocol v1).",
         lifespan=lifespan,
+        default_response_class=TextSafeJSONResponse,
     )
     app.state.stagecast = state
     install_error_handlers(app)

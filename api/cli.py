@@ -138,6 +138,8 @@ def collect_inputs(
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             _fail(f"{inputs_file}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}")
+        except RecursionError:
+            _fail(f"{inputs_file}: the JSON is nested too deeply")
         if not isinstance(data, dict):
             _fail(f"{inputs_file}: expected a JSON object of inputs, got {type(data).__name__}")
         values.update(data)
@@ -157,6 +159,8 @@ def collect_inputs(
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
                 _fail(f"inputs.{key}: expected {spec.type} as JSON, got invalid JSON ({exc.msg})")
+            except RecursionError:
+                _fail(f"inputs.{key}: the JSON is nested too deeply")
         values[key] = value
     return values
 

@@ -8,6 +8,7 @@ logged on the server.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -17,9 +18,29 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["ApiError", "ErrorBody", "ErrorResponse", "error_response", "install_error_handlers"]
+__all__ = [
+    "ApiError",
+    "ErrorBody",
+    "ErrorResponse",
+    "TextSafeJSONResponse",
+    "error_response",
+    "install_error_handlers",
+]
 
 logger = logging.getLogger("stagecast.api")
+
+
+class TextSafeJSONResponse(JSONResponse):
+    """JSON as UTF-8, except that text which is not valid UTF-8 (a lone surrogate from a JSON
+    escape in a request, or from a model) goes out as its ``\\udXXX`` escape instead of
+    failing the response."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+            return text.encode("utf-8", "backslashreplace")
 
 
 class ErrorBody(BaseModel):
@@ -62,7 +83,7 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "details": details or {}}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return TextSafeJSONResponse(body, status_code=status, headers=headers)
 
 
 _HTTP_CODES = {
@@ -95,8 +116,29 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        errors = exc.errors()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if (
+            content_type
+            and content_type != "application/json"
+            and not content_type.endswith("+json")
+        ):
+            if any(e.get("loc", ())[:1] == ("body",) for e in errors):
+                return error_response(
+                    415,
+                    "unsupported_media_type",
+                    f"the body must be JSON (Content-Type: application/json), not {content_type}",
+                )
+        for error in errors:
+            if error.get("type") == "json_invalid":
+                where = error.get("loc", ())[-1]
+                detail = (error.get("ctx") or {}).get("error", "")
+                message = f"the request body is not valid JSON: {detail} (at character {where})"
+                return error_response(
+                    422, "invalid_request", message, {"fields": {"(body)": message}}
+                )
         fields: dict[str, str] = {}
-        for error in exc.errors():
+        for error in errors:
             fields.setdefault(_loc(error.get("loc", ())) or "(request)", str(error.get("msg")))
         message = "; ".join(f"{k}: {v}" for k, v in fields.items())
         return error_response(
@@ -109,6 +151,10 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            # e.g. nested deeper than the JSON parser goes: the same answer as any bad JSON
+            message = "the request body is not valid JSON (or is nested too deeply to read)"
+            return error_response(422, "invalid_request", message, {"fields": {"(body)": message}})
         headers = dict(exc.headers) if exc.headers else None
         return error_response(exc.status_code, code, message, headers=headers)
 

@@ -13,7 +13,7 @@ from stagecast.engine.chain import Chain
 from stagecast.engine.errors import InputError
 from stagecast.engine.spec import InputSpec
 
-__all__ = ["Rule", "broken_rule", "inputs_json_schema", "validate_inputs"]
+__all__ = ["MAX_DEPTH", "Rule", "broken_rule", "inputs_json_schema", "validate_inputs"]
 
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
@@ -33,7 +33,7 @@ def _coerce(spec: InputSpec, value: Any) -> Any:
     if spec.type in ("array", "object") and text[:1] in ("[", "{"):
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply: stays text
             return value
     if spec.type == "integer":
         try:
@@ -52,6 +52,26 @@ def _coerce(spec: InputSpec, value: Any) -> Any:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+MAX_DEPTH = 64
+"""Deepest nesting of lists and objects an input value may have."""
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value``, counted without recursion, to one past
+    ``MAX_DEPTH`` at most."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list | tuple | dict):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth > MAX_DEPTH:
+                break
+            stack.extend((v, depth) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _clean(value: Any) -> Any:
@@ -134,7 +154,11 @@ def validate_inputs(chain: Chain, inputs: Mapping[str, Any] | None) -> dict[str,
             else:
                 result[name] = spec.default
             continue
-        value = _clean(_coerce(spec, given[name]))
+        value = _coerce(spec, given[name])
+        if _depth(value) > MAX_DEPTH:
+            errors[name] = f"nested more than {MAX_DEPTH} levels deep"
+            continue
+        value = _clean(value)
         problem = _check(spec, value)
         if problem:
             errors[name] = problem

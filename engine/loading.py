@@ -139,8 +139,21 @@ def parse_chain_text(
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         return None, [_yaml_problem(filename, exc)]
-    except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML parse error has a mark
-        return None, [Problem(filename, None, None, "", f"invalid YAML: {exc}")]
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (NUL, controls)
+        line, col = _line_col(text, exc.position)
+        what = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        return None, [
+            Problem(filename, line, col, "", f"invalid YAML: the character {what} is not allowed")
+        ]
+    except RecursionError:
+        problem = f"the document is nested too deeply (more than {MAX_DEPTH} levels)"
+        return None, [Problem(filename, 1, 1, "", problem)]
+    except yaml.YAMLError as exc:  # pragma: no cover - every other PyYAML error has a mark
+        return None, [Problem(filename, 1, 1, "", f"invalid YAML: {exc}")]
+    if node is not None:
+        shape = _shape_problem(node, filename)
+        if shape is not None:
+            return None, [shape]
     if node is None:
         return None, [
             Problem(filename, 1, 1, "", "the file is empty; a chain is a mapping with `stages`")
@@ -214,8 +227,11 @@ def _read(path: Path) -> str:
     except FileNotFoundError:
         raise ChainSpecError([Problem(str(path), None, None, "", "no such chain file")]) from None
     except UnicodeDecodeError as exc:
+        data = exc.object if isinstance(exc.object, bytes) else b""
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         problem = f"the file is not UTF-8 text ({exc.reason} at byte {exc.start})"
-        raise ChainSpecError([Problem(str(path), None, None, "", problem)]) from None
+        raise ChainSpecError([Problem(str(path), line, col, "", problem)]) from None
     except OSError as exc:
         problem = f"cannot read the file: {exc.strerror or exc}"
         raise ChainSpecError([Problem(str(path), None, None, "", problem)]) from None
@@ -268,6 +284,65 @@ def _walk(
         for index, item in enumerate(node.value):
             spans[(*path, index)] = _span(item, item)
             _walk(item, (*path, index), spans, duplicates, loader, seen)
+
+
+MAX_DEPTH = 64
+"""Deepest nesting a chain document may have (real chains, JSON Schemas included, use ~15)."""
+MAX_VALUES = 100_000
+"""Most values a chain document may stand for once its aliases are expanded."""
+
+
+def _line_col(text: str, position: int) -> tuple[int, int]:
+    line = text.count("\n", 0, position) + 1
+    return line, position - (text.rfind("\n", 0, position) + 1) + 1
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _shape_problem(root: yaml.Node, filename: str) -> Problem | None:
+    """A document too deep, recursive, or that aliases expand past ``MAX_VALUES`` (a
+    "billion laughs"): reported at the node, before anything walks the expanded data."""
+
+    def at(node: yaml.Node, problem: str, hint: str = "") -> Problem:
+        mark = node.start_mark
+        return Problem(filename, mark.line + 1, mark.column + 1, "", problem, hint)
+
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, closing = stack.pop()
+        key = id(node)
+        if closing:
+            open_nodes.discard(key)
+            size = 1 + sum(sizes[id(child)] for child in _children(node))
+            sizes[key] = size
+            if size > MAX_VALUES:
+                return at(
+                    node,
+                    f"this value stands for more than {MAX_VALUES:,} values once its YAML "
+                    "aliases are expanded",
+                    "write the values out, or anchor less deeply nested ones",
+                )
+            continue
+        if key in sizes:
+            continue
+        if depth > MAX_DEPTH:
+            return at(node, f"nested too deeply (more than {MAX_DEPTH} levels)")
+        open_nodes.add(key)
+        stack.append((node, depth, True))
+        for child in _children(node):
+            if id(child) in open_nodes:
+                return at(child, "a YAML alias that contains itself (a recursive anchor)")
+            if id(child) not in sizes:
+                stack.append((child, depth + 1, False))
+    return None
 
 
 def _key_of(node: yaml.Node, loader: yaml.SafeLoader) -> str | int:

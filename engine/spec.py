@@ -62,8 +62,12 @@ class Defaults(_Model):
         None, description="A model name from configs/models.yaml (default: `auto`)."
     )
     temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature.")
-    max_tokens: int | None = Field(None, gt=0, description="Most tokens a model may produce.")
-    timeout: float | None = Field(None, gt=0, description="Seconds one stage attempt may take.")
+    max_tokens: int | None = Field(
+        None, gt=0, le=10_000_000, description="Most tokens a model may produce."
+    )
+    timeout: float | None = Field(
+        None, gt=0, le=86_400, description="Seconds one stage attempt may take."
+    )
     retries: int | None = Field(None, ge=0, le=10, description="Retries after a transient failure.")
 
 
@@ -91,7 +95,9 @@ class _StageBase(_Model):
         ),
     )
     label: str | None = Field(None, description="What a UI shows for this stage.")
-    weight: float = Field(1.0, gt=0, description="The stage's share of the run's progress bar.")
+    weight: float = Field(
+        1.0, gt=0, le=1_000_000, description="The stage's share of the run's progress bar."
+    )
     when: str | None = Field(
         None,
         description="A template expression; when it is false the stage ends `skipped`.",
@@ -100,7 +106,9 @@ class _StageBase(_Model):
         default_factory=list,
         description="Stages that must end before this one, besides those its templates reference.",
     )
-    timeout: float | None = Field(None, gt=0, description="Seconds one attempt may take.")
+    timeout: float | None = Field(
+        None, gt=0, le=86_400, description="Seconds one attempt may take."
+    )
     retries: int | None = Field(
         None, ge=0, le=10, description="Retries after a transient failure (with backoff)."
     )
@@ -118,7 +126,9 @@ class LlmStage(_StageBase):
     )
     model: str | None = Field(None, description="A model name from configs/models.yaml.")
     temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature.")
-    max_tokens: int | None = Field(None, gt=0, description="Most tokens the model may produce.")
+    max_tokens: int | None = Field(
+        None, gt=0, le=10_000_000, description="Most tokens the model may produce."
+    )
     stream: bool = Field(
         True,
         description="Stream tokens as they come (false: no token events; the output comes on "
@@ -146,8 +156,10 @@ class SplitStage(_StageBase):
 
     kind: Literal["split"] = Field(description="Splits `text` into chunks.")
     text: str = Field(description="The text to split (a template).")
-    chunk_size: int = Field(2000, ge=50, description="Most characters in a chunk.")
-    overlap: int = Field(0, ge=0, description="Characters shared by consecutive chunks.")
+    chunk_size: int = Field(2000, ge=50, le=1_000_000, description="Most characters in a chunk.")
+    overlap: int = Field(
+        0, ge=0, le=1_000_000, description="Characters shared by consecutive chunks."
+    )
     sources: bool = Field(False, description="Emit a `source` event per chunk.")
 
 

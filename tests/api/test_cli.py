@@ -162,6 +162,53 @@ def test_input_files_and_flags_are_checked(args: list[str], expected: str, tmp_p
     assert result.stderr.splitlines() == [expected.replace("BAD_JSON", str(bad))]
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"topic": 5, "count": "2"}', ["error: inputs.topic: expected string, got integer"]),
+        ('{"topic": "x", "count": 1e400}', ["error: inputs.count: expected integer, got number"]),
+        ('{"topic": "x", "count": 10000000000000000000000}', ["error: inputs.count: must be <= 5"]),
+        (
+            '{"topic": "\\ud800", "count": true}',
+            ["error: inputs.count: expected integer, got boolean"],
+        ),
+        ('{"topic": {"a": [1]}}', ["error: inputs.topic: expected string, got object"]),
+        ('{"topic": "x", "extra": "maybe"}', ["error: inputs.extra: expected boolean, got string"]),
+        ("[1, 2]", ["error: FILE: expected a JSON object of inputs, got list"]),
+        ("[" * 100_000, ["error: FILE: the JSON is nested too deeply"]),
+        (
+            '{"topic": ' + '{"k": ' * 200 + "1" + "}" * 200 + "}",
+            ["error: inputs.topic: nested more than 64 levels deep"],
+        ),
+        (
+            "\ufeff{}",
+            ["error: FILE:1:1: invalid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig)"],
+        ),
+    ],
+)
+def test_fuzzed_input_files_exit_2_with_one_line_each(
+    content: str, expected: list[str], tmp_path: Path
+) -> None:
+    file = tmp_path / "inputs.json"
+    file.write_text(content, encoding="utf-8")
+    result = cli("run", TINY, "--inputs", str(file), "--events")
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [line.replace("FILE", str(file)) for line in expected]
+
+
+def test_huge_unicode_and_binary_inputs_are_handled(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.txt"
+    huge.write_text("ü" * 300_000 + " 한국어 " * 1000, encoding="utf-8")
+    result = cli("dry-run", TINY, "-i", f"topic=@{huge}", "--events")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert parse_stream(result.stdout)[-1].status == "succeeded"
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    result = cli("run", TINY, "-i", f"topic=@{binary}")
+    assert (result.returncode, result.stderr) == (2, f"error: -i topic: {binary}: not UTF-8 text\n")
+
+
 def test_inputs_from_files(tmp_path: Path) -> None:
     (tmp_path / "topic.txt").write_text("glaciers and fjords")
     (tmp_path / "inputs.json").write_text('{"topic": "ignored", "count": 3}')
