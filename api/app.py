@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
+import gc
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -99,6 +102,23 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
+def release_memory() -> None:
+    """Hand memory that expired runs freed back to the OS (glibc keeps it otherwise, so RSS
+    would stay at its peak after a burst). Called by the sweeper when nothing is running."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is not None:
         return app.openapi_schema
@@ -151,13 +171,21 @@ def create_app(
         async def sweep() -> None:
             while True:
                 await asyncio.sleep(min(SWEEP_SECONDS, max(settings.finished_run_ttl, 1.0)))
-                manager.expire()
+                if manager.expire() and not manager.active:
+                    release_memory()
+
+        async def watch_stalls() -> None:
+            while True:
+                await asyncio.sleep(min(1.0, settings.viewer_send_timeout / 4))
+                state.stall_watch.sweep()
 
         sweeper = asyncio.get_running_loop().create_task(sweep())
+        watcher = asyncio.get_running_loop().create_task(watch_stalls())
         try:
             yield
         finally:
             sweeper.cancel()
+            watcher.cancel()
             await manager.shutdown(settings.shutdown_timeout)
             await registry.aclose()  # the models' HTTP connections, in the loop that opened them
 

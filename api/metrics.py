@@ -24,6 +24,7 @@ class Metrics:
         self.runs_rejected: Counter[str] = Counter()
         self.streams_active = 0
         self.streams_opened = 0
+        self.streams_dropped = 0
         self.events_sent = 0
         self.stage_buckets: dict[tuple[str, str], list[int]] = {}
         self.stage_sum: dict[tuple[str, str], float] = {}
@@ -43,6 +44,9 @@ class Metrics:
 
     def add_gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_text, read)
+
+    def count_dropped(self) -> None:
+        self.streams_dropped += 1
 
     def count_sent(self, n: int) -> None:
         self.events_sent += n
@@ -68,6 +72,12 @@ class Metrics:
         out.append(f"stagecast_streams_active {self.streams_active}")
         head("stagecast_streams_opened_total", "counter", "Event streams opened.")
         out.append(f"stagecast_streams_opened_total {self.streams_opened}")
+        head(
+            "stagecast_streams_dropped_total",
+            "counter",
+            "Streams dropped because the viewer stopped reading (viewer_send_timeout).",
+        )
+        out.append(f"stagecast_streams_dropped_total {self.streams_dropped}")
         head("stagecast_events_sent_total", "counter", "Events written to streams (all viewers).")
         out.append(f"stagecast_events_sent_total {self.events_sent}")
         for name, (help_text, read) in self.gauges.items():

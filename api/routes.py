@@ -18,7 +18,7 @@ from stagecast.api.eventlog import CursorError, EventLog, EventsExpired, Unknown
 from stagecast.api.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from stagecast.api.runs import ManagedRun, RunLimitError, RunManager, RunNotFound
 from stagecast.api.settings import ServerSettings
-from stagecast.api.sse import EventStreamResponse
+from stagecast.api.sse import EventStreamResponse, StallWatch
 from stagecast.engine.errors import InputError, ModelConfigError
 from stagecast.engine.events import RunStatus, events_json_schema
 from stagecast.engine.inputs import inputs_json_schema
@@ -44,6 +44,7 @@ class AppState:
         self.settings, self.log, self.manager = settings, log, manager
         self.catalog, self.metrics = catalog, metrics
         self._event_schema: dict[str, Any] | None = None
+        self.stall_watch = StallWatch(settings.viewer_send_timeout, metrics.count_dropped)
 
     @property
     def event_schema(self) -> dict[str, Any]:
@@ -273,6 +274,7 @@ def _stream(state: AppState, managed: ManagedRun, after: int, headers: dict[str,
         headers=headers,
         on_sent=state.metrics.count_sent,
         on_close=lambda disconnected: manager.detach(managed, disconnected),
+        watch=state.stall_watch,
     )
 
 

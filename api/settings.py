@@ -56,6 +56,12 @@ class ServerSettings(BaseModel):
     ping_interval: float = Field(
         15.0, gt=0, description="Seconds between `: ping` comments on an idle stream."
     )
+    viewer_send_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a write to a viewer may wait for it to read; then the viewer is "
+        "dropped (it may resume with Last-Event-ID).",
+    )
     retry_ms: int = Field(2000, ge=0, description="The SSE `retry:` sent when a stream opens.")
     max_events_per_run: int = Field(
         100_000,

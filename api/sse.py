@@ -10,6 +10,13 @@ The stream opens at once with ``retry: <ms>`` and a comment (proxies and gzip la
 headers until the first body byte let go), sends ``: ping`` when idle for the ping interval
 (load balancers drop idle connections), and ends after the run's last event.
 
+A viewer that stops reading cannot grow the server's memory: uvicorn stops a write at the
+transport's high-water mark (asyncio's 64 KiB) until it drains, so a stream holds at most one
+write (``WRITE_BYTES``, 256 KiB) beyond it, and the run never waits for it (the log is shared).
+A write that has not drained after ``viewer_send_timeout`` seconds drops the viewer
+(``StallWatch``, one sweep a second for every open stream, no timer per write): it may resume
+with ``Last-Event-ID`` like after any cut.
+
 Why not sse-starlette: it sends each event with its own ``send`` inside an anyio timeout scope
 and formats every event per viewer (FIELD-NOTES measured ~11 µs of server CPU per event). Here
 each event is encoded once, when the run appends it: the in-memory log stores the frames
@@ -20,6 +27,7 @@ slice (``FrameBatch``), which goes out in a single ``send``. Measured with
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
@@ -34,6 +42,7 @@ __all__ = [
     "SSE_CODEC",
     "SSE_HEADERS",
     "EventStreamResponse",
+    "StallWatch",
     "decode_frame",
     "encode_entries",
     "encode_entry",
@@ -86,6 +95,29 @@ def open_frame(retry_ms: int) -> bytes:
     return f"retry: {retry_ms}\n: stagecast event stream v1\n\n".encode()
 
 
+class StallWatch:
+    """Drops the streams whose current write has not drained for ``timeout`` seconds."""
+
+    def __init__(self, timeout: float, on_drop: Callable[[], None] | None = None) -> None:
+        self.timeout = timeout
+        self.on_drop = on_drop
+        self.streams: set[EventStreamResponse] = set()
+
+    def sweep(self, now: float | None = None) -> int:
+        """Cancel every stalled stream; returns how many were dropped."""
+        now = time.monotonic() if now is None else now
+        dropped = 0
+        for stream in list(self.streams):
+            since = stream.send_since
+            if since is not None and now - since > self.timeout and stream.scope is not None:
+                stream.stalled = True
+                stream.scope.cancel()
+                dropped += 1
+                if self.on_drop is not None:
+                    self.on_drop()
+        return dropped
+
+
 class EventStreamResponse(Response):
     """Streams batches of log entries as SSE; an empty batch means "idle: send a ping".
 
@@ -95,7 +127,9 @@ class EventStreamResponse(Response):
         retry_ms: the ``retry:`` field sent first.
         headers: extra headers (e.g. ``Content-Location``).
         on_sent: called with the number of events after each write (metrics).
-        on_close: called once when the stream ends, with True when the client went away first.
+        on_close: called once when the stream ends, with True when the client went away first
+            (or stopped reading and was dropped).
+        watch: the ``StallWatch`` that drops this stream when its writes stop draining.
     """
 
     media_type = SSE_MEDIA_TYPE
@@ -108,6 +142,7 @@ class EventStreamResponse(Response):
         headers: Mapping[str, str] | None = None,
         on_sent: Callable[[int], None] | None = None,
         on_close: Callable[[bool], None] | None = None,
+        watch: StallWatch | None = None,
     ) -> None:
         super().__init__(
             content=None,
@@ -121,6 +156,11 @@ class EventStreamResponse(Response):
         self.retry_ms = retry_ms
         self.on_sent = on_sent
         self.on_close = on_close
+        self.watch = watch
+        self.send_since: float | None = None
+        """When the write in progress started (None: no write pending)."""
+        self.scope: anyio.CancelScope | None = None
+        self.stalled = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         disconnected = False
@@ -136,6 +176,9 @@ class EventStreamResponse(Response):
                 {"type": "http.response.body", "body": open_frame(self.retry_ms), "more_body": True}
             )
             async with anyio.create_task_group() as group:
+                self.scope = group.cancel_scope
+                if self.watch is not None:
+                    self.watch.streams.add(self)
 
                 async def watch_disconnect() -> None:
                     nonlocal disconnected
@@ -152,6 +195,9 @@ class EventStreamResponse(Response):
         except OSError:  # the server reports a send to a closed connection
             disconnected = True
         finally:
+            if self.watch is not None:
+                self.watch.streams.discard(self)
+            disconnected = disconnected or self.stalled
             aclose: Any = getattr(self.batches, "aclose", None)
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
@@ -161,6 +207,7 @@ class EventStreamResponse(Response):
 
     async def _stream(self, send: Send) -> None:
         on_sent = self.on_sent
+        monotonic = time.monotonic
         try:
             batch: list[LogEntry] | FrameBatch
             async for batch in self.batches:
@@ -171,7 +218,9 @@ class EventStreamResponse(Response):
                 else:
                     count = len(batch)
                     body = encode_entries(batch) if count else PING  # type: ignore[arg-type]
+                self.send_since = monotonic()
                 await send({"type": "http.response.body", "body": body, "more_body": True})
+                self.send_since = None
                 if on_sent is not None and count:
                     on_sent(count)
         except EventLogError:

@@ -1,6 +1,7 @@
 """Every benchmark still runs and prints its table (``--smoke``: tiny workloads, no timing asserts).
 
 Each script runs in its own subprocess, as a user would run it; the whole module takes ~25 s.
+``bench_faults.py`` is not here: tests/api/test_faults.py runs it in smoke mode and asserts on it.
 """
 
 from __future__ import annotations
