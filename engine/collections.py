@@ -5,9 +5,10 @@ A collection is a folder of ``.md``, ``.txt``, ``.pdf`` (one passage group per p
 sheet), or a LangChain retriever named by import path. ``configs/collections.yaml`` names
 collections; a chain may also give a folder relative to the chain file.
 
-Long texts are chunked by the split rules (``engine.splitting``). A corrupt PDF or XLSX is skipped
-with a warning that names it; a file that cannot be read at all, a missing folder or a collection
-with no passages is a ``CollectionError`` naming the path.
+Long texts are chunked by the split rules (``engine.splitting``). A corrupt PDF, DOCX or XLSX is
+skipped with a warning that names it; a file that cannot be read at all (or a text file that is
+not UTF-8), a missing folder or a collection with no passages is a ``CollectionError`` naming
+the path.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def collection_files(folder: Path) -> list[Path]:
 
 
 def load_file(path: Path, rel: str, chunk_size: int = 2000, overlap: int = 200) -> FileLoad:
-    """Read one file into passages. A corrupt PDF/XLSX is skipped (``skipped`` says why)."""
+    """Read one file into passages. A corrupt PDF/DOCX/XLSX is skipped (``skipped`` says why)."""
     suffix = path.suffix.lower()
     try:
         data = path.read_bytes()
@@ -195,7 +196,11 @@ def load_file(path: Path, rel: str, chunk_size: int = 2000, overlap: int = 200) 
     if suffix == ".pdf":
         return _load_pdf(data, path, rel, *chunking)
     if suffix == ".docx":
-        return FileLoad(list(_sections(rel, _docx_sections(data, path), *chunking)))
+        try:
+            sections = _docx_sections(data)
+        except Exception as exc:  # python-docx raises zipfile, KeyError, lxml errors …
+            return FileLoad([], f"not a readable DOCX file ({type(exc).__name__}: {exc})")
+        return FileLoad(list(_sections(rel, sections, *chunking)))
     if suffix == ".csv":
         text = _decode(data, path)
         rows = list(csv.reader(io.StringIO(text)))
@@ -281,14 +286,10 @@ def _load_pdf(data: bytes, path: Path, rel: str, chunk_size: int, overlap: int) 
     return FileLoad(passages)
 
 
-def _docx_sections(data: bytes, path: Path) -> list[tuple[str | None, str]]:
+def _docx_sections(data: bytes) -> list[tuple[str | None, str]]:
     import docx
-    from docx.opc.exceptions import PackageNotFoundError
 
-    try:
-        document = docx.Document(io.BytesIO(data))
-    except (PackageNotFoundError, KeyError, ValueError, OSError) as exc:
-        raise CollectionError(f"{path}: not a readable DOCX file ({exc})") from None
+    document = docx.Document(io.BytesIO(data))
     sections: list[tuple[str | None, str]] = []
     heading: str | None = None
     lines: list[str] = []

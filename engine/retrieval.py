@@ -242,7 +242,8 @@ class BM25Index:
         if not query.strip():
             return []
         hits: list[Hit] = []
-        for index, score in self.scores(query)[:top_k]:
+        for index, raw in self.scores(query)[:top_k]:
+            score = round(raw, 4)  # what the source event shows is what min_score compares
             if min_score is not None and score < min_score:
                 break
             passage = self.passages[index]
@@ -251,7 +252,7 @@ class BM25Index:
                     id=passage.id,
                     title=passage.title,
                     text=passage.text,
-                    score=round(score, 4),
+                    score=score,
                     url=passage.path,
                     metadata=dict(passage.metadata),
                 )
@@ -315,7 +316,7 @@ def open_index(
     manifest = _manifest(folder, tokenizer, chunk_size, overlap)
     if not manifest["files"]:
         raise CollectionError(
-            f"{folder}: empty collection: no {', '.join(s[1:] for s in SUPPORTED_SUFFIXES)} files"
+            f"{folder}: empty collection: no {', '.join(SUPPORTED_SUFFIXES)} files"
         )
     signature = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     key = (str(folder), signature)

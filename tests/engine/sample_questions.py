@@ -31,5 +31,6 @@ QUESTIONS: list[tuple[str, str, str]] = [
     ("ko", "내 데이터를 삭제하려면 어떻게 하나요?", "ko-guide.docx#3"),
     ("ko", "상담원과 전화 통화는 몇 시까지 가능한가요?", "support.xlsx#고객센터!row2"),
     ("ko", "카카오톡 상담이 되나요?", "support.xlsx#고객센터!row3"),
+    ("ko", "생일 쿠폰은 얼마짜리인가요?", "ko-membership.md#2"),
     ("ko", "해외 배송 시 관세는 누가 내나요?", "support.xlsx#고객센터!row4"),
 ]
