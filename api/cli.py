@@ -536,7 +536,7 @@ def index(
         folder = config.folder_of(collection) if entry is not None else None
         if entry is not None and folder is None:
             _fail(f"collection '{collection}' has no `path` in {config.file}: nothing to index")
-        chunking = {"chunk_size": entry.chunk_size, "overlap": entry.overlap} if entry else {}
+        chunk_size, overlap = (entry.chunk_size, entry.overlap) if entry else (2000, 200)
         target = folder or Path(collection).resolve()
         collection_files(target)  # a missing folder fails before the progress bar shows
         console = Console(stderr=True)
@@ -553,7 +553,9 @@ def index(
             def on_file(path: Path, done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total, description=path.name)
 
-            built = open_index(target, on_file=on_file, force=force, **chunking)
+            built = open_index(
+                target, on_file=on_file, force=force, chunk_size=chunk_size, overlap=overlap
+            )
     except CollectionError as exc:
         _fail(str(exc), EXIT_FAILED)
     stats = built.stats

@@ -191,7 +191,9 @@ def load_file(path: Path, rel: str, chunk_size: int = 2000, overlap: int = 200) 
     chunking = (chunk_size, min(overlap, chunk_size - 1))
     if suffix in (".md", ".txt"):
         text = _decode(data, path)
-        sections = _markdown_sections(text) if suffix == ".md" else [(None, text)]
+        sections: list[tuple[str | None, str]] = (
+            _markdown_sections(text) if suffix == ".md" else [(None, text)]
+        )
         return FileLoad(list(_sections(rel, sections, *chunking)))
     if suffix == ".pdf":
         return _load_pdf(data, path, rel, *chunking)
