@@ -226,8 +226,8 @@ class BM25Index:
         bm25.index(corpus, show_progress=False)
         return cls(passages, tokenizer, bm25)
 
-    def scores(self, query: str) -> list[tuple[int, float]]:
-        """(passage index, score) for every passage with a positive score, best first."""
+    def scores(self, query: str, top_k: int) -> list[tuple[int, float]]:
+        """(passage index, score) of the ``top_k`` best passages scoring above 0, best first."""
         import numpy as np
 
         vocab = self.bm25.vocab_dict
@@ -235,14 +235,17 @@ class BM25Index:
         if not terms or not self.passages:
             return []
         scores = self.bm25.get_scores(terms)
-        order = np.argsort(-scores, kind="stable")
-        return [(int(i), float(scores[i])) for i in order if scores[i] > 0]
+        k = min(top_k, len(scores))
+        best = np.argpartition(-scores, k - 1)[:k]
+        # stable order among equal scores: by passage index, so results never flicker
+        best = best[np.lexsort((best, -scores[best]))]
+        return [(int(i), float(scores[i])) for i in best if scores[i] > 0]
 
     def search_sync(self, query: str, top_k: int, min_score: float | None = None) -> list[Hit]:
         if not query.strip():
             return []
         hits: list[Hit] = []
-        for index, raw in self.scores(query)[:top_k]:
+        for index, raw in self.scores(query, top_k):
             score = round(raw, 4)  # what the source event shows is what min_score compares
             if min_score is not None and score < min_score:
                 break
