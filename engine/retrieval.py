@@ -236,10 +236,11 @@ class BM25Index:
             return []
         scores = self.bm25.get_scores(terms)
         k = min(top_k, len(scores))
-        best = np.argpartition(-scores, k - 1)[:k]
-        # stable order among equal scores: by passage index, so results never flicker
-        best = best[np.lexsort((best, -scores[best]))]
-        return [(int(i), float(scores[i])) for i in best if scores[i] > 0]
+        kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
+        best = np.flatnonzero(scores >= max(kth, np.float32(1e-9)))  # ties at the k-th included
+        # equal scores in passage order, so the same query always gives the same hits
+        best = best[np.lexsort((best, -scores[best]))][:k]
+        return [(int(i), float(scores[i])) for i in best]
 
     def search_sync(self, query: str, top_k: int, min_score: float | None = None) -> list[Hit]:
         if not query.strip():

@@ -317,3 +317,13 @@ def test_markers_map_to_the_sources_in_prompt_order_unmatched_included() -> None
     ]
     assert find_citations("no markers here", given) == []
     assert find_citations("[1]", []) == [Citation(marker=1, source_id=None, stage=None)]
+
+
+def test_equal_scores_come_in_passage_order_whatever_top_k(tmp_path: Path) -> None:
+    for name in ("c.txt", "a.txt", "b.txt"):
+        (tmp_path / name).write_text("The shop opens at nine.", "utf-8")
+    (tmp_path / "d.txt").write_text("Nothing about it.", "utf-8")
+    index = open_index(tmp_path)
+    assert [h.id for h in index.search_sync("shop", 1)] == ["a.txt#1"]
+    assert [h.id for h in index.search_sync("shop", 2)] == ["a.txt#1", "b.txt#1"]
+    assert [h.id for h in index.search_sync("shop", 10)] == ["a.txt#1", "b.txt#1", "c.txt#1"]
