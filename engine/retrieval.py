@@ -86,6 +86,7 @@ class Tokenizer:
 
     _kiwi: Any = None
     _kiwi_lock = threading.Lock()
+    _kiwi_calls = threading.Lock()
 
     def __init__(self, korean: KoreanMode = "kiwi") -> None:
         import Stemmer
@@ -131,7 +132,9 @@ class Tokenizer:
         if any(korean):
             kiwi = self.kiwi()
             indexes = [i for i, k in enumerate(korean) if k]
-            for i, tokens in zip(indexes, kiwi.tokenize([texts[i] for i in indexes]), strict=True):
+            with self._kiwi_calls:  # one shared Kiwi; runs search from worker threads
+                tokenized = list(kiwi.tokenize([texts[i] for i in indexes]))
+            for i, tokens in zip(indexes, tokenized, strict=True):
                 analysed[i] = tokens
         for i, text in enumerate(texts):
             out: list[str] = []
@@ -539,15 +542,20 @@ class FolderRetriever:
         self.overlap = overlap
         self.cache_dir = cache_dir
         self.tokenizer = tokenizer
+        self._index: BM25Index | None = None
 
     def index(self) -> BM25Index:
-        return open_index(
-            self.folder,
-            tokenizer=self.tokenizer,
-            chunk_size=self.chunk_size,
-            overlap=self.overlap,
-            cache_dir=self.cache_dir,
-        )
+        """Opened (files hashed, built or loaded) once per retriever, i.e. once per run: every
+        retrieval of a run, map items included, searches the same version of the collection."""
+        if self._index is None:
+            self._index = open_index(
+                self.folder,
+                tokenizer=self.tokenizer,
+                chunk_size=self.chunk_size,
+                overlap=self.overlap,
+                cache_dir=self.cache_dir,
+            )
+        return self._index
 
     def search_sync(self, query: str, top_k: int, min_score: float | None) -> list[Hit]:
         if not query.strip():
