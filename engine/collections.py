@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stagecast.engine.errors import ChainError
+from stagecast.engine.errors import CollectionError
 from stagecast.engine.resources import config_file
 from stagecast.engine.splitting import split_text
 
@@ -50,10 +50,6 @@ log = logging.getLogger("stagecast.collections")
 COLLECTIONS_FILE = "collections.yaml"
 SUPPORTED_SUFFIXES = (".md", ".txt", ".pdf", ".docx", ".csv", ".xlsx")
 INDEX_DIR_NAME = ".stagecast-index"
-
-
-class CollectionError(ChainError):
-    """A collection cannot be used: missing, unreadable, empty or unknown (names the path)."""
 
 
 class CollectionEntry(BaseModel):
