@@ -509,6 +509,71 @@ def list_chains() -> None:
 
 
 @app.command()
+def index(
+    collection: Annotated[
+        str,
+        typer.Argument(
+            metavar="COLLECTION",
+            help="A folder of documents, or a collection name from configs/collections.yaml.",
+        ),
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even when the cached index is current.")
+    ] = False,
+) -> None:
+    """Build (or check) the BM25 retrieval index of a collection, with a progress bar."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from stagecast.engine.collections import (
+        CollectionError,
+        collection_files,
+        load_collections_config,
+    )
+    from stagecast.engine.retrieval import open_index
+
+    try:
+        config = load_collections_config()
+        entry = config.collections.get(collection)
+        if entry is not None and entry.retriever is not None:
+            _fail(f"collection '{collection}' is a retriever ({entry.retriever}): nothing to index")
+        folder = config.folder_of(collection) if entry is not None else None
+        if entry is not None and folder is None:
+            _fail(f"collection '{collection}' has no `path` in {config.file}: nothing to index")
+        chunk_size, overlap = (entry.chunk_size, entry.overlap) if entry else (2000, 200)
+        target = folder or Path(collection).resolve()
+        collection_files(target)  # a missing folder fails before the progress bar shows
+        console = Console(stderr=True)
+        with Progress(
+            TextColumn("[bold]indexing[/bold] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("files"),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task(str(target), total=None)
+
+            def on_file(path: Path, done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total, description=path.name)
+
+            built = open_index(
+                target, on_file=on_file, force=force, chunk_size=chunk_size, overlap=overlap
+            )
+    except CollectionError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    stats = built.stats
+    assert stats is not None
+    for path, why in stats.skipped:
+        _err(f"warning: {path}: skipped: {why}")
+    what = "built" if stats.rebuilt else "up to date"
+    print(
+        f"{target}: {stats.passages} passages from {stats.files} files in "
+        f"{stats.seconds:.2f} s ({what}; {stats.location})"
+    )
+
+
+@app.command()
 def schema(
     events: Annotated[
         bool, typer.Option("--events", help="The event protocol's JSON Schema instead.")

@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stagecast.engine.events import (
+    Citation,
     InputRequired,
     RunEnded,
     RunEvent,
@@ -66,6 +67,7 @@ _SYMBOLS = {
 }
 _TAIL_LINES = 4
 _ITEMS_SHOWN = 4
+_SOURCES_SHOWN = 6
 
 
 def path_label(path: Sequence[str | int] | None) -> str:
@@ -87,6 +89,23 @@ def format_messages(messages: Sequence[BaseMessage]) -> str:
 
 def _seconds(value: float) -> str:
     return f"{value:.1f}s" if value < 60 else f"{int(value // 60)}m{int(value % 60):02d}s"
+
+
+def source_line(number: int, found: tuple[str, str, float | None]) -> str:
+    """``[2] title (score 3.1) · id``: one source as the terminal lists it."""
+    source_id, title, score = found
+    scored = f" (score {score:g})" if score is not None else ""
+    return f"[{number}] {title}{scored} · {source_id}"
+
+
+def citations_line(citations: list[Citation]) -> str:
+    """``cites [1] [2], unmatched [7]`` (``cites nothing`` when the answer has no markers)."""
+    matched = [f"[{c.marker}]" for c in citations if c.source_id is not None]
+    unmatched = [f"[{c.marker}]" for c in citations if c.source_id is None]
+    text = "cites " + (" ".join(matched) if matched else "nothing")
+    if unmatched:
+        text += f", unmatched {' '.join(unmatched)}"
+    return text
 
 
 def usage_line(usage: Usage) -> str:
@@ -111,6 +130,9 @@ class StageLine:
     completed: int = 0
     total: int | None = None
     sources: int = 0
+    found: list[tuple[str, str, float | None]] = field(default_factory=list)
+    """(id, title, score) of each source the stage found, in order (numbered from 1)."""
+    citations: list[Citation] | None = None
     text: list[str] = field(default_factory=list)
     items: dict[ItemKey, list[str]] = field(default_factory=dict)
     retry: str | None = None
@@ -182,6 +204,8 @@ class RunState:
                 line.completed, line.total = event.completed, event.total
         elif isinstance(event, SourceFound):
             line.sources += 1
+            source = event.source
+            line.found.append((source.id, source.title or source.id, source.score))
         elif isinstance(event, InputRequired):
             self.waiting_input = f"{path_label(path)}: {event.prompt}"
         elif isinstance(event, StageEnded):
@@ -195,6 +219,7 @@ class RunState:
                 )
                 if event.error is not None:
                     line.error = event.error.message
+                line.citations = event.citations
         return line
 
 
@@ -305,6 +330,8 @@ class PlainView(View):
             )
         elif isinstance(event, StageProgress) and not nested:
             self._line(f"progress  {where}  {event.completed}/{event.total}")
+        elif isinstance(event, SourceFound):
+            self._line(f"source    {where}  {source_line(len(line.found), line.found[-1])}")
         elif isinstance(event, InputRequired):
             self._line(f"input     {where}  waiting for input: {event.prompt}")
         elif isinstance(event, StageEnded):
@@ -317,6 +344,8 @@ class PlainView(View):
                 detail += f" · {usage_line(event.usage)}"
             if event.error is not None:
                 detail += f": {event.error.message}"
+            if event.citations is not None and not nested:
+                detail += f" · {citations_line(event.citations)}"
             self._line(f"{event.status:<9} {where}{detail}")
 
     def prompt(self, stage: str, path: list[str | int], messages: list[BaseMessage]) -> None:
@@ -425,7 +454,20 @@ class LiveView(View):
                 writing.append(_item_row(label, "".join(parts)))
         if state.waiting_input:
             writing.append(Text(f"waiting for input: {state.waiting_input}", style="yellow"))
-        return Group(header, grid, *writing)
+        return Group(header, grid, *self._sources(), *writing)
+
+    def _sources(self) -> list[RenderableType]:
+        """The sources each stage found, listed under the stages (the first few of each)."""
+        blocks: list[RenderableType] = []
+        for line in self.state.stages.values():
+            if not line.found:
+                continue
+            blocks.append(Text(f"sources · {line.label}", style="bold"))
+            for number, found in enumerate(line.found[:_SOURCES_SHOWN], start=1):
+                blocks.append(Text(f"  {source_line(number, found)}", style="dim"))
+            if len(line.found) > _SOURCES_SHOWN:
+                blocks.append(Text(f"  … and {len(line.found) - _SOURCES_SHOWN} more", style="dim"))
+        return blocks
 
     def _row(self, line: StageLine, now: float) -> list[RenderableType]:
         symbol: RenderableType
@@ -454,6 +496,10 @@ class LiveView(View):
             detail.append(Text(f" {line.status}", style="dim"))
         if line.usage.output_tokens and line.status == "succeeded":
             detail.append(Text(f" {line.usage.output_tokens} tokens", style="dim"))
+        if line.citations is not None:
+            unmatched = any(c.source_id is None for c in line.citations)
+            style = "yellow" if unmatched else "green"
+            detail.append(Text(f" {citations_line(line.citations)}", style=style))
         cell = Table.grid()
         for _ in detail:
             cell.add_column()

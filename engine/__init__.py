@@ -7,12 +7,15 @@ The public surface::
         print(event_to_json(event))
 
 ``ChainRun`` is the lower-level handle (sink callback, cancel, status) the HTTP API uses.
+``run_chain(chain, inputs, retrievers={"kb": retriever})`` plugs a LangChain retriever or vector
+store into the ``retrieve`` stages whose ``collection`` is ``kb``.
 """
 
 from stagecast.engine.chain import Chain
 from stagecast.engine.errors import (
     ChainError,
     ChainSpecError,
+    CollectionError,
     InputError,
     ModelConfigError,
     Problem,
@@ -39,6 +42,7 @@ __all__ = [
     "ChainError",
     "ChainRun",
     "ChainSpecError",
+    "CollectionError",
     "InputError",
     "ModelConfigError",
     "ModelRegistry",

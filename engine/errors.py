@@ -4,6 +4,7 @@ ChainError
 ├── ChainSpecError        the chain YAML is wrong; holds every Problem found (file:line:col)
 ├── InputError            the run's inputs do not match the chain's declared inputs
 ├── ModelConfigError      configs/models.yaml is wrong, or a model name is unknown
+├── CollectionError       a document collection is missing, unreadable, empty or unknown
 └── StageError            a stage failed while running (raised inside the orchestrator)
     ├── TransientError    worth retrying (timeouts, connection drops, 429, 5xx, bad JSON)
     └── TemplateError     a template failed to render (undefined value, sandbox violation)
@@ -17,6 +18,7 @@ from pathlib import Path
 __all__ = [
     "ChainError",
     "ChainSpecError",
+    "CollectionError",
     "InputError",
     "ModelConfigError",
     "Problem",
@@ -73,6 +75,10 @@ class InputError(ChainError):
 
 class ModelConfigError(ChainError):
     """A model entry is unknown or unusable (names the entry and what to fix, never a secret)."""
+
+
+class CollectionError(ChainError):
+    """A collection cannot be used: missing, unreadable, empty or unknown (names the path)."""
 
 
 class StageError(ChainError):

@@ -22,6 +22,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "RUN_EVENT",
     "ChainInfo",
+    "Citation",
     "ErrorInfo",
     "FinalStatus",
     "InputRequired",
@@ -142,6 +143,20 @@ class Source:
 
 
 @dataclass(slots=True, kw_only=True)
+class Citation:
+    """A citation marker of an llm stage's answer and the source it points at."""
+
+    __pydantic_config__ = _CONFIG
+
+    marker: int
+    """The number in the answer: ``[2]`` is 2 (the second source the prompt was given)."""
+    source_id: str | None
+    """The cited source's id; null when the marker matches no source it was given."""
+    stage: str | None
+    """The stage that found the source; null when the marker is unmatched."""
+
+
+@dataclass(slots=True, kw_only=True)
 class _Envelope:
     __pydantic_config__ = _CONFIG
 
@@ -253,6 +268,8 @@ class StageEnded(_Envelope):
     error: ErrorInfo | None = None
     progress: float = 0.0
     """How much of the run is done, 0..1, by weight."""
+    citations: list[Citation] | None = None
+    """For an llm stage that was given sources: the markers of its answer; else null."""
 
 
 @dataclass(slots=True, kw_only=True)

@@ -2,7 +2,9 @@
 
 It derives its text from the prompt, so outputs differ per input and read as clearly placeholder,
 and for ``output: json`` stages it returns JSON valid against the stage's schema, so every chain
-runs end to end with no API key.
+runs end to end with no API key. A prompt that lists numbered sources (lines starting ``[1] ``,
+``[2] `` …, as a retrieve stage's output is usually shown) gets an answer quoting the first
+sentence of the first two sources, each followed by its marker, so citations can be seen offline.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = ["OfflineChatModel", "Piece", "fake_json", "offline_text"]
 
 _WORD = re.compile(r"[^\W\d_][\w'-]{3,}", re.UNICODE)
 _TOKEN = re.compile(r"\S+\s*|\s+")
+_SOURCE_LINE = re.compile(r"^[ \t]*\[(\d{1,3})\][ \t]+\S.*$", re.MULTILINE)
+_SENTENCE = re.compile(r".+?(?:[.!?。？！](?=\s|$)|$)", re.DOTALL)
 
 
 def _salient_words(text: str, limit: int) -> list[str]:
@@ -53,9 +57,36 @@ def offline_text(messages: Sequence[BaseMessage], max_words: int = 60) -> str:
         _message_text(m) for m in messages
     )
     digest = hashlib.sha256(user.encode()).hexdigest()[:6]
+    cited = _cited_answer(user)
+    if cited is not None:
+        return f"[offline {digest}] {cited}"
     words = _salient_words(user, max(8, max_words - 6))
     body = " ".join(words) if words else "nothing to work with"
     return f"[offline {digest}] {body}."
+
+
+def _cited_answer(text: str, limit: int = 2) -> str | None:
+    """The first sentence of each of the first ``limit`` numbered sources, with its marker."""
+    found = list(_SOURCE_LINE.finditer(text))
+    if not found:
+        return None
+    parts: list[str] = []
+    for i, match in enumerate(found[:limit]):
+        end = found[i + 1].start() if i + 1 < len(found) else len(text)
+        lines = [
+            line.strip()
+            for line in text[match.end() : end].splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+        # a statement, not the question a Q&A row starts with
+        line = next(
+            (x for x in lines if re.search(r"[.!。！]", x) and not x.rstrip().endswith("?")),
+            lines[0] if lines else "",
+        )
+        sentence = _SENTENCE.match(line)
+        quoted = (sentence.group(0) if sentence else line).strip()[:200]
+        parts.append(f"{quoted} [{match.group(1)}]" if quoted else f"[{match.group(1)}]")
+    return " ".join(parts)
 
 
 def fake_json(schema: dict[str, Any] | None, words: list[str], name: str = "value") -> Any:

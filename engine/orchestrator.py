@@ -26,16 +26,20 @@ import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path as FilePath
 from typing import Any
 
 import jsonschema
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
-from stagecast.engine.chain import Chain, PromptRole, prompt_parts
+from stagecast.engine.chain import Chain, PromptRole, prompt_parts, stage_templates
+from stagecast.engine.citations import GivenSource, find_citations
+from stagecast.engine.collections import CollectionError, CollectionsConfig, load_collections_config
 from stagecast.engine.errors import StageError, TemplateError, TransientError
 from stagecast.engine.events import (
     ChainInfo,
+    Citation,
     ErrorInfo,
     FinalStatus,
     PlanStep,
@@ -58,6 +62,7 @@ from stagecast.engine.inputs import validate_inputs
 from stagecast.engine.offline import OfflineChatModel
 from stagecast.engine.openai_model import prepare_json_model
 from stagecast.engine.providers import ModelRegistry, ResolvedModel
+from stagecast.engine.retrieval import Retriever, resolve_retriever
 from stagecast.engine.spec import (
     InputStage,
     LlmStage,
@@ -72,6 +77,7 @@ from stagecast.engine.templates import (
     DEFAULT_LIMITS,
     RenderLimits,
     compile_template,
+    references,
     render_async,
 )
 
@@ -191,6 +197,10 @@ class ChainRun:
         on_prompt: called with (stage id, path, messages) each time an llm stage's prompt is
             rendered, before the model call (``stagecast dry-run`` prints them).
         render_limits: how big and how long one template render may get (``RenderLimits``).
+        retrievers: collection name -> a LangChain ``BaseRetriever`` or ``VectorStore`` (or a
+            Stagecast retriever); wins over configs/collections.yaml for that name.
+        collections: the collections config (default: configs/collections.yaml).
+        index_cache_dir: where BM25 indexes are cached (default: beside each collection).
     """
 
     def __init__(
@@ -207,6 +217,9 @@ class ChainRun:
         retry_backoff: float = 0.5,
         on_prompt: Callable[[str, Path, list[BaseMessage]], None] | None = None,
         render_limits: RenderLimits | None = None,
+        retrievers: Mapping[str, Any] | None = None,
+        collections: CollectionsConfig | None = None,
+        index_cache_dir: FilePath | None = None,
     ) -> None:
         self.chain = chain
         self.inputs = validate_inputs(chain, inputs)
@@ -248,6 +261,11 @@ class ChainRun:
         self.emit_token: Callable[[str, Path, int, str], None] = (
             self._emit_token_coalesced if self.coalesce_s > 0 else self._emit_token_direct
         )
+        self._retriever_objects = dict(retrievers or {})
+        self._collections = collections
+        self._index_cache_dir = index_cache_dir
+        self._retrievers: dict[str, Retriever] = {}
+        self._cited = _cited_stages(chain)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -552,7 +570,8 @@ class ChainRun:
             self._end(unit, "cancelled", started, None, usage, attempt, None)
             raise
         self._done_weight += unit.share
-        self._end(unit, "succeeded", started, output, usage, attempt, None)
+        citations = self._citations(unit, output)
+        self._end(unit, "succeeded", started, output, usage, attempt, None, citations)
         return output
 
     def _as_stage_error(self, exc: BaseException, unit: _Unit, timeout: float | None) -> StageError:
@@ -579,6 +598,7 @@ class ChainRun:
         usage: Usage,
         attempt: int,
         error: ErrorInfo | None,
+        citations: list[Citation] | None = None,
     ) -> None:
         duration = int((time.monotonic() - started) * 1000) if started else 0
         unit.status, unit.usage = status, usage
@@ -597,6 +617,7 @@ class ChainRun:
             duration_ms=duration,
             error=error,
             progress=self._progress(),
+            citations=citations,
         )
 
     async def _attempt(self, unit: _Unit, attempt: int, usage: Usage, timeout: float | None) -> Any:
@@ -613,7 +634,9 @@ class ChainRun:
             return await self._render(spec.text, unit.context, text=True)
         if isinstance(spec, SplitStage):
             return await self._run_split(unit, spec, attempt)
-        if isinstance(spec, (RetrieveStage, InputStage)):
+        if isinstance(spec, RetrieveStage):
+            return await self._run_retrieve(unit, spec, attempt)
+        if isinstance(spec, InputStage):
             raise StageError(f"stage kind {spec.kind!r} is not available yet", type="unsupported")
         raise StageError(f"unknown stage kind {spec.kind!r}")  # pragma: no cover
 
@@ -655,6 +678,49 @@ class ChainRun:
                 await self._render_value(v, context, f"{key}[{i}]") for i, v in enumerate(value)
             ]
         return value
+
+    def _retriever(self, collection: str) -> Retriever:
+        found = self._retrievers.get(collection)
+        if found is None:
+            if self._collections is None:
+                self._collections = load_collections_config()
+            base = self.chain.path.parent if self.chain.path is not None else FilePath.cwd()
+            found = self._retrievers[collection] = resolve_retriever(
+                collection,
+                base=base,
+                config=self._collections,
+                retrievers=self._retriever_objects,
+                cache_dir=self._index_cache_dir,
+            )
+        return found
+
+    async def _run_retrieve(self, unit: _Unit, spec: RetrieveStage, attempt: int) -> Any:
+        query = await self._render(spec.query, unit.context, text=True)
+        try:
+            hits = await self._retriever(spec.collection).search(query, spec.top_k, spec.min_score)
+        except CollectionError as exc:
+            raise StageError(str(exc), type="collection_error") from None
+        for hit in hits:
+            self._emit(
+                SourceFound,
+                stage=unit.stage_id,
+                path=unit.path,
+                attempt=attempt,
+                source=hit.source(),
+            )
+        return [hit.to_output() for hit in hits]
+
+    def _citations(self, unit: _Unit, output: Any) -> list[Citation] | None:
+        """For an llm stage whose prompt read retrieve stages: its answer's markers, mapped."""
+        cited = self._cited.get(id(unit.spec))
+        if cited is None or not isinstance(output, str):
+            return None
+        given: list[GivenSource] = []
+        stages = unit.context.get("stages", {})
+        for stage_id in cited:
+            for hit in _flat_hits(stages.get(stage_id, {}).get("output")):
+                given.append((str(hit["id"]), stage_id))
+        return find_citations(output, given)
 
     async def _messages(self, spec: LlmStage, context: dict[str, Any]) -> list[BaseMessage]:
         return [
@@ -798,6 +864,48 @@ class ChainRun:
         self._done_weight += unit.share - sum(u.share for u in item_units)
         self._end(unit, "succeeded", started, results, usage, 1, None)
         return results
+
+
+def _cited_stages(chain: Chain) -> dict[int, list[str]]:
+    """``id(llm stage spec)`` -> the retrieve stages (or maps of one) its prompt reads, in order."""
+    retrieving: list[str] = []
+    for stage in chain.spec.stages:
+        inner: StageSpec = stage
+        while isinstance(inner, MapStage):
+            inner = inner.stage
+        if isinstance(inner, RetrieveStage) and stage.id:
+            retrieving.append(stage.id)
+    cited: dict[int, list[str]] = {}
+    if not retrieving:
+        return cited
+    todo: list[StageSpec] = list(chain.spec.stages)
+    while todo:
+        stage = todo.pop()
+        if isinstance(stage, MapStage):
+            todo.append(stage.stage)
+        if not isinstance(stage, LlmStage):
+            continue
+        read: set[str] = set()
+        for template in stage_templates(stage):
+            if template.path and template.path[0] == "when":
+                continue
+            try:
+                read.update(references(template.source).stages)
+            except Exception:
+                continue
+        ids = [s for s in retrieving if s in read]
+        if ids:
+            cited[id(stage)] = ids
+    return cited
+
+
+def _flat_hits(output: Any) -> list[dict[str, Any]]:
+    """A retrieve stage's hits; a map of retrieve stages gives a list of lists, flattened."""
+    if isinstance(output, dict) and "id" in output:
+        return [output]
+    if isinstance(output, list):
+        return [hit for item in output for hit in _flat_hits(item)]
+    return []
 
 
 def _sum_usage(units: list[_Unit]) -> Usage:

@@ -167,9 +167,17 @@ class RetrieveStage(_StageBase):
     """Find the best passages for a query in a document collection."""
 
     kind: Literal["retrieve"] = Field(description="Retrieves passages and emits sources.")
-    query: str = Field(description="What to search for (a template).")
-    collection: str = Field(description="The document collection to search.")
-    top_k: int = Field(5, ge=1, le=100, description="How many passages to return.")
+    query: str = Field(description="What to search for (a template); an empty query finds nothing.")
+    collection: str = Field(
+        description=(
+            "A name from configs/collections.yaml, or a folder of documents (.md, .txt, .pdf, "
+            ".docx, .csv, .xlsx) relative to the chain file."
+        )
+    )
+    top_k: int = Field(5, ge=1, le=100, description="How many passages to return at most.")
+    min_score: float | None = Field(
+        None, ge=0, description="Drop passages scoring below this (BM25 scores start at 0)."
+    )
 
 
 class InputStage(_StageBase):

@@ -14,6 +14,7 @@ import json
 from collections import deque
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateSyntaxError, nodes
@@ -22,8 +23,10 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
 from stagecast.engine.chain import stage_templates
+from stagecast.engine.collections import CollectionError, load_collections_config
 from stagecast.engine.errors import Problem
 from stagecast.engine.inputs import broken_rule
+from stagecast.engine.retrieval import collection_problem
 from stagecast.engine.spec import (
     ChainSpec,
     InputSpec,
@@ -47,8 +50,8 @@ __all__ = [
     "check_chain",
 ]
 
-AVAILABLE_KINDS = ("llm", "map", "split", "template")
-"""Kinds the orchestrator runs today; ``retrieve`` and ``input`` come with later issues."""
+AVAILABLE_KINDS = ("llm", "map", "split", "template", "retrieve")
+"""Kinds the orchestrator runs today; ``input`` comes with a later issue."""
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 _CONTEXT_NAMES = ("inputs", "stages")
 
@@ -197,7 +200,9 @@ class _Checker:
     # stages ---------------------------------------------------------------------------------
 
     def check_stage(self, stage: StageSpec, path: KeyPath, *, nested: bool) -> None:
-        if isinstance(stage, RetrieveStage | InputStage):
+        if isinstance(stage, RetrieveStage):
+            self.check_collection((*path, "collection"), stage.collection)
+        if isinstance(stage, InputStage):
             self.add(
                 (*path, "kind"),
                 f"stage kind '{stage.kind}' is not available yet",
@@ -238,6 +243,18 @@ class _Checker:
                     "choose another name for the item, e.g. `as: item`",
                 )
             self.check_stage(stage.stage, (*path, "stage"), nested=True)
+
+    def check_collection(self, path: KeyPath, value: str) -> None:
+        try:
+            config = load_collections_config()
+        except CollectionError as exc:
+            self.add(path, str(exc))
+            return
+        name = self.source.filename
+        base = Path(name).parent if name and not name.startswith("<") else Path.cwd()
+        found = collection_problem(value, base.resolve(), config)
+        if found is not None:
+            self.add(path, *found)
 
     def check_model(self, path: KeyPath, name: str) -> None:
         if self.model_names is None or name in self.model_names:

@@ -20,6 +20,7 @@ SCRIPTS = {
     "bench_http.py": "sse-starlette, pre-built events",
     "bench_ttfe.py": "Stagecast POST /v1/runs?stream=true",
     "bench_concurrency.py": "lateness p50 ms",
+    "bench_retrieval.py": "Stagecast (bm25s)",
 }
 
 

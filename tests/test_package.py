@@ -101,13 +101,20 @@ def test_the_wheel_holds_one_namespace_and_the_package_data(installed: Installed
         "stagecast/api/schema/run-events.json",
         "stagecast/chains/advanced_summary.yaml",
         "stagecast/chains/mock_interview.yaml",
+        "stagecast/chains/docs_qa.yaml",
+        "stagecast/chains/collections/docs_qa/thermostat-manual.pdf",
+        "stagecast/chains/collections/docs_qa/support.xlsx",
+        "stagecast/chains/collections/docs_qa/ko-guide.docx",
+        "stagecast/chains/collections/docs_qa/refund-policy.md",
         "stagecast/chains/chain.schema.json",
         "stagecast/chains/examples/advanced_summary.json",
         "stagecast/configs/models.yaml",
         "stagecast/configs/server.yaml",
+        "stagecast/configs/collections.yaml",
     ):
         assert expected in names, expected
     assert not [n for n in names if n.startswith(("stagecast/tests", "stagecast/bench"))]
+    assert not [n for n in names if ".stagecast-index" in n]  # a local index cache never ships
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(installed.wheel).read(entry_points).decode()
     assert "stagecast = stagecast.api.cli:main" in text
@@ -129,7 +136,7 @@ def test_list_and_a_shipped_chain_run_outside_the_checkout(installed: Installed)
     listed = installed.run("stagecast", "list")
     assert listed.returncode == 0, listed.stderr
     ids = [line.split()[0] for line in listed.stdout.splitlines()]
-    assert ids == ["advanced_summary", "mock_interview"]
+    assert ids == ["advanced_summary", "docs_qa", "mock_interview"]
     # the README's command, as written: the example file is found in the package data
     ran = installed.run(
         "stagecast",
@@ -145,6 +152,21 @@ def test_list_and_a_shipped_chain_run_outside_the_checkout(installed: Installed)
     assert events[0]["type"] == "run-start" and events[0]["model"] == "offline"
     assert events[-1]["type"] == "run-end" and events[-1]["status"] == "succeeded"
     assert events[-1]["outputs"]["summary"]
+
+
+def test_docs_qa_runs_outside_the_checkout_on_its_shipped_collection(installed: Installed) -> None:
+    ran = installed.run(
+        "stagecast", "run", "docs_qa", "-i", "question=카카오톡 상담이 되나요?", "--events"
+    )
+    assert ran.returncode == 0, ran.stderr
+    events = [json.loads(line) for line in ran.stdout.splitlines()]
+    sources = [e["source"]["id"] for e in events if e["type"] == "source"]
+    assert sources[0] == "support.xlsx#고객센터!row3"
+    answer = next(e for e in events if e["type"] == "stage-end" and e["stage"] == "answer")
+    assert answer["citations"][0] == {"marker": 1, "source_id": sources[0], "stage": "search"}
+    indexed = installed.run("stagecast", "index", "sample")
+    assert indexed.returncode == 0, indexed.stderr
+    assert "30 passages from 10 files" in indexed.stdout
 
 
 def _readme_commands() -> list[str]:
@@ -211,7 +233,11 @@ def served(installed: Installed) -> Iterator[str]:
 
 def test_the_installed_server_serves_the_shipped_chains_and_the_demo_page(served: str) -> None:
     chains = json.loads(urllib.request.urlopen(served + "/v1/chains", timeout=5).read())
-    assert sorted(c["id"] for c in chains["chains"]) == ["advanced_summary", "mock_interview"]
+    assert sorted(c["id"] for c in chains["chains"]) == [
+        "advanced_summary",
+        "docs_qa",
+        "mock_interview",
+    ]
     page = urllib.request.urlopen(served + "/", timeout=5).read().decode()
     assert "<html" in page.lower()
     script = urllib.request.urlopen(served + "/static/stagecast.js", timeout=5).read()

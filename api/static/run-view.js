@@ -48,6 +48,9 @@ export class RunView {
     this.lastSeq = 0;
     this.stages = new Map(); // stage id -> row parts
     this.streams = new Map(); // path key -> {node, text, attempt, box}
+    this.sourceCards = new Map(); // "stage\u0000source id" -> its card
+    this.sourceSerial = 0;
+    this.citations = null; // the last llm stage-end citations, to link [n] in the result
     this.items = new Map(); // path key -> item parts
     this.inputs = new Map(); // path key -> input box
     this.progress = 0;
@@ -196,7 +199,15 @@ export class RunView {
     const s = e.source;
     const card = el("article", "source");
     card.dataset.sourceId = s.id ?? "";
+    // numbered per stage, in arrival order: the [n] an answer cites (docs/protocol.md, citations)
+    const number = row.sourcesEl.querySelectorAll(".source").length + 1;
+    card.id = `source-${++this.sourceSerial}`;
+    card.dataset.sourceNumber = String(number);
+    this.sourceCards.set(`${e.stage}\u0000${s.id}`, card);
     const head = div("source-head");
+    const badge = el("span", "source-number");
+    badge.textContent = `[${number}]`;
+    head.append(badge);
     const title = el("h4", "source-title");
     if (s.url && /^https?:/i.test(s.url)) {
       const a = el("a");
@@ -303,6 +314,11 @@ export class RunView {
         this.#setCount(row, row.total, row.total);
       }
       if (!row.plan.fan_out) this.#showOutput(e, row);
+      if (Array.isArray(e.citations)) {
+        this.citations = e.citations;
+        const box = this.streams.get(key(e.path))?.box ?? row.bodyEl;
+        this.#linkCitations(box, e.citations);
+      }
     } else {
       const item = this.#item(e, row);
       setStatus(item.root, e.status, item.statusEl);
@@ -477,6 +493,56 @@ export class RunView {
     box.scrollTop = 0; // the finished text is read from its start
   }
 
+  /** Turn each `[n]` in the text under `root` into a link to the source card it cites. */
+  #linkCitations(root, citations) {
+    const byMarker = new Map(citations.map((c) => [c.marker, c]));
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    const nodes = [];
+    for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+      if (/\[\d/.test(n.data) && !n.parentElement?.closest("a, code, pre")) nodes.push(n);
+    }
+    for (const node of nodes) {
+      const parts = node.data.split(/(\[\d{1,4}(?:\s*,\s*\d{1,4})*\])/);
+      if (parts.length === 1) continue;
+      const frag = document.createDocumentFragment();
+      for (const part of parts) {
+        const m = /^\[([\d,\s]+)\]$/.exec(part);
+        if (!m) {
+          if (part) frag.append(document.createTextNode(part));
+          continue;
+        }
+        const numbers = m[1].split(",").map((x) => Number(x.trim()));
+        numbers.forEach((marker, i) => {
+          const c = byMarker.get(marker);
+          const card = c && c.source_id != null ? this.sourceCards.get(`${c.stage}\u0000${c.source_id}`) : null;
+          if (card) {
+            const a = el("a", "citation");
+            a.href = `#${card.id}`;
+            a.textContent = `[${marker}]`;
+            a.title = card.querySelector(".source-title")?.textContent || c.source_id;
+            a.addEventListener("click", (ev) => {
+              ev.preventDefault();
+              const details = card.closest("details");
+              if (details) details.open = true;
+              card.scrollIntoView({ block: "nearest", behavior: "smooth" });
+              card.classList.remove("is-cited");
+              void card.offsetWidth; // restart the highlight
+              card.classList.add("is-cited");
+            });
+            frag.append(a);
+          } else {
+            const span = el("span", "citation citation-unmatched");
+            span.textContent = `[${marker}]`;
+            span.title = "This marker matches no source the stage was given.";
+            frag.append(span);
+          }
+          if (i < numbers.length - 1) frag.append(document.createTextNode(" "));
+        });
+      }
+      node.replaceWith(frag);
+    }
+  }
+
   #renderOutputs(outputs) {
     const o = this.outputsEl;
     o.replaceChildren();
@@ -491,6 +557,7 @@ export class RunView {
       const title = el("h3", "output-name");
       title.textContent = humanize(name);
       block.append(title, renderValue(value));
+      if (this.citations) this.#linkCitations(block, this.citations);
       o.append(block);
     }
     o.hidden = false;

@@ -7,7 +7,12 @@
 //     on: {
 //       "run-start": (e) => drawPlan(e.plan),
 //       "token": (e) => appendText(e.path, e.text),
-//       "stage-end": (e) => setProgress(e.progress),
+//       "source": (e) => { sources.push(e); addCard(e.stage, e.source); },
+//       "stage-end": (e) => {
+//         setProgress(e.progress);
+//         // llm stages given retrieved sources: [{marker, source, stage}], source null = unmatched
+//         if (e.citations) linkMarkers(e.path, resolveCitations(e, sources));
+//       },
 //     },
 //     onEvent: (e) => log(e),            // every known event, before its typed handler
 //     onEnd: (runEnd) => done(runEnd),   // after run-end; the stream is closed by then
@@ -36,6 +41,27 @@ export const EVENT_TYPES = Object.freeze([
   "stage-end",
   "run-end",
 ]);
+
+/**
+ * The citations of a `stage-end` with the source events they point at.
+ *
+ * `stageEnd.citations` is `[{marker, source_id, stage}]` for an llm stage that was given
+ * retrieved sources (null otherwise); `sourceEvents` are the `source` events seen so far.
+ * Returns `[{marker, stage, source}]` in marker order of appearance, `source` being the source
+ * object of that stage and id, or null for a marker that matches no source (an unmatched `[7]`).
+ */
+export function resolveCitations(stageEnd, sourceEvents) {
+  if (!stageEnd || !Array.isArray(stageEnd.citations)) return [];
+  const byKey = new Map();
+  for (const e of sourceEvents || []) {
+    if (e && e.source) byKey.set(`${e.stage}\u0000${e.source.id}`, e.source);
+  }
+  return stageEnd.citations.map((c) => ({
+    marker: c.marker,
+    stage: c.stage,
+    source: c.source_id == null ? null : byKey.get(`${c.stage}\u0000${c.source_id}`) ?? null,
+  }));
+}
 
 export class StagecastError extends Error {
   constructor(status, code, message, details) {

@@ -507,3 +507,52 @@ def test_run_against_a_server(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+# -- retrieval: `stagecast index`, sources and citations in the views --------------------------
+
+
+def test_index_builds_then_reuses_and_names_a_missing_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "docs"
+    shutil.copytree(
+        SHIPPED_CHAINS / "collections" / "docs_qa",
+        folder,
+        ignore=shutil.ignore_patterns(".stagecast-index"),
+    )
+    (folder / "broken.pdf").write_bytes(b"not a pdf")
+    built = cli("index", str(folder))
+    assert built.returncode == 0, built.stderr
+    line = built.stdout.strip()
+    assert line.startswith(f"{folder}: 30 passages from 11 files in ")
+    assert line.endswith(f" s (built; {folder / '.stagecast-index'})")
+    assert f"warning: {folder / 'broken.pdf'}: skipped: not a readable PDF" in built.stderr
+    again = cli("index", str(folder))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().endswith(f" s (up to date; {folder / '.stagecast-index'})")
+    missing = cli("index", str(tmp_path / "nope"))
+    assert (missing.returncode, missing.stdout) == (1, "")
+    assert missing.stderr.strip() == f"error: {tmp_path / 'nope'}: no such folder"
+
+
+def test_plain_view_lists_sources_and_citations_of_docs_qa() -> None:
+    ran = cli("run", "docs_qa", "-i", "question=Is water damage covered by the warranty?")
+    assert ran.returncode == 0, ran.stderr
+    lines = [line.split("s  ", 1)[-1] for line in ran.stdout.splitlines()]
+    assert "source    search  [1] warranty: What the warranty does not cover (score " in "\n".join(
+        lines
+    )
+    sources = [line for line in lines if line.startswith("source ")]
+    assert len(sources) == 4 and sources[1].startswith("source    search  [2] warranty: Warranty")
+    assert sources[0].endswith(" · warranty.docx#2")
+    answer = next(line for line in lines if line.startswith("succeeded answer"))
+    assert answer.endswith(" · cites [1] [2]")
+
+
+@pytest.mark.anyio
+async def test_live_view_lists_sources_per_stage_and_the_citations() -> None:
+    path = str(SHIPPED_CHAINS / "docs_qa.yaml")
+    end, text, _ = await _live_run(path, {"question": "카카오톡 상담이 되나요?"})
+    assert end.status == "succeeded"
+    assert "sources · Searching the documents" in text
+    assert "[1] support (고객센터, row 3): 카카오톡으로도 상담할 수 있나요? (score " in text
+    assert "cites [1]" in text

@@ -80,6 +80,12 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     chains.mkdir()
     for path in [*SHIPPED_CHAINS.glob("*.yaml"), *(HERE / "chains").glob("*.yaml")]:
         shutil.copy(path, chains / path.name)
+    # docs_qa reads the sample collection beside it (its `collection` is a folder relative to it)
+    shutil.copytree(
+        SHIPPED_CHAINS / "collections",
+        chains / "collections",
+        ignore=shutil.ignore_patterns(".stagecast-index"),
+    )
     schema = SHIPPED_CHAINS / "chain.schema.json"
     if schema.exists():
         shutil.copy(schema, chains / schema.name)

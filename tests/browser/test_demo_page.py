@@ -136,6 +136,65 @@ def test_advanced_summary_streams_and_finishes(page: Any, artifacts: Path) -> No
     page.screenshot(path=str(artifacts / "advanced_summary-desktop.png"), full_page=True)
 
 
+def test_docs_qa_shows_source_cards_and_links_each_citation_to_its_card(
+    page: Any, artifacts: Path
+) -> None:
+    open_page(page)
+    choose_chain(page, "docs_qa", "question")
+    page.fill("[name=question]", "Is water damage covered by the warranty?")
+    start(page, "fast")
+    wait_run_status(page, "succeeded")
+    cards = page.locator('[data-stage="search"] .source')
+    assert cards.count() == 4
+    assert cards.evaluate_all("cs => cs.map(c => c.dataset.sourceId)")[:2] == [
+        "warranty.docx#2",
+        "warranty.docx#1",
+    ]
+    assert cards.first.locator(".source-number").inner_text() == "[1]"
+    assert cards.first.locator(".source-title").inner_text() == (
+        "warranty: What the warranty does not cover"
+    )
+    # [1] and [2] in the answer (the stage's text and the result) link to the cards they cite
+    for where in ('[data-stage="answer"]', '#run .outputs [data-output="answer"]'):
+        links = page.locator(f"{where} a.citation")
+        assert links.evaluate_all("ls => ls.map(l => [l.textContent, l.getAttribute('href')])") == [
+            ["[1]", "#" + str(cards.nth(0).get_attribute("id"))],
+            ["[2]", "#" + str(cards.nth(1).get_attribute("id"))],
+        ]
+    page.locator('[data-stage="search"] details.sources > summary').click()  # fold the cards
+    page.locator('[data-stage="answer"] a.citation').nth(1).click()
+    assert page.locator('[data-stage="search"] details.sources').get_attribute("open") == ""
+    page.wait_for_selector('[data-stage="search"] .source.is-cited')
+    assert cards.nth(1).get_attribute("class") == "source is-cited"
+    page.screenshot(path=str(artifacts / "docs_qa-desktop.png"), full_page=True)
+
+
+def test_an_unmatched_citation_is_marked_not_linked(page: Any) -> None:
+    page.goto("/")
+    page.evaluate(
+        """async (events) => {
+            const { RunView } = await import("/static/run-view.js");
+            const { resolveCitations } = await import("/static/stagecast.js");
+            const root = document.createElement("section");
+            root.id = "synthetic";
+            document.body.append(root);
+            const view = new RunView(root, {});
+            view.reset("run_c");
+            for (const e of events) view.apply(e);
+            const sources = events.filter((e) => e.type === "source");
+            window.__resolved = resolveCitations(events[5], sources);
+        }""",
+        CITED,
+    )
+    answer = page.locator('#synthetic [data-stage="answer"]')
+    assert answer.locator("a.citation").evaluate_all("ls => ls.map(l => l.textContent)") == ["[1]"]
+    assert answer.locator(".citation-unmatched").inner_text() == "[4]"
+    assert page.evaluate("window.__resolved") == [
+        {"marker": 1, "stage": "search", "source": {"id": "a#1", "title": "A", "text": "alpha"}},
+        {"marker": 4, "stage": None, "source": None},
+    ]
+
+
 def test_mock_interview_streams_and_finishes_at_phone_width(page: Any, artifacts: Path) -> None:
     page.set_viewport_size({"width": 390, "height": 844})
     open_page(page)
@@ -321,6 +380,26 @@ SYNTHETIC = [
         },
     ),  # fmt: skip
 ]
+
+
+CITED = [
+    _ev(1, "run-start", None, chain={"id": "c"}, model="offline", plan=[
+        {"stage": "search", "label": "Search", "kind": "retrieve", "needs": [], "weight": 1,
+         "fan_out": False},
+        {"stage": "answer", "label": "Answer", "kind": "llm", "needs": ["search"], "weight": 1,
+         "fan_out": False},
+    ]),
+    _ev(2, "stage-start", ["search"], label="Search", kind="retrieve"),
+    _ev(3, "source", ["search"], source={"id": "a#1", "title": "A", "text": "alpha"}),
+    _ev(4, "stage-end", ["search"], status="succeeded", output=[], usage={}, duration_ms=1,
+        error=None, progress=0.5, citations=None),
+    _ev(5, "stage-start", ["answer"], label="Answer", kind="llm"),
+    _ev(6, "stage-end", ["answer"], status="succeeded", output="Alpha [1], not [4].", usage={},
+        duration_ms=1, error=None, progress=1.0, citations=[
+            {"marker": 1, "source_id": "a#1", "stage": "search"},
+            {"marker": 4, "source_id": None, "stage": None},
+        ]),
+]  # fmt: skip
 
 
 def test_retry_and_input_required_from_synthetic_events(page: Any) -> None:

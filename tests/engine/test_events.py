@@ -85,7 +85,9 @@ def test_every_field_is_present_even_when_null() -> None:
         "duration_ms",
         "error",
         "progress",
+        "citations",
     ]
+    assert data["citations"] is None
     assert data["usage"] == {"input_tokens": 0, "output_tokens": 0, "cost": None}
 
 

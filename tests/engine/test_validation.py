@@ -77,10 +77,20 @@ CASES: dict[str, list[str]] = {
         '  hint: add e.g. `stage: {{kind: llm, prompt: "{{{{ item }}}}"}}`',
     ],
     "not_available": [
-        "{f}:3:11: stages[passages].kind: stage kind 'retrieve' is not available yet\n"
-        "  hint: kinds available now: llm, map, split, template",
-        "{f}:7:11: stages[ask].kind: stage kind 'input' is not available yet\n"
-        "  hint: kinds available now: llm, map, split, template",
+        "{f}:3:11: stages[ask].kind: stage kind 'input' is not available yet\n"
+        "  hint: kinds available now: llm, map, split, template, retrieve",
+    ],
+    "unknown_collection": [
+        "{f}:5:17: stages[by_name].collection: unknown collection 'smaple': not a name in "
+        "configs/collections.yaml and no folder {d}/smaple\n"
+        "  hint: did you mean 'sample'? collections are: sample; or give a folder relative to "
+        "the chain file",
+        "{f}:9:17: stages[by_folder].collection: collection 'no/such/folder': "
+        "{d}/no/such/folder: no such folder\n"
+        "  hint: collections are: sample",
+        "{f}:13:17: stages[a_file].collection: collection 'unknown_collection.yaml': "
+        "{d}/unknown_collection.yaml: not a folder\n"
+        "  hint: collections are: sample",
     ],
     "overlap": [
         "{f}:6:14: stages[sections].overlap: overlap (500) must be smaller than chunk_size (500)",
@@ -127,7 +137,9 @@ CASES: dict[str, list[str]] = {
 def test_problem_message(name: str) -> None:
     path = BAD / f"{name}.yaml"
     problems = validate_chain_file(path, model_names=MODELS)
-    assert [str(p) for p in problems] == [line.format(f=path) for line in CASES[name]]
+    assert [str(p) for p in problems] == [
+        line.format(f=path, d=path.parent) for line in CASES[name]
+    ]
 
 
 def test_every_fixture_has_a_case() -> None:
