@@ -7,8 +7,9 @@ because it retrieved better than character bigrams on the sample collection (see
 docs/authoring.md § retrieve and ``tests/engine/test_retrieval.py``); ``ngram`` stays available.
 
 An index is built on first use and cached on disk in ``.stagecast-index/`` inside the collection
-folder (or in ``cache_dir`` when given, or when the folder is read-only), with a manifest of every
-file's SHA-256: any edit, addition or deletion rebuilds it; touching a file does not.
+folder (or in ``cache_dir`` when given; in ``~/.cache/stagecast/index`` for the collections
+shipped in an installed package; in a temp folder when the folder is read-only), with a manifest
+of every file's SHA-256: any edit, addition or deletion rebuilds it; touching a file does not.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import difflib
 import hashlib
 import importlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -41,6 +43,7 @@ from stagecast.engine.collections import (
     resolve_folder,
 )
 from stagecast.engine.events import Source
+from stagecast.engine.resources import SHIPPED_CHAINS
 
 __all__ = [
     "BM25Index",
@@ -276,7 +279,16 @@ _memory: dict[tuple[str, str], BM25Index] = {}
 _build_lock = threading.Lock()
 
 
+def _user_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "stagecast" / "index"
+
+
 def _index_dir(folder: Path, cache_dir: Path | None) -> Path:
+    shipped = SHIPPED_CHAINS.resolve()
+    installed = not (shipped.parent / "pyproject.toml").exists()  # not a source checkout
+    if cache_dir is None and installed and folder.resolve().is_relative_to(shipped):
+        cache_dir = _user_cache_dir()  # a shipped collection: never write into site-packages
     if cache_dir is not None:
         digest = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
         return cache_dir / f"{folder.name}-{digest}"

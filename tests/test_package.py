@@ -33,6 +33,7 @@ class Installed:
     def __init__(self, venv: Path, wheel: Path, workdir: Path) -> None:
         self.venv, self.wheel, self.workdir = venv, wheel, workdir
         self.bin = venv / "bin"
+        self.cache = workdir.parent / "user-cache"
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {
@@ -41,6 +42,7 @@ class Installed:
             if k not in ("PYTHONPATH", "OPENAI_API_KEY", "OPENAI_BASE_URL", "STAGECAST_MODELS")
         }
         env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
+        env["XDG_CACHE_HOME"] = str(self.cache)
         return subprocess.run(
             list(args),
             cwd=self.workdir,
@@ -167,6 +169,9 @@ def test_docs_qa_runs_outside_the_checkout_on_its_shipped_collection(installed: 
     indexed = installed.run("stagecast", "index", "sample")
     assert indexed.returncode == 0, indexed.stderr
     assert "30 passages from 10 files" in indexed.stdout
+    # the shipped collection's index goes to the user's cache, never into site-packages
+    assert not list(installed.venv.rglob(".stagecast-index"))
+    assert list((installed.cache / "stagecast" / "index").glob("docs_qa-*/manifest.json"))
 
 
 def _readme_commands() -> list[str]:
