@@ -5,7 +5,8 @@
    end with exactly one ``run-end``, last, with gap-free ``seq``: ``cancelled`` for the cancelled
    half, ``succeeded`` for the rest.
 2. **Memory after the TTL**: the server's RSS before the load, at its peak, and once the
-   finished runs have expired (``finished_run_ttl``), with the runs and events it still keeps.
+   finished runs have expired (``finished_run_ttl``), with the runs and events it still keeps;
+   then the same storm again: what the first left behind is reused, nothing accumulates.
 3. **SIGKILL mid-run**: the server is killed with SIGKILL while the Python client
    (``stagecast.api.client``) follows a run, then restarted on the same port: the client must
    end with an error it can show (the run is unknown to the new process), within a bound. A
@@ -47,7 +48,24 @@ stages:
 MODELS = """\
 default: tick
 models:
-  tick: {provider: offline, delay_ms: 80}
+  tick: {{provider: offline, delay_ms: {delay_ms}}}
+"""
+
+
+STORM = """
+import asyncio, json, sys, time
+import httpx
+
+async def main():
+    ids = json.loads(sys.stdin.read())
+    async with httpx.AsyncClient(base_url=sys.argv[1], timeout=60) as http:
+        await http.get("/healthz")
+        started = time.monotonic()
+        answers = await asyncio.gather(*(http.post(f"/v1/runs/{i}/cancel") for i in ids))
+        seconds = time.monotonic() - started
+    print(json.dumps({"seconds": seconds, "statuses": sorted({a.status_code for a in answers})}))
+
+asyncio.run(main())
 """
 
 
@@ -167,7 +185,7 @@ async def storm(server: ServeProcess, runs: int) -> dict[str, Any]:
             Follow((await http.post("/v1/runs", json={"chain": "storm"})).json()["run_id"], False)
         ]
         await follow(http, warm[0])
-        await asyncio.sleep(server.ttl + 2.5)
+        await asyncio.sleep(2 * server.ttl + 1.5)
         baseline_kib = C.proc_rss_kib(server.pid)[0]
 
         started = time.monotonic()
@@ -177,24 +195,32 @@ async def storm(server: ServeProcess, runs: int) -> dict[str, Any]:
         follows = [Follow(r.json()["run_id"], i % 2 == 0) for i, r in enumerate(created)]
         tasks = [asyncio.create_task(follow(http, f)) for f in follows]
         await asyncio.wait_for(asyncio.gather(*(f.first_token.wait() for f in follows)), 120)
-        storm_at = time.monotonic()
-        cancels = await asyncio.gather(
-            *(http.post(f"/v1/runs/{f.run_id}/cancel") for f in follows if f.cancel)
+        # the storm comes from a process of its own: this one is busy reading N streams
+        ids = [f.run_id for f in follows if f.cancel]
+        storm_proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            STORM,
+            server.url,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
-        cancel_s = time.monotonic() - storm_at
+        out, _ = await storm_proc.communicate(json.dumps(ids).encode())
+        storm_report = json.loads(out)
+        cancel_s = storm_report["seconds"]
         peak_kib = C.proc_rss_kib(server.pid)[0]
         await asyncio.wait_for(asyncio.gather(*tasks), 300)
         elapsed = time.monotonic() - started
         ended_kib = C.proc_rss_kib(server.pid)[0]
 
-        await asyncio.sleep(server.ttl + 2.5)  # expire + one sweep
+        await asyncio.sleep(2 * server.ttl + 1.5)  # expired, and a sweep after that
         text = (await http.get("/metrics")).text
         after_kib = C.proc_rss_kib(server.pid)[0]
     broken = {f.run_id: f.problems() for f in follows if f.problems()}
     return {
         "runs": runs,
         "cancelled": sum(f.cancel for f in follows),
-        "cancel_answers": sorted({r.status_code for r in cancels}),
+        "cancel_answers": storm_report["statuses"],
         "cancel_storm_s": cancel_s,
         "elapsed_s": elapsed,
         "events": sum(len(f.seqs) for f in follows),
@@ -241,19 +267,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--ttl", type=float, default=3.0, help="finished_run_ttl of the server")
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=250,
+        help="offline model delay per token (runs last ~34 tokens x this: long enough for "
+        "every follower to connect before the storm)",
+    )
     parser.add_argument("--smoke", action="store_true", help="40 runs")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON only")
     args = parser.parse_args()
-    if args.smoke:
-        args.runs = 40
+    if args.smoke:  # 40 followers connect at once: shorter runs and a shorter TTL will do
+        args.runs, args.delay_ms, args.ttl = 40, 60, 1.5
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         (workdir / "chains").mkdir()
         (workdir / "chains" / "storm.yaml").write_text(CHAIN)
-        (workdir / "models.yaml").write_text(MODELS)
+        (workdir / "models.yaml").write_text(MODELS.format(delay_ms=args.delay_ms))
         server = ServeProcess(workdir, C.free_port(), args.ttl).start()
         try:
             report = asyncio.run(storm(server, args.runs))
+            again = asyncio.run(storm(server, args.runs))  # a second storm: is anything kept?
+            report["broken"].update(again["broken"])
+            report["second_after_ttl_kib"] = again["after_ttl_kib"]
+            report["second_peak_kib"] = again["peak_kib"]
             kills = [asyncio.run(kill_mid_run(server, restart=True))]
             kills.append(asyncio.run(kill_mid_run(server, restart=False)))
         finally:
@@ -265,6 +302,8 @@ def main() -> None:
         failures.append(f"after a restart the client got: {restarted['outcome']}")
     if not down["outcome"].startswith("StreamLost"):
         failures.append(f"with the server down the client got: {down['outcome']}")
+    if report["second_after_ttl_kib"] - report["after_ttl_kib"] > 8 * 1024:
+        failures.append("the second storm left more memory behind than the first (a leak?)")
     if report["runs_kept_after_ttl"] != 0 or report["events_kept_after_ttl"] != 0:
         failures.append("finished runs were not forgotten after their TTL")
     if args.json:
@@ -283,6 +322,11 @@ def main() -> None:
                     ["server RSS before", f"{report['baseline_kib'] / mib:.1f} MiB"],
                     ["server RSS at peak", f"{report['peak_kib'] / mib:.1f} MiB"],
                     ["server RSS after the TTL", f"{report['after_ttl_kib'] / mib:.1f} MiB"],
+                    [
+                        "second storm: RSS at peak / after the TTL",
+                        f"{report['second_peak_kib'] / mib:.1f} / "
+                        f"{report['second_after_ttl_kib'] / mib:.1f} MiB",
+                    ],
                     [
                         "runs / events kept after the TTL",
                         f"{report['runs_kept_after_ttl']:g} / {report['events_kept_after_ttl']:g}",
