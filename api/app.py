@@ -172,7 +172,7 @@ def create_app(
             while True:
                 await asyncio.sleep(min(SWEEP_SECONDS, max(settings.finished_run_ttl, 1.0)))
                 if manager.expire() and not manager.active:
-                    release_memory()
+                    await asyncio.to_thread(release_memory)  # gc + trim: not on the loop
 
         async def watch_stalls() -> None:
             while True:

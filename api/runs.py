@@ -143,6 +143,7 @@ class RunManager:
             model=model,
             coalesce_ms=self.settings.coalesce_ms if coalesce_ms is None else coalesce_ms,
             render_limits=self.settings.render_limits(),
+            max_map_items=self.settings.max_map_items,
         )
         managed = ManagedRun(
             run=run,

@@ -78,6 +78,9 @@ class ServerSettings(BaseModel):
     shutdown_timeout: float = Field(
         5.0, ge=0, description="Seconds open streams get to finish when the server stops."
     )
+    max_map_items: int = Field(
+        10_000, gt=0, description="Most items one map stage runs; more fail the stage."
+    )
     template_max_chars: int = Field(
         DEFAULT_LIMITS.max_chars,
         gt=0,

@@ -225,4 +225,6 @@ class EventStreamResponse(Response):
                     on_sent(count)
         except EventLogError:
             pass  # the run expired under a slow viewer: end the stream like a finished one
+        self.send_since = time.monotonic()  # the last write can stall too
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.send_since = None

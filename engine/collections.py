@@ -269,7 +269,6 @@ def _sections(
 
 def _load_pdf(data: bytes, path: Path, rel: str, chunk_size: int, overlap: int) -> FileLoad:
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
 
     passages: list[Passage] = []
     try:
@@ -279,7 +278,7 @@ def _load_pdf(data: bytes, path: Path, rel: str, chunk_size: int, overlap: int) 
             passages.extend(
                 _sections(rel, [(None, text)], chunk_size, overlap, {"page": number}, f"p{number}-")
             )
-    except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:
+    except Exception as exc:  # pypdf also raises IndexError, AssertionError, zlib.error …
         return FileLoad([], f"not a readable PDF ({type(exc).__name__}: {exc})")
     return FileLoad(passages)
 

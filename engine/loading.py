@@ -290,6 +290,8 @@ MAX_DEPTH = 64
 """Deepest nesting a chain document may have (real chains, JSON Schemas included, use ~15)."""
 MAX_VALUES = 100_000
 """Most values a chain document may stand for once its aliases are expanded."""
+MAX_TEXT = 10_000_000
+"""Most characters of text a chain document may stand for once its aliases are expanded."""
 
 
 def _line_col(text: str, position: int) -> tuple[int, int]:
@@ -314,6 +316,7 @@ def _shape_problem(root: yaml.Node, filename: str) -> Problem | None:
         return Problem(filename, mark.line + 1, mark.column + 1, "", problem, hint)
 
     sizes: dict[int, int] = {}
+    texts: dict[int, int] = {}
     open_nodes: set[int] = set()
     stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
     while stack:
@@ -321,14 +324,24 @@ def _shape_problem(root: yaml.Node, filename: str) -> Problem | None:
         key = id(node)
         if closing:
             open_nodes.discard(key)
-            size = 1 + sum(sizes[id(child)] for child in _children(node))
-            sizes[key] = size
+            children = _children(node)
+            size = 1 + sum(sizes[id(child)] for child in children)
+            text = len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+            text += sum(texts[id(child)] for child in children)
+            sizes[key], texts[key] = size, text
             if size > MAX_VALUES:
                 return at(
                     node,
                     f"this value stands for more than {MAX_VALUES:,} values once its YAML "
                     "aliases are expanded",
                     "write the values out, or anchor less deeply nested ones",
+                )
+            if text > MAX_TEXT:
+                return at(
+                    node,
+                    f"this value stands for more than {MAX_TEXT:,} characters of text once its "
+                    "YAML aliases are expanded",
+                    "write the text out once; do not repeat a long anchored text through aliases",
                 )
             continue
         if key in sizes:

@@ -197,6 +197,7 @@ class ChainRun:
         on_prompt: called with (stage id, path, messages) each time an llm stage's prompt is
             rendered, before the model call (``stagecast dry-run`` prints them).
         render_limits: how big and how long one template render may get (``RenderLimits``).
+        max_map_items: most items one map stage runs; more fail the stage (``map_limit``).
         retrievers: collection name -> a LangChain ``BaseRetriever`` or ``VectorStore`` (or a
             Stagecast retriever); wins over configs/collections.yaml for that name.
         collections: the collections config (default: configs/collections.yaml).
@@ -217,6 +218,7 @@ class ChainRun:
         retry_backoff: float = 0.5,
         on_prompt: Callable[[str, Path, list[BaseMessage]], None] | None = None,
         render_limits: RenderLimits | None = None,
+        max_map_items: int = 10_000,
         retrievers: Mapping[str, Any] | None = None,
         collections: CollectionsConfig | None = None,
         index_cache_dir: FilePath | None = None,
@@ -240,6 +242,7 @@ class ChainRun:
         self.retry_backoff = retry_backoff
         self.on_prompt = on_prompt
         self.render_limits = render_limits or DEFAULT_LIMITS
+        self.max_map_items = max_map_items
         self.coalesce_s = coalesce_ms / 1000
         self.status: RunStatus = "pending"
         self.outputs: Any = None
@@ -679,25 +682,32 @@ class ChainRun:
             ]
         return value
 
-    def _retriever(self, collection: str) -> Retriever:
+    async def _retriever(self, collection: str) -> Retriever:
         found = self._retrievers.get(collection)
         if found is None:
-            if self._collections is None:
-                self._collections = load_collections_config()
-            base = self.chain.path.parent if self.chain.path is not None else FilePath.cwd()
-            found = self._retrievers[collection] = resolve_retriever(
-                collection,
-                base=base,
-                config=self._collections,
-                retrievers=self._retriever_objects,
-                cache_dir=self._index_cache_dir,
-            )
+            # reads collections.yaml, may import a retriever factory and build a vector store:
+            # off the event loop
+            found = await asyncio.to_thread(self._resolve_retriever, collection)
+            found = self._retrievers.setdefault(collection, found)
         return found
+
+    def _resolve_retriever(self, collection: str) -> Retriever:
+        if self._collections is None:
+            self._collections = load_collections_config()
+        base = self.chain.path.parent if self.chain.path is not None else FilePath.cwd()
+        return resolve_retriever(
+            collection,
+            base=base,
+            config=self._collections,
+            retrievers=self._retriever_objects,
+            cache_dir=self._index_cache_dir,
+        )
 
     async def _run_retrieve(self, unit: _Unit, spec: RetrieveStage, attempt: int) -> Any:
         query = await self._render(spec.query, unit.context, text=True)
         try:
-            hits = await self._retriever(spec.collection).search(query, spec.top_k, spec.min_score)
+            retriever = await self._retriever(spec.collection)
+            hits = await retriever.search(query, spec.top_k, spec.min_score)
         except CollectionError as exc:
             raise StageError(str(exc), type="collection_error") from None
         for hit in hits:
@@ -799,6 +809,14 @@ class ChainRun:
             raise _StageFailed(error)
         items = list(items)
         total = len(items)
+        if total > self.max_map_items:
+            error = ErrorInfo(
+                type="map_limit",
+                message=f"over: {total:,} items, more than the limit of {self.max_map_items:,} "
+                "(max_map_items)",
+            )
+            self._end(unit, "failed", started, None, Usage(), 1, error)
+            raise _StageFailed(error)
         if state is not None:
             state.completed, state.total = 0, total
         results: list[Any] = [None] * total
@@ -824,6 +842,7 @@ class ChainRun:
                 item = queue.popleft()
                 index = item.index or 0
                 results[index] = await self._run_unit(item)
+                await asyncio.sleep(0)  # items that never wait (templates) still let others run
                 completed += 1
                 if state is not None:
                     state.completed = completed

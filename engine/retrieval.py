@@ -394,9 +394,9 @@ def _load_cached(location: Path, signature: str, tokenizer: Tokenizer, bm25s: An
             return None
         data = json.loads((location / "passages.json").read_text(encoding="utf-8"))
         bm25 = bm25s.BM25.load(str(location / "bm25"))
-    except (OSError, ValueError, KeyError):
+        index = BM25Index([Passage.from_json(p) for p in data], tokenizer, bm25)
+    except Exception:  # a cache that does not read back is rebuilt, never an error
         return None
-    index = BM25Index([Passage.from_json(p) for p in data], tokenizer, bm25)
     return index
 
 

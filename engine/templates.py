@@ -14,8 +14,9 @@ One server renders many people's templates, so a render is bounded (``RenderLimi
   text is capped while it is produced. Each limit is ``max_chars`` (characters, or items of a
   list), 10 million by default: far above any real prompt (the largest shipped input is 400,000);
 - **work**: a render that is not plain substitution runs in a worker thread (``render_async``),
-  so the event loop keeps serving other runs, under a trace that counts the template's steps
-  (lines of its compiled code) and its wall time (``max_steps``, ``max_seconds``).
+  so the event loop keeps serving other runs, under a trace that counts its steps (lines run in
+  that thread: the compiled template's and the filters' it calls) and its wall time
+  (``max_steps``, ``max_seconds``); cancelling the run stops the render at its next step.
 
 Going over a limit raises ``RenderLimitError`` (a ``TemplateError``, type ``template_limit``) that
 names the limit and the setting that raises it; the stage fails with it.
@@ -24,12 +25,15 @@ names the limit and the setting that raises it; the stage fails with it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import json
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -42,7 +46,6 @@ from jinja2.exceptions import SecurityError
 from jinja2.nodes import EvalContext
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import concat as _str_join
 
 from stagecast.engine.errors import TemplateError
 
@@ -112,11 +115,17 @@ def _size(value: Any, budget: int) -> int:
             if total > budget:
                 break
             stack.extend(item.values() if isinstance(item, dict) else item)
+        elif isinstance(item, int) and item.bit_length() > 64:
+            total += _digits(item)  # a big number is as long as its digits once it is text
         else:
             total += 1
         if total > budget:
             break
     return total
+
+
+def _digits(number: int) -> int:
+    return int(number.bit_length() * 0.302) + 1  # log10(2) digits per bit
 
 
 def _check(value: Any) -> Any:
@@ -141,6 +150,15 @@ def _format_precheck(spec: Any) -> None:
     numbers = [int(n) for m in _FORMAT_WIDTHS.finditer(spec) for n in m.groups() if n]
     if numbers and max(numbers) > _LIMITS.get().max_chars:
         raise _too_large(max(numbers), "a formatted value")
+
+
+def _format_args_precheck(args: Any) -> None:
+    """Widths can also come from the arguments (``"%*s" % (n, x)``, ``"{:>{w}}"``)."""
+    values = args.values() if isinstance(args, dict) else args if isinstance(args, tuple) else ()
+    limit = _LIMITS.get().max_chars
+    for value in values:
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise _too_large(value, "a formatted value")
 
 
 def _join_precheck(sep: Any, items: Any) -> None:
@@ -169,8 +187,16 @@ def _method_precheck(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         raise _too_large(owner.count("\t") * max(numbers), "expanded text")
     if name == "join" and args:
         _join_precheck(owner, args[0])
-    if name == "format":
+    if name in ("format", "format_map"):
         _format_precheck(owner)
+        _format_args_precheck(args)
+        _format_args_precheck(kwargs)
+        if name == "format_map" and args and isinstance(args[0], dict):
+            _format_args_precheck(args[0])
+    if name == "translate" and args and isinstance(args[0], dict):
+        longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
+        if longest > 1 and len(owner) * longest > limit:
+            raise _too_large(len(owner) * longest, "translated text")
     if name == "replace" and len(args) >= 2 and isinstance(args[0], str):
         old, new = args[0], args[1]
         if isinstance(new, str) and len(new) > len(old):
@@ -180,15 +206,19 @@ def _method_precheck(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
                 raise _too_large(size)
 
 
+_SERIALIZING = frozenset({"tojson", "tojson_pretty", "pprint", "string", "sum", "xmlattr"})
+"""Filters that turn their whole input into one value (text, or a flattened list)."""
+
+
 def _guard_filter(func: Callable[..., Any]) -> Callable[..., Any]:
     """A filter whose result is size-checked (and whose width arguments are checked first)."""
 
-    name = func.__name__.removeprefix("do_")
+    name = func.__name__.removeprefix("sync_").removeprefix("do_")
 
     @functools.wraps(func)  # keeps jinja's pass_context / pass_environment markers
     def guarded(*args: Any, **kwargs: Any) -> Any:
         plain = [a for a in args if not isinstance(a, EvalContext | Context | Environment)]
-        if plain:
+        if name in _SERIALIZING and plain:
             _check(plain[0])  # a nested value that shares items could serialize to gigabytes
         if name in ("center", "indent"):
             widths = [a for a in (*plain[1:], *kwargs.values()) if isinstance(a, int)]
@@ -199,9 +229,16 @@ def _guard_filter(func: Callable[..., Any]) -> Callable[..., Any]:
                 if size > _LIMITS.get().max_chars:
                     raise _too_large(size, "indented text")
         elif name == "join" and plain:
-            _join_precheck(plain[1] if len(plain) > 1 else kwargs.get("d", ""), list(plain[0]))
+            items = plain[0] if isinstance(plain[0], list | tuple | dict | str) else list(plain[0])
+            if items is not plain[0]:  # a generator: measured once, then joined from the list
+                index = next(i for i, a in enumerate(args) if a is plain[0])
+                args = (*args[:index], items, *args[index + 1 :])
+            _check(items)
+            _join_precheck(plain[1] if len(plain) > 1 else kwargs.get("d", ""), items)
         elif name == "format" and plain:
             _format_precheck(plain[0])
+            _format_args_precheck(tuple(plain[1:]))
+            _format_args_precheck(kwargs)
         elif name == "replace" and len(plain) >= 3:
             _method_precheck(str(plain[0]).replace, (plain[1], plain[2]), {})
         return _check(func(*args, **kwargs))
@@ -235,6 +272,9 @@ class _Environment(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*" and isinstance(left, int) and isinstance(right, int):
+            if (left.bit_length() + right.bit_length()) * 0.302 > _LIMITS.get().max_chars:
+                raise _too_large(_digits(left) + _digits(right), "a product", "digits")
         if operator == "*":
             seq, count = (left, right) if isinstance(left, _SEQUENCES) else (right, left)
             if isinstance(seq, _SEQUENCES) and isinstance(count, int) and count > 0:
@@ -250,10 +290,13 @@ class _Environment(ImmutableSandboxedEnvironment):
                     raise _too_large(digits, f"{left} ** {right:,}", "digits")
         elif operator == "%":
             _format_precheck(left)
+            if isinstance(left, str):
+                _format_args_precheck(right if isinstance(right, tuple | dict) else (right,))
         elif operator == "+":
             both = isinstance(left, _SEQUENCES) and type(left) is type(right)
-            if both and len(left) + len(right) > _LIMITS.get().max_chars:
-                raise _too_large(len(left) + len(right), "a sum", _unit(left))
+            limit = _LIMITS.get().max_chars
+            if both and _size(left, limit) + _size(right, limit) > limit:
+                raise _too_large(_size(left, limit) + _size(right, limit), "a sum", _unit(left))
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
@@ -262,7 +305,7 @@ class _Environment(ImmutableSandboxedEnvironment):
 
     @staticmethod
     def checked_concat(parts: tuple[Any, ...]) -> str:
-        text = _str_join(parts)
+        text = "".join([p if isinstance(p, str) else str(p) for p in parts])  # as jinja's ~ does
         if len(text) > _LIMITS.get().max_chars:
             raise _too_large(len(text), "joined text (~)")
         return text
@@ -290,6 +333,7 @@ def _tojson_pretty(value: Any) -> str:
 
 ENV.filters["tojson_pretty"] = _tojson_pretty
 ENV.filters.update({name: _guard_filter(func) for name, func in ENV.filters.items()})
+ENV.globals.pop("lipsum", None)  # lorem ipsum of any size, in one call: nothing a chain needs
 
 _LAZY = (Iterator, KeysView, ValuesView, ItemsView, range)
 _WHOLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}|\{\{).)*)\}\}\s*$", re.DOTALL)
@@ -353,26 +397,52 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
+_RENDER_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stagecast-render")
+"""Renders that are not plain substitution run here: a pool of their own, so slow ones never
+take the default executor's threads from retrieval and other ``to_thread`` work."""
+
+
 async def render_async(
     template: Template, context: dict[str, Any], limits: RenderLimits, *, text: bool = False
 ) -> Any:
     """Render without holding up the event loop: inline when ``template.simple``, else in a
-    worker thread under a step and time budget. ``text`` renders to text, as ``render_text``."""
+    worker thread under a step and time budget. ``text`` renders to text, as ``render_text``.
+
+    Cancelling the caller stops the render too: the worker's trace raises at its next step.
+    """
     if template.simple:
         value = template.render(context, limits)
     else:
-        value = await asyncio.to_thread(_render_counted, template, context, limits)
+        stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        work = contextvars.copy_context().run
+        future = loop.run_in_executor(
+            _RENDER_THREADS, work, _render_counted, template, context, limits, stop
+        )
+        try:
+            value = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            stop.set()  # the render ends at its next step; nobody waits for it
+            future.add_done_callback(_consume)
+            raise
     return _as_text(value) if text else value
 
 
-_TEMPLATE_FILE = "<template>"  # the filename jinja compiles from_string templates under
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a stopped render is not an unhandled error
 
 
-def _render_counted(template: Template, context: dict[str, Any], limits: RenderLimits) -> Any:
+def _render_counted(
+    template: Template, context: dict[str, Any], limits: RenderLimits, stop: threading.Event
+) -> Any:
     steps = 0
-    deadline = time.monotonic() + limits.max_seconds
+    clock = time.monotonic
+    deadline = clock() + limits.max_seconds
 
     def count(frame: FrameType, event: str, arg: Any) -> Any:
+        # every line of every frame in this thread: the template's own and the filters' it
+        # calls (a map chain is one template line); only one C call can run past a check
         nonlocal steps
         if event == "line":
             steps += 1
@@ -380,14 +450,17 @@ def _render_counted(template: Template, context: dict[str, Any], limits: RenderL
                 raise RenderLimitError(
                     f"template too slow: over {limits.max_steps:,} steps (template_max_steps)"
                 )
-            if not steps & 63 and time.monotonic() > deadline:
+            if stop.is_set():
+                raise RenderLimitError("template render stopped: the run was cancelled")
+            if clock() > deadline:
                 raise RenderLimitError(
                     f"template too slow: over {limits.max_seconds:g} s (template_max_seconds)"
                 )
         return count
 
     def calls(frame: FrameType, event: str, arg: Any) -> Any:
-        return count if frame.f_code.co_filename == _TEMPLATE_FILE else None
+        # this module's own checks are bounded by themselves and do not spend the budget
+        return None if frame.f_code.co_filename == __file__ else count
 
     previous = sys.gettrace()
     sys.settrace(calls)  # this worker thread only

@@ -199,6 +199,11 @@ def test_each_kind_of_abuse_is_reported_at_its_line(tmp_path: Path) -> None:
         "deep": "stages: " + "[" * 200 + "]" * 200 + "\n",
         "recursive": "stages: &s [*s]\n",
         "huge_number": base.replace("chunk_size: 2000", "chunk_size: " + "9" * 500),
+        "text_bomb": base.replace(
+            "inputs:",
+            'x-pad: &a "' + "y" * 10_000 + '"\nx-more: &b [' + ", ".join(["*a"] * 300) + "]\n"
+            "x-all: [" + ", ".join(["*b"] * 300) + "]\ninputs:",
+        ),
     }
     found = {}
     for name, text in cases.items():
@@ -218,6 +223,7 @@ def test_each_kind_of_abuse_is_reported_at_its_line(tmp_path: Path) -> None:
     assert found["deep"].startswith("nested too deeply (more than 64 levels)")
     assert found["recursive"].startswith("a YAML alias that contains itself")
     assert "chunk_size" in found["huge_number"]
+    assert found["text_bomb"].startswith("this value stands for more than 10,000,000 characters")
 
 
 def test_stagecast_validate_reports_a_folder_of_mutants_without_a_traceback(

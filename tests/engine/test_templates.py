@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import resource
+import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -94,16 +96,77 @@ def render(source: str, limits: RenderLimits = DEFAULT_LIMITS) -> Any:
         ),
     ],
 )
-def test_a_template_that_grows_past_the_limit_fails_before_it_allocates(
+def test_a_template_that_grows_past_the_limit_fails_with_its_size(
     source: str, message: str
 ) -> None:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(TemplateError) as info:
         render(source)
     assert str(info.value) == f"template too large: {message}, {LIMIT}"
     assert info.value.type == "template_limit"
-    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    assert grown_kib < 100_000  # at most a limit-sized value, never the gigabytes asked for
+
+
+BYPASSES = [
+    '{{ "%*s" % (3500000000, "x") }}',
+    '{{ "{:>{w}}".format("a", w=1000000000) }}',
+    "{{ '{x:>1000000000}'.format_map({'x': 1}) }}",
+    "{{ ('a' * 5000000).translate({97: 'b' * 500}) | length }}",
+    "{% set ns = namespace(l=[]) %}{% for i in range(400) %}"
+    '{% set ns.l = ns.l + ["x" * 10000000] %}{% endfor %}{{ ns.l | length }}',
+    "x{{ [10**4000] * 4000000 }}",
+    "{{ ([10**4000] * 4000000) | join }}",
+    '{{ range(100000) | map("string") | map("center", 9999999) | map("length") | sum }}',
+    "{% set ns = namespace(x=7) %}{% for i in range(60) %}{% set ns.x = ns.x * ns.x %}"
+    "{% endfor %}{{ ns.x > 1 }}",
+    "{{ (inputs.x * 100000000) * 3 }}",
+    "{% set x = [inputs.x * 100] * 1000 %}{% set y = [x] * 1000 %}{{ y | tojson }}",
+    "{{ ([[0] * 1000] * 10000) | sum(start=[]) | length }}",
+]
+PROBE = """
+import asyncio, json, resource, sys, time
+from stagecast.engine.errors import TemplateError
+from stagecast.engine.templates import RenderLimits, compile_template, render_async
+size = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, ((size + 700 * 1024) * 1024,) * 2)  # +700 MiB at most
+out = []
+for source in json.loads(sys.stdin.read()):
+    started = time.monotonic()
+    try:
+        asyncio.run(render_async(compile_template(source), {"inputs": {"x": "0123456789"}},
+                                 RenderLimits(max_seconds=2)))
+        result = "rendered"
+    except TemplateError as exc:
+        result = exc.type
+    except MemoryError:
+        result = "MemoryError"
+    out.append([result, time.monotonic() - started])
+print(json.dumps(out))
+"""
+
+
+def test_no_template_gets_past_the_limits_in_memory_or_time() -> None:
+    # a child whose address space may grow by 700 MiB only: any attempt at gigabytes fails there
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        input=json.dumps(BYPASSES),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout)
+    assert [o[0] for o in outcomes] == ["template_limit"] * len(BYPASSES), outcomes
+    assert max(o[1] for o in outcomes) < 5  # the 2 s budget, and one step past it at most
+
+
+def test_lipsum_is_gone_and_tilde_and_join_keep_working() -> None:
+    with pytest.raises(TemplateError, match="'lipsum' is undefined"):
+        render("{{ lipsum(1000000) }}")
+    assert render('{{ "item " ~ inputs.n ~ "/" ~ 3 }}') == "item 3/3"
+    assert render("{{ inputs['items'] | map('upper') | join(', ') }}") == "A, B"
+    assert render("{{ range(3) | map('string') | join(',') }}") == "0,1,2"
+    big = {"inputs": {"doc": "z" * 12_000_000}}
+    template = compile_template("{{ inputs.doc | length }}")
+    assert asyncio.run(render_async(template, big, DEFAULT_LIMITS)) == 12_000_000
 
 
 def test_nested_loops_stop_at_the_step_limit() -> None:
@@ -214,3 +277,46 @@ async def test_a_heavy_render_does_not_hold_up_another_run_s_tokens() -> None:
     assert render_s > 0.2  # heavy enough to matter: inline, it would stall the loop this long
     assert len(during) >= 10
     assert max(gaps) < render_s / 4
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_run_stops_its_render_thread() -> None:
+    endless = chain_of(
+        """
+stages:
+  - id: heavy
+    kind: template
+    text: "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+"""
+    )
+    run = ChainRun(endless, {}, render_limits=RenderLimits(max_steps=10**12, max_seconds=60))
+    with anyio.fail_after(10):
+        task = asyncio.ensure_future(run.execute())
+        await asyncio.sleep(0.3)  # the render is running in its thread
+        run.cancel()
+        end = await task
+    assert end.status == "cancelled"
+    await asyncio.sleep(0.2)  # the thread's next step sees the stop
+    cpu = time.process_time()
+    await asyncio.sleep(1.0)
+    assert time.process_time() - cpu < 0.3  # nothing keeps burning a core after the cancel
+
+
+@pytest.mark.anyio
+async def test_a_map_over_too_many_items_fails_its_stage() -> None:
+    huge = chain_of(
+        """
+stages:
+  - id: many
+    kind: map
+    over: "{{ [0] * 200000 }}"
+    stage: {kind: template, text: "{{ item }}"}
+"""
+    )
+    events = await collect(huge, {}, max_map_items=1000)
+    ends = [e for e in events if isinstance(e, StageEnded)]
+    assert [(e.stage, e.status) for e in ends] == [("many", "failed")]
+    assert ends[0].error is not None and ends[0].error.type == "map_limit"
+    assert (
+        ends[0].error.message == "over: 200,000 items, more than the limit of 1,000 (max_map_items)"
+    )
