@@ -361,6 +361,8 @@ def open_index(
             location=location,
             skipped=skipped,
         )
+        for old in [k for k in _memory if k[0] == key[0] and k != key]:
+            del _memory[old]  # an edited collection: only its latest version stays in memory
         _memory[key] = index
         return index
 
@@ -553,21 +555,23 @@ class FolderRetriever:
         self.chunk_size = chunk_size
         self.overlap = overlap
         self.cache_dir = cache_dir
+        self._lock = threading.Lock()
         self.tokenizer = tokenizer
         self._index: BM25Index | None = None
 
     def index(self) -> BM25Index:
         """Opened (files hashed, built or loaded) once per retriever, i.e. once per run: every
         retrieval of a run, map items included, searches the same version of the collection."""
-        if self._index is None:
-            self._index = open_index(
-                self.folder,
-                tokenizer=self.tokenizer,
-                chunk_size=self.chunk_size,
-                overlap=self.overlap,
-                cache_dir=self.cache_dir,
-            )
-        return self._index
+        with self._lock:  # map items searching at once open it once, not once each
+            if self._index is None:
+                self._index = open_index(
+                    self.folder,
+                    tokenizer=self.tokenizer,
+                    chunk_size=self.chunk_size,
+                    overlap=self.overlap,
+                    cache_dir=self.cache_dir,
+                )
+            return self._index
 
     def search_sync(self, query: str, top_k: int, min_score: float | None) -> list[Hit]:
         if not query.strip():
