@@ -17,10 +17,7 @@ import json
 import random
 from typing import Any
 
-HEAD = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-    b"transfer-encoding: chunked\r\n\r\n"
-)
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -122,8 +119,6 @@ class WireProtocol(asyncio.Protocol):
 async def serve(port: int, tokens: int, delay_ms: float) -> None:
     wire = Wire(tokens, delay_ms)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: WireProtocol(wire), "127.0.0.1", port, backlog=4096
-    )
+    server = await loop.create_server(lambda: WireProtocol(wire), "127.0.0.1", port, backlog=4096)
     async with server:
         await server.serve_forever()

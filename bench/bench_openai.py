@@ -26,7 +26,6 @@ the ``astream()`` path and ≤ 2× the parse-only floor.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
@@ -253,7 +252,11 @@ async def main_async(args: argparse.Namespace) -> None:
         C.table(
             ["ratio (per repetition, median)", "median", "per repetition"],
             [
-                [f"{a} / {b}", C.fmt(C.median(ratio(a, b))), " ".join(f"{x:.2f}" for x in ratio(a, b))]
+                [
+                    f"{a} / {b}",
+                    C.fmt(C.median(ratio(a, b))),
+                    " ".join(f"{x:.2f}" for x in ratio(a, b)),
+                ]
                 for a, b in pairs
             ],
         )
