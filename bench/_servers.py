@@ -64,6 +64,26 @@ models:
     description: the offline model at 50 ms per token (benchmarks)
 """
 
+WIRE_MODELS = """
+  wire:
+    provider: openai
+    model: bench-model
+    base_url: {url}
+    key_required: false
+    max_retries: 0
+    read_timeout: 60
+    description: bench/_wire.py through the fast path
+  wire-astream:
+    provider: openai
+    model: bench-model
+    base_url: {url}
+    key_required: false
+    max_retries: 0
+    read_timeout: 60
+    fast_stream: false
+    description: bench/_wire.py through ChatOpenAI.astream()
+"""
+
 RUN_ID = "run_0123456789abcdef0123"
 
 
@@ -126,7 +146,10 @@ def stagecast_app(args: argparse.Namespace) -> Any:
     (tmp / "chains" / "bench_stream.yaml").write_text(BENCH_CHAIN)
     if args.chain_yaml:
         (tmp / "chains" / "bench_long.yaml").write_text(args.chain_yaml)
-    (tmp / "models.yaml").write_text(MODELS_YAML)
+    models_yaml = MODELS_YAML
+    if args.wire_url:
+        models_yaml += WIRE_MODELS.format(url=args.wire_url)
+    (tmp / "models.yaml").write_text(models_yaml)
     settings = ServerSettings(
         chains_dir=tmp / "chains",
         models_file=tmp / "models.yaml",
@@ -201,14 +224,23 @@ def plain_app(args: argparse.Namespace) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["stagecast", "plain"])
+    parser.add_argument("kind", choices=["stagecast", "plain", "wire"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tokens", type=int, default=50_000)
     parser.add_argument("--coalesce-ms", type=float, default=0.0)
     parser.add_argument("--ttl", type=float, default=600.0)
     parser.add_argument("--chain-yaml", default="", help="an extra chain (id bench_long)")
     parser.add_argument("--loop", default="auto", help="uvicorn loop: auto (uvloop), asyncio")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="wire: ms per token")
+    parser.add_argument(
+        "--wire-url", default="", help="stagecast: models wire / wire-astream at this /v1 URL"
+    )
     args = parser.parse_args()
+    if args.kind == "wire":  # the OpenAI-wire server (bench/_wire.py), no uvicorn
+        import _wire
+
+        C.run_async(_wire.serve(args.port, args.tokens, args.delay_ms))
+        return
     import uvicorn
 
     app = stagecast_app(args) if args.kind == "stagecast" else plain_app(args)

@@ -15,6 +15,7 @@ the run time); the client's CPU share, to show it was not the bottleneck.
     python bench/bench_concurrency.py                 # C = 100, 500, 1000; ~1.5 min
     python bench/bench_concurrency.py -c 1000 --stages 3
     python bench/bench_concurrency.py -c 1000 --model raw-50   # without LangChain's chunk cost
+    python bench/bench_concurrency.py -c 1000 --model wire     # real wire: OpenAI-wire server
     python bench/bench_concurrency.py --smoke         # C = 20, one stage (~4 s)
 """
 
@@ -152,6 +153,11 @@ class SseClient(asyncio.Protocol):
 
 
 async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
+    wire = None
+    extra: list[str] = []
+    if args.model in ("wire", "wire-astream"):  # a real OpenAI-wire server, its own process
+        wire = C.Server("wire", "--tokens", "56", "--delay-ms", "50").wait_ready()
+        extra = ["--wire-url", wire.url + "/v1"]
     server = C.Server(
         "stagecast",
         "--tokens",
@@ -160,6 +166,7 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
         "600",
         "--chain-yaml",
         chain_yaml(args.stages, args.model),
+        *extra,
     ).wait_ready()
     try:
         loop = asyncio.get_running_loop()
@@ -186,6 +193,7 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
         await asyncio.wait_for(fut, 120)
         await asyncio.sleep(0.3)
         rss0 = server.rss_kib()
+        wcpu0 = wire.cpu() if wire is not None else 0.0
         cpu0, ccpu0, t0 = server.cpu(), time.process_time(), time.perf_counter()
         lateness: list[float] = []
         clients: list[SseClient] = []
@@ -204,6 +212,7 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
             peak = max(peak, server.rss_kib())
         elapsed = time.perf_counter() - t0
         cpu, ccpu = server.cpu() - cpu0, time.process_time() - ccpu0
+        wcpu = wire.cpu() - wcpu0 if wire is not None else None
         for client in clients:
             if not client.transport.is_closing():
                 client.transport.close()
@@ -228,10 +237,14 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
             "peak_kib": peak,
             "server_cpu": cpu / elapsed * 100,
             "client_cpu": ccpu / elapsed * 100,
+            "wire_cpu": wcpu / elapsed * 100 if wcpu is not None else None,
+            "cpu_us_per_token": cpu / max(1, sum(tokens)) * 1e6,
             "status": sorted({c.status.decode(errors="replace") for c in clients}),
         }
     finally:
         server.stop()
+        if wire is not None:
+            wire.stop()
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -256,7 +269,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"{r['rss_per_run_kib']:.0f}",
                 f"{r['peak_kib'] / 1024:.0f}",
                 f"{r['server_cpu']:.0f}%",
+                f"{r['cpu_us_per_token']:.1f}",
                 f"{r['client_cpu']:.0f}%",
+                "–" if r["wire_cpu"] is None else f"{r['wire_cpu']:.0f}%",
             ]
         )
     print(
@@ -274,7 +289,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 "server RSS KiB/run",
                 "server peak RSS MiB",
                 "server CPU (of 1 core)",
+                "server CPU µs/token",
                 "client CPU",
+                "wire server CPU",
             ],
             rows,
         )
@@ -303,8 +320,10 @@ def main() -> None:
     parser.add_argument(
         "--model",
         default="offline-50",
-        help="offline-50 (the target), or "
-        "raw-50: the same pacing without LangChain's per-chunk cost",
+        help="offline-50 (the target), raw-50: the same pacing without LangChain's per-chunk "
+        "cost, wire: 56 tokens at 50 ms from an OpenAI-wire server in its own process "
+        "(bench/_wire.py) through the fast path, wire-astream: the same through "
+        "ChatOpenAI.astream()",
     )
     parser.add_argument(
         "--stages", type=int, default=7, help="sequential stages per run (~2.8 s each)"
@@ -314,6 +333,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.c, args.stages = [20], 1
+    elif args.model.startswith("wire") and args.c == [100, 500, 1000]:
+        args.c = [1000]
     C.run_async(main_async(args))  # uvloop when installed (the bench extra), else asyncio
 
 

@@ -71,6 +71,11 @@ class ModelEntry(BaseModel):
         description="How output: json stages ask for JSON. Unset: json_schema when the stage "
         "has a schema, else json_object. Use json_object or off for servers without support.",
     )
+    fast_stream: bool = Field(
+        True,
+        description="openai: Stagecast reads the chat completion stream itself (the same "
+        "tokens, usage and errors, a fraction of the CPU); false: through ChatOpenAI.astream().",
+    )
     delay_ms: float = Field(0.0, ge=0, description="offline: wait before each token.")
     price_input_per_million: float | None = Field(None, ge=0, description="USD.")
     price_output_per_million: float | None = Field(None, ge=0, description="USD.")

@@ -27,7 +27,7 @@ from stagecast.engine.faults import classify_error
 from stagecast.engine.model_config import JsonMode
 from stagecast.engine.offline import OfflineChatModel
 
-__all__ = ["is_openai_model", "openai_model_class", "prepare_json_model"]
+__all__ = ["is_openai_model", "openai_model_class", "prepare_json_model", "stream_cut_error"]
 
 
 @functools.cache
@@ -43,6 +43,9 @@ def openai_model_class() -> type[BaseChatModel]:
         """The configs/models.yaml entry this model was built from."""
         json_mode: JsonMode | None = None
         """How output: json stages ask for JSON (see ModelEntry.json_mode)."""
+        fast_stream: bool = False
+        """Stagecast streams this model's chat completions itself (engine/openai_stream.py)
+        instead of through ``astream()``; the registry sets it from the entry."""
         plain_max_tokens: bool = False
         """Send ``max_tokens``, not ``max_completion_tokens`` (other OpenAI-compatible servers
         may ignore the newer name, so the limit would silently not apply)."""
@@ -81,11 +84,7 @@ def openai_model_class() -> type[BaseChatModel]:
             finally:
                 await inner.aclose()  # closes the HTTP response if we stop early
             if not finished:
-                raise TransientError(
-                    f"model {self.entry_name!r}: the answer stream ended before the answer "
-                    "did (no finish_reason); the server or a proxy cut it",
-                    type="stream_cut",
-                )
+                raise stream_cut_error(self.entry_name)
 
         def _secrets(self) -> list[str]:
             key = self.openai_api_key
@@ -93,6 +92,15 @@ def openai_model_class() -> type[BaseChatModel]:
             return [value] if value else []
 
     return StagecastChatOpenAI
+
+
+def stream_cut_error(entry_name: str) -> TransientError:
+    """A stream that ended cleanly without a ``finish_reason``: cut, worth a retry."""
+    return TransientError(
+        f"model {entry_name!r}: the answer stream ended before the answer "
+        "did (no finish_reason); the server or a proxy cut it",
+        type="stream_cut",
+    )
 
 
 def _finish_reason(chunk: ChatGenerationChunk) -> Any:

@@ -61,6 +61,7 @@ from stagecast.engine.faults import classify_error
 from stagecast.engine.inputs import validate_inputs
 from stagecast.engine.offline import OfflineChatModel
 from stagecast.engine.openai_model import prepare_json_model
+from stagecast.engine.openai_stream import fast_stream
 from stagecast.engine.providers import ModelRegistry, ResolvedModel
 from stagecast.engine.retrieval import Retriever, resolve_retriever
 from stagecast.engine.spec import (
@@ -762,8 +763,9 @@ class ChainRun:
         input_tokens = output_tokens = 0
         if isinstance(runnable, OfflineChatModel):
             source: AsyncGenerator[Any, None] = runnable.stream_pieces(messages)
-        else:
-            source = runnable.astream(messages, **kwargs)
+        else:  # a registry-built OpenAI model streams straight into the stage too
+            fast = fast_stream(runnable, messages, kwargs)
+            source = runnable.astream(messages, **kwargs) if fast is None else fast
         async with contextlib.aclosing(source) as chunks:
             async for chunk in chunks:
                 text = chunk.content

@@ -163,6 +163,7 @@ class ModelRegistry:
             "stream_chunk_timeout": None,
             "entry_name": name,
             "json_mode": entry.json_mode,
+            "fast_stream": entry.fast_stream,
         }
         base_url = entry.base_url or self.environ.get("OPENAI_BASE_URL")
         if base_url:

@@ -21,6 +21,7 @@ SCRIPTS = {
     "bench_ttfe.py": "Stagecast POST /v1/runs?stream=true",
     "bench_concurrency.py": "lateness p50 ms",
     "bench_retrieval.py": "Stagecast (bm25s)",
+    "bench_openai.py": "fast path, bare",
 }
 
 

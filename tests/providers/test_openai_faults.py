@@ -1,7 +1,8 @@
 """The real ChatOpenAI against the test server: streaming, usage, cost, every fault, cancel.
 
 Each test runs a small chain through ``run_chain`` with a ``ModelRegistry`` whose entry points at
-the server, so what is asserted is what a client of the event stream would see.
+the server, so what is asserted is what a client of the event stream would see. Every test runs
+twice (the ``stream_path`` fixture): on Stagecast's own stream and on ``ChatOpenAI.astream()``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import yaml
 from stagecast.engine.chain import Chain
 from stagecast.engine.events import event_to_json
 from stagecast.engine.model_config import ModelEntry, ModelsConfig
+from stagecast.engine.openai_model import openai_model_class
 from stagecast.engine.orchestrator import ChainRun, run_chain
 from stagecast.engine.providers import ModelRegistry
 from stagecast.engine.spec import ChainSpec
 from tests.providers.conftest import KEY, entry_fields
 from tests.providers.openai_server import OpenAIServer, Reply, blackhole_port, free_port
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("stream_path")]
 
 ONE_STAGE = """
 defaults: {model: local}
@@ -132,11 +134,31 @@ async def test_a_keyless_local_entry_sends_a_placeholder_key() -> None:
             base_url=local.base_url,
             api_key_env="OLLAMA_API_KEY",
             key_required=False,
+            fast_stream=entry_fields()["fast_stream"],
         )
         models = ModelRegistry(ModelsConfig(models={"local": entry}), environ={})
         events = await collect(models)
     assert ended(events).status == "succeeded"
     assert local.requests[0].headers["authorization"] == "Bearer not-needed"
+
+
+async def test_the_path_under_test_is_the_one_that_streamed(
+    server: OpenAIServer, stream_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cls = openai_model_class()
+    calls: list[str] = []
+    original = cls._astream
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append("astream")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "_astream", counting)
+    for text in (ONE_STAGE, JSON_STAGE % json.dumps({"type": "object"})):
+        server.script(Reply(content='{"a": 1}'))
+        events = await collect(registry(server.base_url), text)
+        assert ended(events).status == "succeeded"
+    assert calls == ([] if stream_path == "fast" else ["astream", "astream"])
 
 
 # -- transient faults: retried, the failed attempt's tokens superseded -----------------------
