@@ -47,6 +47,19 @@ def test_mypy_is_clean_strict_on_engine_and_api(tmp_path: Path) -> None:
     assert "no issues found in" in result.stdout
 
 
+def ruff_probe(path: str, source: str) -> subprocess.CompletedProcess[str]:
+    """``ruff check --select TID251`` of ``source`` as if it were the file ``path``."""
+    return subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--output-format", "concise", "--select", "TID251"]
+        + ["--stdin-filename", path, "-"],
+        cwd=ROOT,
+        input=source,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize(
     ("source", "banned"),
     [
@@ -61,31 +74,13 @@ def test_mypy_is_clean_strict_on_engine_and_api(tmp_path: Path) -> None:
 )
 def test_the_engine_boundary_is_checked_statically(source: str, banned: str) -> None:
     # engine/ruff.toml bans the web stack and the api package inside engine/ (api -> engine only)
-    result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--output-format", "concise", "--select", "TID251"]
-        + ["--stdin-filename", "engine/probe.py", "-"],
-        cwd=ROOT,
-        input=source,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = ruff_probe("engine/probe.py", source)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"TID251 `{banned}` is banned" in result.stdout
 
 
 def test_the_api_may_import_the_engine_but_not_bare_names() -> None:
     allowed = "from stagecast.engine.spec import ChainSpec\nimport fastapi\n"
-    bare = "from engine.spec import ChainSpec\n"
-    checks = [(allowed, 0), (bare, 1)]
-    for source, code in checks:
-        result = subprocess.run(
-            [sys.executable, "-m", "ruff", "check", "--select", "TID251"]
-            + ["--stdin-filename", "api/probe.py", "-"],
-            cwd=ROOT,
-            input=source,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == code, (source, result.stdout)
+    assert ruff_probe("api/probe.py", allowed).returncode == 0
+    bare = ruff_probe("api/probe.py", "from engine.spec import ChainSpec\n")
+    assert bare.returncode == 1 and "TID251 `engine` is banned" in bare.stdout
