@@ -55,7 +55,10 @@ def test_finished_run_replays_whole_and_closes(serve: Serve) -> None:
     run_id = start(url)
     text = read_all(url, run_id)  # follows live to the end, then the response ends
     frames = parse_frames(text)
-    assert frames[0] == {"retry": "2000", "comment": ["stagecast event stream v1"]}
+    # the opener is lines, not a message: they share the first event's block
+    assert text.startswith("retry: 2000\n: stagecast event stream v1\nevent: run-start\ndata: ")
+    assert frames[0]["retry"] == "2000" and frames[0]["comment"] == ["stagecast event stream v1"]
+    assert all("data" in f for f in frames)  # no block without data: no empty message
     events = events_of(text)
     check_invariants(events)
     assert events[-1]["status"] == "succeeded"
@@ -268,12 +271,14 @@ def test_heartbeat_pings_an_idle_stream(serve: Serve) -> None:
             text = ""
             for chunk in response.iter_text():
                 text += chunk
-                if text.count(": ping\n\n") >= 2:
+                if text.count(": ping\n") >= 2:
                     break
         http.post(f"{url}/v1/runs/{run_id}/cancel")
+    assert ": ping\n\n" not in text  # a ping is a comment line: never a message of its own
     frames = parse_frames(text)
     assert frames[0]["retry"] == "2000"
-    assert {"comment": ["ping"]} in frames
+    assert text.endswith(": ping\n")
+    assert all("data" in f for f in parse_frames(text.rsplit("\n\n", 1)[0] + "\n\n"))
 
 
 def test_raw_socket_disconnect_frees_the_stream(serve: Serve) -> None:
