@@ -101,7 +101,7 @@ SSE_CODEC = FrameCodec(encode_frame, decode_frame)
 
 
 def open_frame(retry_ms: int) -> bytes:
-    """What the stream starts with: the reconnect delay and a comment, no blank line (no message)."""
+    """What the stream starts with: the reconnect delay and a comment; no blank line, no message."""
     return f"retry: {retry_ms}\n: stagecast event stream v1\n".encode()
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from stagecast.api.client import AsyncClient, Client
 from tests.api.conftest import ScriptedModel
-from tests.api.sse_parse import events_of, parse_frames
+from tests.api.sse_parse import complete, events_of, parse_frames
 
 pytestmark = pytest.mark.anyio
 
@@ -88,7 +88,7 @@ def test_resume_after_drop_at_every_k_gives_each_event_once(serve: Serve) -> Non
                 buffer = ""
                 for chunk in response.iter_text():
                     buffer += chunk
-                    got = events_of(buffer.rsplit("\n\n", 1)[0] + "\n\n")[:k]
+                    got = events_of(complete(buffer))[:k]
                     if len(got) >= k:
                         break
             got = got[:k]
@@ -117,10 +117,10 @@ class DropAfter(httpx.BaseTransport):
                 frames, buffer = 0, b""
                 for chunk in response.stream:
                     buffer += chunk
-                    *complete, buffer = buffer.split(b"\n\n")
-                    for frame in complete:
+                    *whole, buffer = buffer.split(b"\n\n")
+                    for frame in whole:
                         yield frame + b"\n\n"
-                        if frame.startswith(b"id:"):
+                        if b"\nid: " in frame:
                             frames += 1
                             if frames % transport.every == 0:
                                 transport.drops += 1
@@ -191,7 +191,10 @@ async def test_cancel_mid_stream_ends_cancelled_and_closes_the_model(serve: Serv
 
 async def test_stream_true_cancels_on_disconnect(serve: Serve) -> None:
     record: list[str] = []
-    url = serve(models={"endless": ScriptedModel(forever=True, delay_ms=2, record=record)})
+    url = serve(
+        models={"endless": ScriptedModel(forever=True, delay_ms=2, record=record)},
+        disconnect_grace=0,  # the grace period has its own tests (test_idempotency.py)
+    )
     async with httpx.AsyncClient(base_url=url, timeout=5) as http:
         with anyio.fail_after(5):
             async with http.stream(
