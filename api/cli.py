@@ -58,6 +58,37 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from stagecast.api.app import API_VERSION
+    from stagecast.engine.events import PROTOCOL_VERSION
+
+    try:
+        package = version("stagecast")
+    except PackageNotFoundError:  # a source tree that was never installed
+        package = "(not installed)"
+    print(f"stagecast {package} (event protocol v{PROTOCOL_VERSION}, HTTP API {API_VERSION})")
+    raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_show_version,
+            help="Print the version (package, event protocol, HTTP API) and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Run multi-step LLM prompt chains declared in YAML, stage by stage."""
+
+
 # -- output helpers ---------------------------------------------------------------------------
 
 

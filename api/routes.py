@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +18,13 @@ from stagecast.api.catalog import ChainCatalog, ChainEntry, plan_of
 from stagecast.api.errors import ApiError, ErrorResponse
 from stagecast.api.eventlog import CursorError, EventLog, EventsExpired, UnknownRun
 from stagecast.api.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
-from stagecast.api.runs import ManagedRun, RunLimitError, RunManager, RunNotFound
+from stagecast.api.runs import (
+    IdempotencyConflict,
+    ManagedRun,
+    RunLimitError,
+    RunManager,
+    RunNotFound,
+)
 from stagecast.api.settings import ServerSettings
 from stagecast.api.sse import EventStreamResponse, StallWatch
 from stagecast.engine.errors import InputError, ModelConfigError
@@ -232,6 +240,23 @@ def _managed(state: AppState, run_id: str) -> ManagedRun:
 
 
 _CURSOR = re.compile(r"^[0-9]{1,18}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def _idempotency(raw: str | None, body: RunRequest) -> tuple[str, str] | None:
+    """(key, fingerprint of the request body) for an ``Idempotency-Key`` header, else None."""
+    if raw is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(raw):
+        problem = "expected 1 to 255 printable ASCII characters without spaces (a UUID is good)"
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"Idempotency-Key: {raw[:40]!r}: {problem}",
+            {"fields": {"Idempotency-Key": problem}},
+        )
+    canonical = json.dumps(body.model_dump(), sort_keys=True, separators=(",", ":"))
+    return raw, hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _cursor(raw: str | None, where: str) -> int | None:
@@ -351,6 +376,7 @@ async def get_chain(chain_id: str, request: Request) -> dict[str, Any]:
     response_model=RunCreated,
     responses={
         201: {"description": "Started; `Location` is the status URL.", "model": RunCreated},
+        # 200 is also a retried create with the same Idempotency-Key (`Idempotent-Replayed`)
         200: {"description": "With `?stream=true`: the event stream.", "content": _SSE_CONTENT},
         **_errors(401, 404, 413, 422, 429, 500),
     },
@@ -359,8 +385,31 @@ async def create_run(
     body: RunRequest,
     request: Request,
     stream: bool = Query(False, description="Answer with the event stream instead of JSON."),
+    idempotency_key: str | None = Header(
+        None,
+        description="Makes the request safe to retry: the same key with the same body finds "
+        "the run the first request started (with `?stream=true`, re-attached after "
+        "`Last-Event-ID`) instead of starting another; the same key with another body is a "
+        "422 `idempotency_key_reused`. Kept as long as its run.",
+    ),
+    last_event_id: str | None = Header(
+        None, description="With `Idempotency-Key` and `?stream=true`: resume after this seq."
+    ),
 ) -> Response:
     state = state_of(request)
+    idempotency = _idempotency(idempotency_key, body)
+    if idempotency is not None:
+        try:
+            known = state.manager.find_idempotent(*idempotency)
+        except IdempotencyConflict as exc:
+            raise ApiError(
+                422,
+                "idempotency_key_reused",
+                str(exc),
+                {"fields": {"Idempotency-Key": str(exc)}, "run_id": exc.run_id},
+            ) from None
+        if known is not None:
+            return _replayed(state, request, known, stream, last_event_id)
     chain = _loaded(_find_chain(state, body.chain))
     on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
     try:
@@ -370,6 +419,7 @@ async def create_run(
             model=body.model,
             on_disconnect=on_disconnect,
             coalesce_ms=body.coalesce_ms,
+            idempotency=idempotency,
         )
     except InputError as exc:
         fields = {f"inputs.{name}": problem for name, problem in exc.errors.items()}
@@ -392,6 +442,26 @@ async def create_run(
         {"run_id": run_id, "status": managed.status, **urls},
         status_code=201,
         headers={"Location": urls["status_url"]},
+    )
+
+
+def _replayed(
+    state: AppState, request: Request, managed: ManagedRun, stream: bool, last_event_id: str | None
+) -> Response:
+    """The answer to a retried create: the same run, streamed after the cursor or as JSON."""
+    run_id = managed.run_id
+    urls = _urls(request, run_id)
+    if stream:
+        headers = {
+            "Content-Location": urls["events_url"],
+            "X-Stagecast-Run-Id": run_id,
+            "Idempotent-Replayed": "true",
+        }
+        return _stream(state, managed, _cursor(last_event_id, "Last-Event-ID") or 0, headers)
+    return JSONResponse(
+        {"run_id": run_id, "status": managed.status, **urls},
+        status_code=200,
+        headers={"Location": urls["status_url"], "Idempotent-Replayed": "true"},
     )
 
 

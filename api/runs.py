@@ -5,7 +5,12 @@ then executes the run as a task of the server's event loop. Every event goes thr
 sink into the event log, serialized once; viewers read the log, never the run. A run keeps
 going when its viewers leave, unless it was started with ``on_disconnect="cancel"``: then it is
 cancelled as soon as its last viewer disconnects (``POST /v1/runs?stream=true`` defaults to that;
-its own response is the first viewer).
+its own response is the first viewer), after a grace period (``disconnect_grace``) during which
+a viewer that comes back (a client resuming after a network blip) keeps it going.
+
+``POST /v1/runs`` with an ``Idempotency-Key`` is registered here too: the same key with the same
+request finds the same run (``find_idempotent``), the same key with another request is refused
+(``IdempotencyConflict``). A key is forgotten with its run.
 
 A finished run (its status and its events) stays ``finished_run_ttl`` seconds, then is forgotten.
 """
@@ -27,7 +32,14 @@ from stagecast.engine.events import ErrorInfo, RunEnded, RunEvent, RunStatus, ev
 from stagecast.engine.orchestrator import ChainRun
 from stagecast.engine.providers import ModelRegistry
 
-__all__ = ["ManagedRun", "OnDisconnect", "RunLimitError", "RunManager", "RunNotFound"]
+__all__ = [
+    "IdempotencyConflict",
+    "ManagedRun",
+    "OnDisconnect",
+    "RunLimitError",
+    "RunManager",
+    "RunNotFound",
+]
 
 OnDisconnect = Literal["continue", "cancel"]
 
@@ -49,6 +61,16 @@ class RunLimitError(Exception):
         self.limit = limit
 
 
+class IdempotencyConflict(Exception):
+    def __init__(self, key: str, run_id: str) -> None:
+        super().__init__(
+            f"the Idempotency-Key {key[:80]!r} was already used for run {run_id} with a "
+            "different request; send a new key for a new run, or the same request to re-attach"
+        )
+        self.key = key
+        self.run_id = run_id
+
+
 @dataclass
 class ManagedRun:
     """A run the server executes, with what the status route shows besides the engine's state."""
@@ -63,6 +85,9 @@ class ManagedRun:
     finished_at_ms: int | None = None
     viewers: int = 0
     kinds: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    grace: asyncio.TimerHandle | None = None
+    """The pending cancel of an ``on_disconnect: cancel`` run that has no viewer."""
 
     @property
     def run_id(self) -> str:
@@ -101,6 +126,7 @@ class RunManager:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self._runs: dict[str, ManagedRun] = {}
+        self._keys: dict[str, tuple[str, str]] = {}  # Idempotency-Key -> (fingerprint, run_id)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -109,6 +135,17 @@ class RunManager:
         if managed is None:
             raise RunNotFound(run_id)
         return managed
+
+    def find_idempotent(self, key: str, fingerprint: str) -> ManagedRun | None:
+        """The run started with this key and this request, None for a new key; raises
+        IdempotencyConflict when the key came with another request."""
+        self.expire()
+        known = self._keys.get(key)
+        if known is None:
+            return None
+        if known[0] != fingerprint:
+            raise IdempotencyConflict(key, known[1])
+        return self._runs[known[1]]
 
     @property
     def active(self) -> int:
@@ -127,10 +164,12 @@ class RunManager:
         model: str | None = None,
         on_disconnect: OnDisconnect = "continue",
         coalesce_ms: float | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> ManagedRun:
         """Check and start a run. Raises InputError, ModelConfigError or RunLimitError.
 
-        ``coalesce_ms`` overrides the server's ``coalesce_ms`` setting for this run.
+        ``coalesce_ms`` overrides the server's ``coalesce_ms`` setting for this run;
+        ``idempotency`` is ``(key, fingerprint of the request)`` (see ``find_idempotent``).
         """
         self.expire()
         if self.active >= self.settings.max_concurrent_runs:
@@ -155,6 +194,9 @@ class RunManager:
         run.sink = self._sink(managed)
         self.log.create(run.run_id)
         self._runs[run.run_id] = managed
+        if idempotency is not None:
+            managed.idempotency_key = idempotency[0]
+            self._keys[idempotency[0]] = (idempotency[1], run.run_id)
         self.metrics.runs_started += 1
         managed.task = asyncio.get_running_loop().create_task(
             self._drive(managed), name=f"stagecast {run.run_id}"
@@ -204,6 +246,9 @@ class RunManager:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
+            if managed.grace is not None:
+                managed.grace.cancel()
+                managed.grace = None
             managed.finished_at = self.clock()
             managed.finished_at_ms = _now_ms()
             self.log.finish(run.run_id)
@@ -219,6 +264,9 @@ class RunManager:
     def attach(self, run_id: str) -> ManagedRun:
         managed = self.get(run_id)
         managed.viewers += 1
+        if managed.grace is not None:  # came back in time: the run goes on
+            managed.grace.cancel()
+            managed.grace = None
         self.metrics.streams_active += 1
         self.metrics.streams_opened += 1
         return managed
@@ -232,6 +280,16 @@ class RunManager:
             and managed.viewers == 0
             and not managed.finished
         ):
+            grace = self.settings.disconnect_grace
+            if grace <= 0:
+                managed.run.cancel()
+            elif managed.grace is None:
+                loop = asyncio.get_running_loop()
+                managed.grace = loop.call_later(grace, self._cancel_unwatched, managed)
+
+    def _cancel_unwatched(self, managed: ManagedRun) -> None:
+        managed.grace = None
+        if managed.viewers == 0 and not managed.finished:
             managed.run.cancel()
 
     def expire(self) -> list[str]:
@@ -244,7 +302,9 @@ class RunManager:
             if m.finished_at is not None and now - m.finished_at >= ttl
         ]
         for run_id in gone:
-            del self._runs[run_id]
+            key = self._runs.pop(run_id).idempotency_key
+            if key is not None:
+                self._keys.pop(key, None)
         self.log.expire()
         return gone
 

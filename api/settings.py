@@ -63,6 +63,13 @@ class ServerSettings(BaseModel):
         "dropped (it may resume with Last-Event-ID).",
     )
     retry_ms: int = Field(2000, ge=0, description="The SSE `retry:` sent when a stream opens.")
+    disconnect_grace: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds an `on_disconnect: cancel` run waits, once its last viewer is gone, "
+        "before it is cancelled; a viewer that comes back in time (a resume after a blip) keeps "
+        "it going. 0 cancels at once.",
+    )
     max_events_per_run: int = Field(
         100_000,
         gt=0,

@@ -2,13 +2,23 @@
 
 Each event is one frame::
 
-    id: <seq>
     event: <type>
     data: <the event's JSON, one line, the same as the CLI's NDJSON>
+    id: <seq>
+    <blank line>
 
-The stream opens at once with ``retry: <ms>`` and a comment (proxies and gzip layers that hold
-headers until the first body byte let go), sends ``: ping`` when idle for the ping interval
-(load balancers drop idle connections), and ends after the run's last event.
+``id:`` comes last: a client that commits the id the moment it parses the line
+(@microsoft/fetch-event-source does, before the blank line that ends the frame) never moves its
+Last-Event-ID past a frame whose data it did not get. The window left is the one byte between the
+id line's newline and the blank line.
+
+The stream opens at once with ``retry: <ms>`` and a comment line (proxies and gzip layers that
+hold headers until the first body byte let go), sends a ``: ping`` comment line when idle for the
+ping interval (load balancers drop idle connections), and ends after the run's last event. The
+opener and the pings are lines with no blank line after them: a blank line is what dispatches a
+message, and some clients (fetch-event-source, httpx-sse for ``retry:``) hand an empty message to
+the application for a block with no data. A comment line inside the next frame's block is ignored
+by every parser that follows the SSE spec, so nothing but events ever reaches an application.
 
 A viewer that stops reading cannot grow the server's memory: uvicorn stops a write at the
 transport's high-water mark (asyncio's 64 KiB) until it drains, so a stream holds at most one
@@ -55,12 +65,12 @@ SSE_HEADERS: dict[str, str] = {
     "cache-control": "no-cache",
     "x-accel-buffering": "no",
 }
-PING = b": ping\n\n"
+PING = b": ping\n"
 
 
 def encode_entry(entry: LogEntry) -> str:
     """One event as an SSE frame (the JSON is one line: JSON escapes every newline)."""
-    return f"id: {entry.seq}\nevent: {entry.type}\ndata: {entry.data}\n\n"
+    return f"event: {entry.type}\ndata: {entry.data}\nid: {entry.seq}\n\n"
 
 
 # A lone surrogate (a split emoji from a model, "\ud800" in posted JSON) can only sit inside a
@@ -71,28 +81,28 @@ _LONE_SURROGATES = "backslashreplace"
 
 def encode_entries(entries: Iterable[LogEntry]) -> bytes:
     """Several frames as one write."""
-    text = "".join([f"id: {e.seq}\nevent: {e.type}\ndata: {e.data}\n\n" for e in entries])
+    text = "".join([f"event: {e.type}\ndata: {e.data}\nid: {e.seq}\n\n" for e in entries])
     return text.encode("utf-8", _LONE_SURROGATES)
 
 
 def encode_frame(entry: LogEntry) -> bytes:
     """One event as the bytes of its SSE frame (what the in-memory log stores)."""
-    frame = f"id: {entry.seq}\nevent: {entry.type}\ndata: {entry.data}\n\n"
+    frame = f"event: {entry.type}\ndata: {entry.data}\nid: {entry.seq}\n\n"
     return frame.encode("utf-8", _LONE_SURROGATES)
 
 
 def decode_frame(frame: bytes) -> LogEntry:
     """The event back from its frame (``encode_frame``'s inverse)."""
-    id_line, event_line, data = frame.decode().split("\n", 2)
-    return LogEntry(int(id_line[4:]), event_line[7:], data[6:-2])
+    event_line, data_line, id_line = frame.decode()[:-2].split("\n")
+    return LogEntry(int(id_line[4:]), event_line[7:], data_line[6:])
 
 
 SSE_CODEC = FrameCodec(encode_frame, decode_frame)
 
 
 def open_frame(retry_ms: int) -> bytes:
-    """What the stream starts with: the reconnect delay and a comment."""
-    return f"retry: {retry_ms}\n: stagecast event stream v1\n\n".encode()
+    """What the stream starts with: the reconnect delay and a comment; no blank line, no message."""
+    return f"retry: {retry_ms}\n: stagecast event stream v1\n".encode()
 
 
 class StallWatch:

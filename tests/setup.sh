@@ -1,7 +1,8 @@
 #!/bin/sh
 # The test suite's own setup: what `pytest` needs besides the Python packages of the `test`
 # extra. It is part of the README's test command (and so of .ci/run); pytest itself never
-# installs anything. Today that is Debian's Chromium for the demo-page tests.
+# installs anything: Debian's Chromium for the demo-page tests, and the npm SSE clients of the
+# foreign-client conformance test (tests/conformance).
 #
 # Outside CI, what cannot be installed (no root, no apt-get) is reported and the tests that need
 # it skip, saying why; with CI=true it is an error here and a failure in the suite.
@@ -14,6 +15,13 @@ if ! sh browser/install_chromium.sh; then
         status=1
     else
         echo "tests/setup.sh: no Chromium: the browser tests (tests/browser) will skip" >&2
+    fi
+fi
+if ! sh conformance/install.sh; then
+    if [ "${CI:-}" = "true" ]; then
+        status=1
+    else
+        echo "tests/setup.sh: no npm clients: the conformance tests (tests/conformance) will skip" >&2
     fi
 fi
 exit "$status"

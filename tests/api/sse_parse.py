@@ -25,6 +25,13 @@ def parse_frames(text: str) -> list[dict[str, Any]]:
     return frames
 
 
+def complete(text: str) -> str:
+    """The frames received whole: up to the last blank line (a frame cut mid-way is not one;
+    the opener and pings are lines, not frames, so a stream may start with none)."""
+    end = text.rfind("\n\n")
+    return text[: end + 2] if end >= 0 else ""
+
+
 def events_of(text: str) -> list[dict[str, Any]]:
     """The events (frames with data), decoded, after checking id/event match the JSON."""
     out = []

@@ -556,3 +556,11 @@ async def test_live_view_lists_sources_per_stage_and_the_citations() -> None:
     assert "sources · Searching the documents" in text
     assert "[1] support (고객센터, row 3): 카카오톡으로도 상담할 수 있나요? (score " in text
     assert "cites [1]" in text
+
+
+def test_version_prints_package_protocol_and_api_versions() -> None:
+    from importlib.metadata import version
+
+    result = cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"stagecast {version('stagecast')} (event protocol v1, HTTP API 1.0)\n"

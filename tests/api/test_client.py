@@ -13,7 +13,7 @@ END = event_to_json(RunEnded(run_id="r", seq=2, ts=2, status="succeeded"))
 
 
 def sse(*frames: str) -> httpx.Response:
-    body = "".join(f"id: {i}\nevent: x\ndata: {f}\n\n" for i, f in enumerate(frames, 1))
+    body = "".join(f"event: x\ndata: {f}\nid: {i}\n\n" for i, f in enumerate(frames, 1))
     return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
 
 

@@ -225,4 +225,4 @@ async def test_base_follow_frames_encodes_entries() -> None:
 
 async def test_lone_surrogates_become_json_escapes_on_the_wire() -> None:
     frame = encode_frame(LogEntry(1, "token", '{"text":"smile \ud83d"}'))
-    assert frame == b'id: 1\nevent: token\ndata: {"text":"smile \\ud83d"}\n\n'
+    assert frame == b'event: token\ndata: {"text":"smile \\ud83d"}\nid: 1\n\n'

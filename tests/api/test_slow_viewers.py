@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from tests.api.conftest import ScriptedModel, live_server, make_app
-from tests.api.sse_parse import events_of, parse_frames
+from tests.api.sse_parse import complete, events_of, parse_frames
 
 BIG_TOKEN = "stagecast " * 100  # 1 KB of text per token
 BIG_TOKENS = 20_000  # ~20 MB of frames per viewer if nothing pushed back
@@ -117,9 +117,9 @@ def test_stalled_viewers_are_bounded_dropped_and_resume_while_others_flow() -> N
                 buffer = ""
                 for text in response.iter_text():
                     buffer += text
-                    cut = buffer.rfind("\n\n") + 2
-                    complete, buffer = buffer[:cut], buffer[cut:]
-                    for event in events_of(complete):
+                    whole = complete(buffer)
+                    buffer = buffer[len(whole) :]
+                    for event in events_of(whole):
                         if event["type"] == "token":
                             arrivals.append(time.monotonic())
                         ticker_events.append(event)
@@ -144,7 +144,7 @@ def test_stalled_viewers_are_bounded_dropped_and_resume_while_others_flow() -> N
             got = dechunk(read_rest(sock))
             sock.close()
             text = got.decode("utf-8", "replace")
-            text = text[: text.rfind("\n\n") + 2]  # a frame cut mid-way is not received
+            text = complete(text)  # a frame cut mid-way is not received
             seqs = [int(f["id"]) for f in parse_frames(text) if "id" in f]
             assert seqs == list(range(1, len(seqs) + 1))
             assert 0 < len(seqs) < BIG_TOKENS  # it was cut off, not served the whole run

@@ -10,6 +10,7 @@ import pytest
 
 from stagecast.api.eventlog import FrameBatch, LogEntry
 from stagecast.api.sse import (
+    PING,
     SSE_CODEC,
     EventStreamResponse,
     decode_frame,
@@ -25,10 +26,10 @@ pytestmark = pytest.mark.anyio
 @pytest.mark.parametrize(
     ("entry", "expected"),
     [
-        (LogEntry(1, "run-start", '{"a":1}'), 'id: 1\nevent: run-start\ndata: {"a":1}\n\n'),
+        (LogEntry(1, "run-start", '{"a":1}'), 'event: run-start\ndata: {"a":1}\nid: 1\n\n'),
         (
             LogEntry(42, "token", '{"text":"a\\nb é"}'),
-            'id: 42\nevent: token\ndata: {"text":"a\\nb é"}\n\n',
+            'event: token\ndata: {"text":"a\\nb é"}\nid: 42\n\n',
         ),
     ],
 )
@@ -39,7 +40,7 @@ def test_encode_entry(entry: LogEntry, expected: str) -> None:
 def test_batch_is_the_frames_joined_and_open_frame() -> None:
     entries = [LogEntry(1, "a", "{}"), LogEntry(2, "b", '{"é":1}')]
     assert encode_entries(entries) == "".join(map(encode_entry, entries)).encode()
-    assert open_frame(1500) == b"retry: 1500\n: stagecast event stream v1\n\n"
+    assert open_frame(1500) == b"retry: 1500\n: stagecast event stream v1\n"
 
 
 async def batches(
@@ -75,10 +76,10 @@ async def test_response_writes_start_open_batches_pings_and_end() -> None:
     assert b"content-length" not in headers
     bodies = [m["body"] for m in sent[1:]]
     assert bodies == [
-        b"retry: 10\n: stagecast event stream v1\n\n",
-        b"id: 1\nevent: a\ndata: {}\n\nid: 2\nevent: b\ndata: {}\n\n",  # one write for two
-        b": ping\n\n",
-        b"id: 3\nevent: c\ndata: {}\n\n",
+        b"retry: 10\n: stagecast event stream v1\n",
+        b"event: a\ndata: {}\nid: 1\n\nevent: b\ndata: {}\nid: 2\n\n",  # one write for two
+        b": ping\n",
+        b"event: c\ndata: {}\nid: 3\n\n",
         b"",
     ]
     assert [m["more_body"] for m in sent[1:]] == [True, True, True, True, False]
@@ -95,7 +96,7 @@ async def test_response_stops_on_disconnect_and_reports_it() -> None:
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
-        if message.get("body", b"").startswith(b"id: 1"):
+        if message.get("body", b"").startswith(b"event: a"):
             disconnect.set()
 
     response = EventStreamResponse(
@@ -128,18 +129,47 @@ async def test_response_sends_frame_batches_as_they_are() -> None:
         sent.append(message)
 
     async def frame_batches() -> AsyncIterator[FrameBatch]:
-        yield FrameBatch(b"id: 1\nevent: a\ndata: {}\n\nid: 2\nevent: b\ndata: {}\n\n", 2, 2)
+        yield FrameBatch(b"event: a\ndata: {}\nid: 1\n\nevent: b\ndata: {}\nid: 2\n\n", 2, 2)
         yield FrameBatch(b"", 0, 2)
-        yield FrameBatch(b"id: 3\nevent: c\ndata: {}\n\n", 1, 3)
+        yield FrameBatch(b"event: c\ndata: {}\nid: 3\n\n", 1, 3)
 
     response = EventStreamResponse(frame_batches(), retry_ms=10, on_sent=counts.append)
     with anyio.fail_after(2):
         await response({"type": "http"}, receive, send)
     assert [m["body"] for m in sent[1:]] == [
-        b"retry: 10\n: stagecast event stream v1\n\n",
-        b"id: 1\nevent: a\ndata: {}\n\nid: 2\nevent: b\ndata: {}\n\n",
-        b": ping\n\n",
-        b"id: 3\nevent: c\ndata: {}\n\n",
+        b"retry: 10\n: stagecast event stream v1\n",
+        b"event: a\ndata: {}\nid: 1\n\nevent: b\ndata: {}\nid: 2\n\n",
+        b": ping\n",
+        b"event: c\ndata: {}\nid: 3\n\n",
         b"",
     ]
     assert counts == [2, 1]
+
+
+def test_the_opener_and_pings_are_lines_no_parser_dispatches() -> None:
+    """A blank line dispatches a message: the opener and pings have none, so a client that hands
+    every dispatched block to the application (fetch-event-source) never sees an empty one."""
+    stream = open_frame(2000) + PING + encode_frame(LogEntry(1, "a", "{}")) + PING + PING
+    stream += encode_frame(LogEntry(2, "b", '{"x":1}')) + PING
+    blocks = stream.split(b"\n\n")
+    assert blocks[-1] == b": ping\n"  # what follows the last frame is not a message
+    dispatched = blocks[:-1]
+    assert [b.split(b"\n")[-2:] for b in dispatched] == [
+        [b"data: {}", b"id: 1"],
+        [b'data: {"x":1}', b"id: 2"],
+    ]
+    assert b"\n\n" not in open_frame(2000) and b"\n\n" not in PING
+
+
+@pytest.mark.parametrize(
+    "entry", [LogEntry(7, "token", '{"text":"ab"}'), LogEntry(1234, "x", "{}")]
+)
+def test_a_frame_cut_anywhere_before_its_last_byte_has_no_complete_id_line(entry: LogEntry) -> None:
+    """A client that commits the id as soon as it reads the id line (fetch-event-source) cannot
+    move Last-Event-ID past an event whose data it did not get, except when the cut falls on the
+    one byte between the id line and the blank line that ends the frame."""
+    frame = encode_frame(entry)
+    id_line = f"id: {entry.seq}\n".encode()
+    complete = [k for k in range(len(frame) + 1) if id_line in frame[:k]]
+    assert complete == [len(frame) - 1, len(frame)]
+    assert frame.index(b"data: ") < frame.index(id_line)

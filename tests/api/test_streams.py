@@ -13,7 +13,7 @@ import pytest
 
 from stagecast.api.client import AsyncClient, Client
 from tests.api.conftest import ScriptedModel
-from tests.api.sse_parse import events_of, parse_frames
+from tests.api.sse_parse import complete, events_of, parse_frames
 
 pytestmark = pytest.mark.anyio
 
@@ -55,7 +55,10 @@ def test_finished_run_replays_whole_and_closes(serve: Serve) -> None:
     run_id = start(url)
     text = read_all(url, run_id)  # follows live to the end, then the response ends
     frames = parse_frames(text)
-    assert frames[0] == {"retry": "2000", "comment": ["stagecast event stream v1"]}
+    # the opener is lines, not a message: they share the first event's block
+    assert text.startswith("retry: 2000\n: stagecast event stream v1\nevent: run-start\ndata: ")
+    assert frames[0]["retry"] == "2000" and frames[0]["comment"] == ["stagecast event stream v1"]
+    assert all("data" in f for f in frames)  # no block without data: no empty message
     events = events_of(text)
     check_invariants(events)
     assert events[-1]["status"] == "succeeded"
@@ -85,7 +88,7 @@ def test_resume_after_drop_at_every_k_gives_each_event_once(serve: Serve) -> Non
                 buffer = ""
                 for chunk in response.iter_text():
                     buffer += chunk
-                    got = events_of(buffer.rsplit("\n\n", 1)[0] + "\n\n")[:k]
+                    got = events_of(complete(buffer))[:k]
                     if len(got) >= k:
                         break
             got = got[:k]
@@ -114,10 +117,10 @@ class DropAfter(httpx.BaseTransport):
                 frames, buffer = 0, b""
                 for chunk in response.stream:
                     buffer += chunk
-                    *complete, buffer = buffer.split(b"\n\n")
-                    for frame in complete:
+                    *whole, buffer = buffer.split(b"\n\n")
+                    for frame in whole:
                         yield frame + b"\n\n"
-                        if frame.startswith(b"id:"):
+                        if b"\nid: " in frame:
                             frames += 1
                             if frames % transport.every == 0:
                                 transport.drops += 1
@@ -188,7 +191,10 @@ async def test_cancel_mid_stream_ends_cancelled_and_closes_the_model(serve: Serv
 
 async def test_stream_true_cancels_on_disconnect(serve: Serve) -> None:
     record: list[str] = []
-    url = serve(models={"endless": ScriptedModel(forever=True, delay_ms=2, record=record)})
+    url = serve(
+        models={"endless": ScriptedModel(forever=True, delay_ms=2, record=record)},
+        disconnect_grace=0,  # the grace period has its own tests (test_idempotency.py)
+    )
     async with httpx.AsyncClient(base_url=url, timeout=5) as http:
         with anyio.fail_after(5):
             async with http.stream(
@@ -268,16 +274,20 @@ def test_heartbeat_pings_an_idle_stream(serve: Serve) -> None:
             text = ""
             for chunk in response.iter_text():
                 text += chunk
-                if text.count(": ping\n\n") >= 2:
+                if text.count(": ping\n") >= 2:
                     break
         http.post(f"{url}/v1/runs/{run_id}/cancel")
-    frames = parse_frames(text)
+    assert ": ping\n\n" not in text  # a ping is a comment line: never a message of its own
+    assert text.endswith(": ping\n")
+    frames = parse_frames(complete(text))
     assert frames[0]["retry"] == "2000"
-    assert {"comment": ["ping"]} in frames
+    assert all("data" in f for f in frames)  # every dispatched block is an event
 
 
 def test_raw_socket_disconnect_frees_the_stream(serve: Serve) -> None:
-    url = serve(models={"endless": ScriptedModel(forever=True, delay_ms=5)})
+    # no grace period: the replay below would otherwise be a viewer back in time (it keeps the
+    # run going, test_idempotency.py)
+    url = serve(models={"endless": ScriptedModel(forever=True, delay_ms=5)}, disconnect_grace=0)
     run_id = start(url, "endless", {}, on_disconnect="cancel")
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as sock:
