@@ -253,7 +253,21 @@ def _yaml_problem(filename: str, exc: yaml.MarkedYAMLError) -> Problem:
         hint = f"{exc.context} (line {exc.context_mark.line + 1})"
     if "found character '\\t'" in problem:
         hint = "YAML indents with spaces, never tabs"
+    source_line = _source_line(mark)
+    if "{{" in source_line or "{%" in source_line:
+        # `text: {{ inputs.x }}` is a YAML mapping inside a mapping, not a template
+        hint = 'quote the template: a value that starts with { must be in quotes, e.g. "{{ … }}"'
     return Problem(filename, line, col, "", f"invalid YAML: {problem}", hint)
+
+
+def _source_line(mark: yaml.Mark | None) -> str:
+    """The line of the document a YAML error points at ('' when the mark has no buffer)."""
+    buffer = getattr(mark, "buffer", None)
+    if mark is None or not isinstance(buffer, str):
+        return ""
+    start = buffer.rfind("\n", 0, mark.index) + 1
+    end = buffer.find("\n", mark.index)
+    return buffer[start : end if end >= 0 else len(buffer)]
 
 
 def _walk(

@@ -293,3 +293,14 @@ def test_keys_must_be_text_and_dates_are_explained() -> None:
         "c.yaml:2:5: id: should be a valid string, got the date 2024-01-01 "
         "(quote it to make it text)",
     ]
+
+
+def test_an_unquoted_template_says_to_quote_it() -> None:
+    text = "id: q\nstages:\n  - id: a\n    kind: template\n    text: {{ inputs.x }}\n"
+    _, problems = parse_chain_text(text, filename="q.yaml")
+    assert [str(p) for p in problems] == [
+        "q.yaml:5:12: invalid YAML: found unhashable key\n"
+        '  hint: quote the template: a value that starts with { must be in quotes, e.g. "{{ … }}"'
+    ]
+    flow = "id: q\nstages: [{id: a, kind: template, text: hi}]\noutputs: {x: 1}\n"
+    assert parse_chain_text(flow, filename="f.yaml")[1] == []  # a flow mapping stays fine
