@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +49,40 @@ class Chain:
     ) -> Chain:
         chain_id = spec.id or id or (path.stem if path else "chain")
         return cls(spec=spec, id=chain_id, path=path, deps=stage_dependencies(spec))
+
+    @cached_property
+    def cited_stages(self) -> dict[int, list[str]]:
+        """``id(llm stage spec)`` -> the retrieve stages (or maps of one) its prompt reads, in
+        order: whose sources its ``[n]`` markers cite. Derived once per loaded chain."""
+        retrieving: list[str] = []
+        for stage in self.spec.stages:
+            inner: StageSpec = stage
+            while isinstance(inner, MapStage):
+                inner = inner.stage
+            if isinstance(inner, RetrieveStage) and stage.id:
+                retrieving.append(stage.id)
+        cited: dict[int, list[str]] = {}
+        if not retrieving:
+            return cited
+        todo: list[StageSpec] = list(self.spec.stages)
+        while todo:
+            stage = todo.pop()
+            if isinstance(stage, MapStage):
+                todo.append(stage.stage)
+            if not isinstance(stage, LlmStage):
+                continue
+            read: set[str] = set()
+            for template in stage_templates(stage):
+                if template.path and template.path[0] == "when":
+                    continue
+                try:
+                    read.update(references(template.source).stages)
+                except Exception:
+                    continue
+            ids = [s for s in retrieving if s in read]
+            if ids:
+                cited[id(stage)] = ids
+        return cited
 
     @property
     def title(self) -> str:

@@ -24,7 +24,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any
@@ -33,7 +33,7 @@ import jsonschema
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
-from stagecast.engine.chain import Chain, PromptRole, prompt_parts, stage_templates
+from stagecast.engine.chain import Chain, PromptRole, prompt_parts
 from stagecast.engine.citations import GivenSource, find_citations
 from stagecast.engine.collections import CollectionError, CollectionsConfig, load_collections_config
 from stagecast.engine.errors import StageError, TemplateError, TransientError
@@ -78,7 +78,6 @@ from stagecast.engine.templates import (
     DEFAULT_LIMITS,
     RenderLimits,
     compile_template,
-    references,
     render_async,
 )
 
@@ -269,7 +268,6 @@ class ChainRun:
         self._collections = collections
         self._index_cache_dir = index_cache_dir
         self._retrievers: dict[str, Retriever] = {}
-        self._cited = _cited_stages(chain)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -649,20 +647,27 @@ class ChainRun:
         chunks = split_text(text, spec.chunk_size, min(spec.overlap, spec.chunk_size - 1))
         if spec.sources:
             total = len(chunks)
-            for chunk in chunks:
-                self._emit(
-                    SourceFound,
-                    stage=unit.stage_id,
-                    path=unit.path,
-                    attempt=attempt,
-                    source=Source(
+            self._emit_sources(
+                unit,
+                attempt,
+                (
+                    Source(
                         id=f"{unit.stage_id}-{chunk['index']}",
                         title=f"Section {chunk['index'] + 1} of {total}",
                         text=chunk["text"],
                         metadata={"start": chunk["start"], "end": chunk["end"]},
-                    ),
-                )
+                    )
+                    for chunk in chunks
+                ),
+            )
         return chunks
+
+    def _emit_sources(self, unit: _Unit, attempt: int, sources: Iterable[Source]) -> None:
+        """One ``source`` event per source, tagged with the stage and path that found it."""
+        for source in sources:
+            self._emit(
+                SourceFound, stage=unit.stage_id, path=unit.path, attempt=attempt, source=source
+            )
 
     async def _render(self, source: str, context: dict[str, Any], *, text: bool = False) -> Any:
         """Render a template field: inline when it is plain substitution, else off the loop."""
@@ -711,19 +716,12 @@ class ChainRun:
             hits = await retriever.search(query, spec.top_k, spec.min_score)
         except CollectionError as exc:
             raise StageError(str(exc), type="collection_error") from None
-        for hit in hits:
-            self._emit(
-                SourceFound,
-                stage=unit.stage_id,
-                path=unit.path,
-                attempt=attempt,
-                source=hit.source(),
-            )
+        self._emit_sources(unit, attempt, (hit.source() for hit in hits))
         return [hit.to_output() for hit in hits]
 
     def _citations(self, unit: _Unit, output: Any) -> list[Citation] | None:
         """For an llm stage whose prompt read retrieve stages: its answer's markers, mapped."""
-        cited = self._cited.get(id(unit.spec))
+        cited = self.chain.cited_stages.get(id(unit.spec))
         if cited is None or not isinstance(output, str):
             return None
         given: list[GivenSource] = []
@@ -885,39 +883,6 @@ class ChainRun:
         self._done_weight += unit.share - sum(u.share for u in item_units)
         self._end(unit, "succeeded", started, results, usage, 1, None)
         return results
-
-
-def _cited_stages(chain: Chain) -> dict[int, list[str]]:
-    """``id(llm stage spec)`` -> the retrieve stages (or maps of one) its prompt reads, in order."""
-    retrieving: list[str] = []
-    for stage in chain.spec.stages:
-        inner: StageSpec = stage
-        while isinstance(inner, MapStage):
-            inner = inner.stage
-        if isinstance(inner, RetrieveStage) and stage.id:
-            retrieving.append(stage.id)
-    cited: dict[int, list[str]] = {}
-    if not retrieving:
-        return cited
-    todo: list[StageSpec] = list(chain.spec.stages)
-    while todo:
-        stage = todo.pop()
-        if isinstance(stage, MapStage):
-            todo.append(stage.stage)
-        if not isinstance(stage, LlmStage):
-            continue
-        read: set[str] = set()
-        for template in stage_templates(stage):
-            if template.path and template.path[0] == "when":
-                continue
-            try:
-                read.update(references(template.source).stages)
-            except Exception:
-                continue
-        ids = [s for s in retrieving if s in read]
-        if ids:
-            cited[id(stage)] = ids
-    return cited
 
 
 def _flat_hits(output: Any) -> list[dict[str, Any]]:
