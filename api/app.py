@@ -160,7 +160,9 @@ def create_app(
     catalog = ChainCatalog(settings.chains_dir if settings.chains_dir is not None else chain_dirs())
     state = AppState(settings, log, manager, catalog, metrics)
     metrics.add_gauge(
-        "stagecast_runs_active", "Runs not finished (waiting ones included).", lambda: manager.active
+        "stagecast_runs_active",
+        "Runs not finished (waiting ones included).",
+        lambda: manager.active,
     )
     metrics.add_gauge(
         "stagecast_runs_waiting_input", "Runs waiting for an answer.", lambda: manager.waiting
