@@ -27,6 +27,7 @@ DEFAULT_OPENAI_RETRIES = 2
 """Stagecast-level retries of an ``openai`` entry that sets no ``max_retries``."""
 
 JsonMode = Literal["json_schema", "json_object", "off"]
+StreamTransport = Literal["wire", "sdk"]
 
 
 class ModelEntry(BaseModel):
@@ -75,6 +76,12 @@ class ModelEntry(BaseModel):
         True,
         description="openai: Stagecast reads the chat completion stream itself (the same "
         "tokens, usage and errors, a fraction of the CPU); false: through ChatOpenAI.astream().",
+    )
+    stream_transport: StreamTransport = Field(
+        "wire",
+        description="openai, fast_stream: wire reads http:// streams with Stagecast's own "
+        "HTTP/1.1 client (https, proxies and custom clients use the SDK's anyway); sdk: always "
+        "the openai SDK's httpx client.",
     )
     delay_ms: float = Field(0.0, ge=0, description="offline: wait before each token.")
     price_input_per_million: float | None = Field(None, ge=0, description="USD.")

@@ -46,6 +46,9 @@ def openai_model_class() -> type[BaseChatModel]:
         fast_stream: bool = False
         """Stagecast streams this model's chat completions itself (engine/openai_stream.py)
         instead of through ``astream()``; the registry sets it from the entry."""
+        stream_transport: str = "wire"
+        """How the fast stream is read: ``wire`` (engine/openai_wire.py, where the client
+        allows) or ``sdk`` (the SDK's httpx client)."""
         plain_max_tokens: bool = False
         """Send ``max_tokens``, not ``max_completion_tokens`` (other OpenAI-compatible servers
         may ignore the newer name, so the limit would silently not apply)."""

@@ -36,8 +36,9 @@ from langchain_core.messages import BaseMessage
 from stagecast.engine.errors import StageError
 from stagecast.engine.faults import classify_error
 from stagecast.engine.offline import Piece
+from stagecast.engine.openai_wire import WireFallback, WireTarget, wire_target
 
-__all__ = ["fast_stream", "stream_pieces"]
+__all__ = ["EventParser", "fast_stream", "stream_pieces"]
 
 
 def fast_stream(
@@ -74,13 +75,27 @@ async def stream_pieces(
     try:
         payload = model._get_request_payload(list(messages), stop=None, **kwargs)
         finished = False
-        async with model.async_client.with_streaming_response.create(**payload) as raw:
-            response = raw.http_response
-            async for piece in _read(response):
-                if piece is None:
-                    finished = True
-                else:
-                    yield piece
+        target = None
+        if getattr(model, "stream_transport", "wire") == "wire":
+            target = wire_target(model.root_async_client)
+        body = _wire_body(payload) if target is not None else None
+        if target is not None and body is not None:
+            try:
+                async for piece in _read_wire(target, body):
+                    if piece is None:
+                        finished = True
+                    else:
+                        yield piece
+            except WireFallback:  # a redirect: the SDK's client follows it
+                body = None
+        if body is None:
+            async with model.async_client.with_streaming_response.create(**payload) as raw:
+                response = raw.http_response
+                async for piece in _read(response):
+                    if piece is None:
+                        finished = True
+                    else:
+                        yield piece
     except StageError:
         raise
     except Exception as exc:
@@ -91,9 +106,57 @@ async def stream_pieces(
         raise stream_cut_error(model.entry_name)
 
 
+def _wire_body(payload: dict[str, Any]) -> bytes | None:
+    """The JSON body the SDK would send for ``payload``, or None: let the SDK send it."""
+    if "extra_headers" in payload or "extra_query" in payload or "timeout" in payload:
+        return None
+    extra = payload.get("extra_body")
+    if extra is not None:
+        if not isinstance(extra, dict):
+            return None
+        payload = {k: v for k, v in payload.items() if k != "extra_body"} | extra
+    try:
+        return orjson.dumps(payload)
+    except TypeError:  # something only the SDK knows how to send
+        return None
+
+
+async def _read_wire(target: WireTarget, body: bytes) -> AsyncGenerator[Piece | None, None]:
+    """``_read`` for the wire transport: the same pieces from the SSE payloads."""
+    stream = target.stream(body)
+    response = _WireResponse(target)
+    try:
+        async for payload in stream:
+            for piece in _pieces(payload, response):
+                yield piece
+    except (WireFallback, StageError):
+        raise
+    except Exception as exc:
+        mapped = _transport_error(response, exc)
+        if mapped is exc:
+            raise
+        raise mapped from exc
+    finally:
+        await stream.aclose()
+
+
+class _WireResponse:
+    """What ``_pieces`` and ``_transport_error`` need of a response: its request, built only
+    when an exception needs it."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: WireTarget) -> None:
+        self.target = target
+
+    @property
+    def request(self) -> Any:
+        return self.target.request()
+
+
 async def _read(response: Any) -> AsyncGenerator[Piece | None, None]:
     """The pieces of an SSE body of ``chat.completion.chunk`` objects; None: a finish reason."""
-    parser = _EventParser()
+    parser = EventParser()
     body = response.aiter_bytes()
     try:
         async for raw in body:
@@ -144,7 +207,7 @@ def _pieces(payload: bytes, response: Any) -> tuple[Piece | None, ...]:
     return ()
 
 
-class _EventParser:
+class EventParser:
     """Bytes in, the ``data`` of each complete server-sent event out (the SSE spec's rules;
     ``event:``, ``id:``, ``retry:`` and comments are of no use to a chat completion)."""
 

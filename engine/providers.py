@@ -26,6 +26,7 @@ from stagecast.engine.model_config import (
 )
 from stagecast.engine.offline import OfflineChatModel
 from stagecast.engine.openai_model import openai_model_class
+from stagecast.engine.openai_wire import aclose_wire
 
 __all__ = [
     "ModelRegistry",
@@ -99,6 +100,7 @@ class ModelRegistry:
         for resolved in built:
             client = getattr(resolved.chat_model, "root_async_client", None)
             if client is not None:
+                await aclose_wire(client)
                 await client.close()
             sync_client = getattr(resolved.chat_model, "root_client", None)
             if sync_client is not None:
@@ -164,6 +166,7 @@ class ModelRegistry:
             "entry_name": name,
             "json_mode": entry.json_mode,
             "fast_stream": entry.fast_stream,
+            "stream_transport": entry.stream_transport,
         }
         base_url = entry.base_url or self.environ.get("OPENAI_BASE_URL")
         if base_url:

@@ -12,8 +12,9 @@ from tests.providers.openai_server import OpenAIServer
 KEY = "sk-test-0123456789abcdefSECRET"
 """The API key the tests configure; no event or message may ever contain it."""
 
-STREAM = {"fast_stream": True}
-"""What ``entry_fields`` sets ``fast_stream`` to: the ``stream_path`` fixture switches it."""
+STREAM: dict[str, Any] = {"fast_stream": True, "stream_transport": "wire"}
+"""What ``entry_fields`` sets ``fast_stream`` and ``stream_transport`` to: the ``stream_path``
+fixture switches them."""
 
 
 @pytest.fixture
@@ -27,20 +28,24 @@ async def server() -> AsyncIterator[OpenAIServer]:
         yield srv
 
 
-@pytest.fixture(params=["fast", "astream"])
+@pytest.fixture(params=["wire", "sdk", "astream"])
 def stream_path(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test on both paths: Stagecast's own stream (engine/openai_stream.py) and
+    """Run the test on every path: Stagecast's own stream (engine/openai_stream.py) read by
+    its own HTTP client (engine/openai_wire.py, ``wire``) or by the SDK's (``sdk``), and
     ``ChatOpenAI.astream()`` (an entry with ``fast_stream: false``)."""
-    STREAM["fast_stream"] = request.param == "fast"
+    STREAM["fast_stream"] = request.param != "astream"
+    STREAM["stream_transport"] = "sdk" if request.param == "sdk" else "wire"
     try:
         yield request.param
     finally:
         STREAM["fast_stream"] = True
+        STREAM["stream_transport"] = "wire"
 
 
 def entry_fields(**overrides: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "fast_stream": STREAM["fast_stream"],
+        "stream_transport": STREAM["stream_transport"],
         "provider": "openai",
         "model": "test-model",
         "api_key_env": "STAGECAST_TEST_KEY",

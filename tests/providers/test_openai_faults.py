@@ -19,7 +19,9 @@ import yaml
 from stagecast.engine.chain import Chain
 from stagecast.engine.events import event_to_json
 from stagecast.engine.model_config import ModelEntry, ModelsConfig
+from stagecast.engine import openai_stream
 from stagecast.engine.openai_model import openai_model_class
+from stagecast.engine.openai_wire import WireTarget
 from stagecast.engine.orchestrator import ChainRun, run_chain
 from stagecast.engine.providers import ModelRegistry
 from stagecast.engine.spec import ChainSpec
@@ -135,6 +137,7 @@ async def test_a_keyless_local_entry_sends_a_placeholder_key() -> None:
             api_key_env="OLLAMA_API_KEY",
             key_required=False,
             fast_stream=entry_fields()["fast_stream"],
+            stream_transport=entry_fields()["stream_transport"],
         )
         models = ModelRegistry(ModelsConfig(models={"local": entry}), environ={})
         events = await collect(models)
@@ -153,12 +156,26 @@ async def test_the_path_under_test_is_the_one_that_streamed(
         calls.append("astream")
         return original(self, *args, **kwargs)
 
+    original_wire = WireTarget.stream
+
+    def counting_wire(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append("wire")
+        return original_wire(self, *args, **kwargs)
+
+    original_sdk = openai_stream._read
+
+    def counting_sdk(*args: Any, **kwargs: Any) -> Any:
+        calls.append("sdk")
+        return original_sdk(*args, **kwargs)
+
     monkeypatch.setattr(cls, "_astream", counting)
+    monkeypatch.setattr(WireTarget, "stream", counting_wire)
+    monkeypatch.setattr(openai_stream, "_read", counting_sdk)
     for text in (ONE_STAGE, JSON_STAGE % json.dumps({"type": "object"})):
         server.script(Reply(content='{"a": 1}'))
         events = await collect(registry(server.base_url), text)
         assert ended(events).status == "succeeded"
-    assert calls == ([] if stream_path == "fast" else ["astream", "astream"])
+    assert calls == [stream_path, stream_path]
 
 
 # -- transient faults: retried, the failed attempt's tokens superseded -----------------------
