@@ -29,12 +29,13 @@ from stagecast.api.metrics import Metrics
 from stagecast.api.routes import STATIC_DIR, AppState, router
 from stagecast.api.runs import RunManager
 from stagecast.api.settings import ServerSettings
+from stagecast.api.sse import DIRECT_SEND
 from stagecast.engine.events import RUN_EVENT
 from stagecast.engine.model_config import load_models_config
 from stagecast.engine.providers import ModelRegistry
 from stagecast.engine.resources import chain_dirs
 
-__all__ = ["BodyLimitMiddleware", "create_app"]
+__all__ = ["BodyLimitMiddleware", "StagecastApp", "create_app"]
 
 API_VERSION = "1.2"
 SWEEP_SECONDS = 30.0
@@ -100,6 +101,18 @@ class BodyLimitMiddleware:
             headers={"Connection": "close"},
         )
         await response(scope, receive, send)
+
+
+class StagecastApp(FastAPI):
+    """The FastAPI app, which hands event streams the server's own ``send`` (``DIRECT_SEND``)
+    for their body writes. Valid while no middleware rewrites response bodies (none here: the
+    middleware below only reads requests or adds headers to ``http.response.start``); adding
+    one that does (GZip, ``BaseHTTPMiddleware``) means dropping this."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[DIRECT_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 def release_memory() -> None:
@@ -196,7 +209,7 @@ def create_app(
             await manager.shutdown(settings.shutdown_timeout)
             await registry.aclose()  # the models' HTTP connections, in the loop that opened them
 
-    app = FastAPI(
+    app = StagecastApp(
         title="Stagecast",
         version=API_VERSION,
         description="Run YAML prompt chains and follow every stage as Server-Sent Events "

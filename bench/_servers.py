@@ -72,7 +72,16 @@ WIRE_MODELS = """
     key_required: false
     max_retries: 0
     read_timeout: 60
-    description: bench/_wire.py through the fast path
+    description: bench/_wire.py through the fast path (Stagecast's own HTTP client)
+  wire-sdk:
+    provider: openai
+    model: bench-model
+    base_url: {url}
+    key_required: false
+    max_retries: 0
+    read_timeout: 60
+    stream_transport: sdk
+    description: bench/_wire.py through the fast path read by the SDK's httpx client
   wire-astream:
     provider: openai
     model: bench-model

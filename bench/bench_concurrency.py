@@ -16,6 +16,7 @@ the run time); the client's CPU share, to show it was not the bottleneck.
     python bench/bench_concurrency.py -c 1000 --stages 3
     python bench/bench_concurrency.py -c 1000 --model raw-50   # without LangChain's chunk cost
     python bench/bench_concurrency.py -c 1000 --model wire     # real wire: OpenAI-wire server
+    python bench/bench_concurrency.py -c 1000 --model wire-sdk # the same, the SDK's HTTP client
     python bench/bench_concurrency.py --smoke         # C = 20, one stage (~4 s)
 """
 
@@ -155,7 +156,7 @@ class SseClient(asyncio.Protocol):
 async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
     wire = None
     extra: list[str] = []
-    if args.model in ("wire", "wire-astream"):  # a real OpenAI-wire server, its own process
+    if args.model in ("wire", "wire-sdk", "wire-astream"):  # a real OpenAI-wire server, its own process
         wire = C.Server("wire", "--tokens", "56", "--delay-ms", "50").wait_ready()
         extra = ["--wire-url", wire.url + "/v1"]
     server = C.Server(
@@ -322,7 +323,8 @@ def main() -> None:
         default="offline-50",
         help="offline-50 (the target), raw-50: the same pacing without LangChain's per-chunk "
         "cost, wire: 56 tokens at 50 ms from an OpenAI-wire server in its own process "
-        "(bench/_wire.py) through the fast path, wire-astream: the same through "
+        "(bench/_wire.py) through the fast path (Stagecast's own HTTP client), wire-sdk: the "
+        "fast path read by the SDK's httpx client, wire-astream: the same through "
         "ChatOpenAI.astream()",
     )
     parser.add_argument(
