@@ -156,7 +156,11 @@ class SseClient(asyncio.Protocol):
 async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
     wire = None
     extra: list[str] = []
-    if args.model in ("wire", "wire-sdk", "wire-astream"):  # a real OpenAI-wire server, its own process
+    if args.model in (
+        "wire",
+        "wire-sdk",
+        "wire-astream",
+    ):  # a real OpenAI-wire server, its own process
         wire = C.Server("wire", "--tokens", "56", "--delay-ms", "50").wait_ready()
         extra = ["--wire-url", wire.url + "/v1"]
     server = C.Server(

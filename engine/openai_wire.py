@@ -26,9 +26,11 @@ What the SDK would send and how it fails is kept:
   new connection (nothing was received, so nothing was processed);
 * a redirect (the SDK follows them) is handed back to the SDK (``WireFallback``).
 
-Which clients it serves (``wire_target``): an ``AsyncOpenAI`` with a plain key, over ``http://``,
-with no proxy (``HTTP_PROXY`` and the like: the SDK's client mounts them), no custom auth, event
-hooks or transport. Anything else, ``https://`` included, goes through the SDK's client.
+Which clients it serves (``wire_target``): an ``AsyncOpenAI`` with a plain key, over ``http://``
+or ``https://`` (TLS through asyncio with the SDK client's own SSL context, so the same CA set
+and ``SSL_CERT_FILE``), HTTP/1.1, with no proxy (``HTTP_PROXY`` and the like: the SDK's client
+mounts them), no custom auth, event hooks or transport. Anything else goes through the SDK's
+client.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def _build_target(client: Any) -> WireTarget | None:
     )
     request = client._build_request(options)
     url = request.url
-    if url.scheme != "http" or not url.host:
+    if url.scheme not in ("http", "https") or not url.host:
         return None
     transport = http._transport_for_url(url)
     if type(transport) is not httpx2.AsyncHTTPTransport:  # a proxy, a mock, a custom one
@@ -113,6 +115,13 @@ def _build_target(client: Any) -> WireTarget | None:
     pool = getattr(transport, "_pool", None)
     for name in ("_proxy", "_uds", "_local_address"):
         if getattr(pool, name, None) is not None:
+            return None
+    if getattr(pool, "_http2", False) or not getattr(pool, "_http1", True):
+        return None
+    ssl_context = None
+    if url.scheme == "https":
+        ssl_context = getattr(pool, "_ssl_context", None)
+        if ssl_context is None:
             return None
     socket_options = list(getattr(pool, "_socket_options", None) or ())
     lines = [b"POST " + url.raw_path + b" HTTP/1.1"]
@@ -132,13 +141,14 @@ def _build_target(client: Any) -> WireTarget | None:
     return WireTarget(
         client,
         url.host,
-        url.port or 80,
+        url.port or (443 if ssl_context is not None else 80),
         b"\r\n".join(lines) + b"\r\nContent-Length: ",
         str(url),
         connect,
         read,
         5.0 if keepalive is None else float(keepalive),
         socket_options,
+        ssl_context,
     )
 
 
@@ -156,6 +166,7 @@ class WireTarget:
         read_timeout: float | None,
         keepalive: float,
         socket_options: list[Any],
+        ssl_context: Any = None,
     ) -> None:
         self.client = weakref.proxy(client)
         self.host, self.port, self.head, self.url = host, port, head, url
@@ -164,6 +175,8 @@ class WireTarget:
             read_timeout,
             keepalive,
         )
+        self.ssl = ssl_context
+        """https: the SDK client's own SSL context (its CA set, ``SSL_CERT_FILE``, ...)."""
         self.socket_options = socket_options
         """The SDK's (TCP keep-alive probes, TCP_USER_TIMEOUT): set on each socket too."""
         self.idle: deque[_Conn] = deque()
@@ -219,10 +232,16 @@ class WireTarget:
         conn = _Conn(self, loop)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                transport, _ = await loop.create_connection(lambda: conn, self.host, self.port)
+                transport, _ = await loop.create_connection(
+                    lambda: conn,
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl is not None else None,
+                )
         except TimeoutError as exc:
             raise httpx2.ConnectTimeout("timed out connecting") from exc
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError (a certificate refused) too, as httpcore2 maps it
             raise httpx2.ConnectError(str(exc)) from exc
         sock = transport.get_extra_info("socket")
         if sock is not None:

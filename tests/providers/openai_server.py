@@ -76,8 +76,16 @@ class RecordedRequest:
 class OpenAIServer:
     """Serve until closed; use as ``async with OpenAIServer() as server:``."""
 
-    def __init__(self, *, models: set[str] | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        models: set[str] | None = None,
+        api_key: str | None = None,
+        ssl: Any = None,
+    ) -> None:
         self.models = models
+        self.ssl = ssl
+        """An ``ssl.SSLContext`` (server side): serve HTTPS."""
         """When set, other model names get a 404 like OpenAI's ``model_not_found``."""
         self.api_key = api_key
         """When set, a request with another bearer token gets a 401."""
@@ -97,14 +105,15 @@ class OpenAIServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        scheme = "https" if self.ssl is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/v1"
 
     def script(self, *replies: Reply) -> None:
         """Answer the next requests with ``replies``, in order; then the default reply."""
         self._script.extend(replies)
 
     async def __aenter__(self) -> OpenAIServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -16,10 +16,10 @@ import anyio
 import pytest
 import yaml
 
+from stagecast.engine import openai_stream
 from stagecast.engine.chain import Chain
 from stagecast.engine.events import event_to_json
 from stagecast.engine.model_config import ModelEntry, ModelsConfig
-from stagecast.engine import openai_stream
 from stagecast.engine.openai_model import openai_model_class
 from stagecast.engine.openai_wire import WireTarget
 from stagecast.engine.orchestrator import ChainRun, run_chain
