@@ -9,7 +9,9 @@ every repetition, each making ``--requests`` requests per repetition:
 * ``floor (httpx)`` / ``floor (httpx2)``: POST, read the SSE lines (``aiter_lines``), orjson-parse
   each ``data:`` payload, take ``choices[0].delta.content``: nothing else (httpx2 is the HTTP
   client the openai SDK uses, so it is the fast path's own floor);
-* ``fast path, bare``: ``engine/openai_stream.py::stream_pieces`` of a registry-built model;
+* ``fast path, bare``: ``engine/openai_stream.py::stream_pieces`` of a registry-built model,
+  read by Stagecast's own HTTP client (engine/openai_wire.py); ``…, SDK transport``: the same
+  read through the SDK's httpx2 client (``stream_transport: sdk``);
 * ``ChatOpenAI.astream(), bare``: the same model's ``astream()`` (``fast_stream: false``);
 * ``LangGraph messages``: a one-node graph that calls the same ChatOpenAI, read with
   ``stream_mode="messages"``;
@@ -44,7 +46,7 @@ class State(TypedDict):
     messages: list[Any]
 
 
-def registry(url: str, fast: bool) -> Any:
+def registry(url: str, fast: bool, transport: str = "wire") -> Any:
     from stagecast.engine.model_config import ModelEntry, ModelsConfig
     from stagecast.engine.providers import ModelRegistry
 
@@ -56,6 +58,7 @@ def registry(url: str, fast: bool) -> Any:
         max_retries=0,
         read_timeout=60,
         fast_stream=fast,
+        stream_transport=transport,
     )
     return ModelRegistry(ModelsConfig(default="wire", models={"wire": entry}), environ={})
 
@@ -85,12 +88,12 @@ def floor(module: Any, url: str) -> Callable[[], Awaitable[int]]:
     return run
 
 
-def fast_bare(url: str) -> Callable[[], Awaitable[int]]:
+def fast_bare(url: str, transport: str = "wire") -> Callable[[], Awaitable[int]]:
     from langchain_core.messages import HumanMessage
 
     from stagecast.engine.openai_stream import stream_pieces
 
-    model = registry(url, True).resolve("wire").chat_model
+    model = registry(url, True, transport).resolve("wire").chat_model
     messages = [HumanMessage(PROMPT)]
 
     async def run() -> int:
@@ -182,6 +185,7 @@ async def main_async(args: argparse.Namespace) -> None:
             "floor (httpx)": floor(httpx, url),
             "floor (httpx2)": floor(httpx2, url),
             "fast path, bare": fast_bare(url),
+            "fast path, bare, SDK transport": fast_bare(url, "sdk"),
             "ChatOpenAI.astream(), bare": astream_bare(url),
             "LangGraph messages": langgraph_messages(url),
             "Stagecast run_chain, fast path": stagecast_chain(url, True),
@@ -243,6 +247,7 @@ async def main_async(args: argparse.Namespace) -> None:
         ("fast path, bare", "ChatOpenAI.astream(), bare"),
         ("fast path, bare", "floor (httpx2)"),
         ("fast path, bare", "floor (httpx)"),
+        ("fast path, bare", "fast path, bare, SDK transport"),
         ("Stagecast run_chain, fast path", "Stagecast run_chain, astream()"),
         ("Stagecast run_chain, fast path", "floor (httpx2)"),
         ("LangGraph messages", "Stagecast run_chain, fast path"),
