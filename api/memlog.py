@@ -20,6 +20,7 @@ block per write.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import zlib
 from array import array
@@ -164,6 +165,9 @@ class InMemoryEventLog(EventLog):
         self._codec = codec or SSE_CODEC
         self._encode = self._codec.encode
         self._runs: dict[str, _RunLog] = {}
+        self._first_finish = math.inf
+        """No finished log is older than this (``expire`` scans only once one may be due:
+        it runs at every ``create``, so 1,000 runs started at once were 1,000 full scans)."""
         self._slack = max(1, max_events // 16)
 
     @property
@@ -222,6 +226,7 @@ class InMemoryEventLog(EventLog):
         log = self._get(run_id)
         if log.finished_at is None:
             log.finished_at = self.clock()
+            self._first_finish = min(self._first_finish, log.finished_at)
             log.seal()
             log.wake()
 
@@ -353,6 +358,8 @@ class InMemoryEventLog(EventLog):
 
     def expire(self) -> list[str]:
         now = self.clock()
+        if now - self._first_finish < self.ttl:
+            return []
         gone = [
             run_id
             for run_id, log in self._runs.items()
@@ -360,4 +367,8 @@ class InMemoryEventLog(EventLog):
         ]
         for run_id in gone:
             self.discard(run_id)
+        self._first_finish = min(
+            (log.finished_at for log in self._runs.values() if log.finished_at is not None),
+            default=math.inf,
+        )
         return gone

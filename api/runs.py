@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -127,6 +128,7 @@ class RunManager:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self._runs: dict[str, ManagedRun] = {}
+        self._first_finish = math.inf  # no finished run is older: expire() scans only then
         self._keys: dict[str, tuple[str, str]] = {}  # Idempotency-Key -> (fingerprint, run_id)
 
     # -- queries ---------------------------------------------------------------------------
@@ -182,7 +184,10 @@ class RunManager:
         """
         self.expire()
         settings = self.settings
-        active, waiting = self.active, self.waiting
+        active = self.active
+        # waiting <= active: below both limits it cannot matter (and it is a scan of every run)
+        limit = min(settings.max_concurrent_runs, settings.max_waiting_runs)
+        waiting = self.waiting if active >= limit else 0
         running = active if settings.waiting_runs_hold_slots else active - waiting
         if running >= settings.max_concurrent_runs:
             self.metrics.runs_rejected["limit"] += 1
@@ -266,6 +271,7 @@ class RunManager:
                 managed.grace.cancel()
                 managed.grace = None
             managed.finished_at = self.clock()
+            self._first_finish = min(self._first_finish, managed.finished_at)
             managed.finished_at_ms = _now_ms()
             self.log.finish(run.run_id)
             self.metrics.runs_finished[managed.status] += 1
@@ -326,6 +332,9 @@ class RunManager:
         """Forget finished runs older than the TTL (their logs too)."""
         now = self.clock()
         ttl = self.settings.finished_run_ttl
+        if now - self._first_finish < ttl:  # nothing is due (it runs at every start)
+            self.log.expire()
+            return []
         gone = [
             run_id
             for run_id, m in self._runs.items()
@@ -335,6 +344,10 @@ class RunManager:
             key = self._runs.pop(run_id).idempotency_key
             if key is not None:
                 self._keys.pop(key, None)
+        self._first_finish = min(
+            (m.finished_at for m in self._runs.values() if m.finished_at is not None),
+            default=math.inf,
+        )
         self.log.expire()
         return gone
 
