@@ -758,30 +758,28 @@ class ChainRun:
         parts: list[str] = []
         stage_id, path, emit = unit.stage_id, unit.path, self.emit_token
         stream = spec.stream
-        input_tokens = output_tokens = 0
+        reported = _Reported()
         if isinstance(runnable, OfflineChatModel):
             source: AsyncGenerator[Any, None] = runnable.stream_pieces(messages)
         else:  # a registry-built OpenAI model streams straight into the stage too
             fast = fast_stream(runnable, messages, kwargs)
             source = runnable.astream(messages, **kwargs) if fast is None else fast
-        async with contextlib.aclosing(source) as chunks:
-            async for chunk in chunks:
-                text = chunk.content
-                if text:
-                    if not isinstance(text, str):
-                        text = _content_text(text)
-                    parts.append(text)
-                    if stream:
-                        emit(stage_id, path, attempt, text)
-                meta = chunk.usage_metadata
-                if meta:
-                    input_tokens += meta.get("input_tokens", 0)
-                    output_tokens += meta.get("output_tokens", 0)
-        usage.input_tokens += input_tokens
-        usage.output_tokens += output_tokens
-        cost = resolved.cost(input_tokens, output_tokens)
-        if cost is not None:
-            usage.cost = (usage.cost or 0.0) + cost
+        try:
+            async with contextlib.aclosing(source) as chunks:
+                async for chunk in chunks:
+                    reported.answered = True
+                    text = chunk.content
+                    if text:
+                        if not isinstance(text, str):
+                            text = _content_text(text)
+                        parts.append(text)
+                        if stream:
+                            emit(stage_id, path, attempt, text)
+                    meta = chunk.usage_metadata
+                    if meta:
+                        reported.count(meta)
+        finally:  # a failed or cancelled attempt counts too: what it reported, else unknown
+            usage.add(reported.usage(resolved.cost))
         text_out = "".join(parts)
         if spec.output == "json":
             return parse_json_output(text_out, spec.schema_, unwrap)
@@ -892,6 +890,31 @@ def _flat_hits(output: Any) -> list[dict[str, Any]]:
     if isinstance(output, list):
         return [hit for item in output for hit in _flat_hits(item)]
     return []
+
+
+class _Reported:
+    """The usage one model call reported, as its chunks arrive."""
+
+    __slots__ = ("answered", "input_tokens", "output_tokens")
+
+    def __init__(self) -> None:
+        self.answered = False
+        """The model sent something (a call refused before any answer counts nothing)."""
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+
+    def count(self, meta: Mapping[str, Any]) -> None:
+        for name in ("input_tokens", "output_tokens"):
+            value = meta.get(name)
+            if isinstance(value, int):
+                setattr(self, name, (getattr(self, name) or 0) + value)
+
+    def usage(self, price: Callable[[int, int], float | None]) -> Usage:
+        if not self.answered:
+            return Usage()
+        used_in, used_out = self.input_tokens, self.output_tokens
+        cost = None if used_in is None or used_out is None else price(used_in, used_out)
+        return Usage(input_tokens=used_in, output_tokens=used_out, cost=cost)
 
 
 def _sum_usage(units: list[_Unit]) -> Usage:

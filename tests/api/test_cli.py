@@ -564,3 +564,78 @@ def test_version_prints_package_protocol_and_api_versions() -> None:
     result = cli("--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"stagecast {version('stagecast')} (event protocol v1, HTTP API 1.1)\n"
+
+
+# -- usage the provider did not report ------------------------------------------------------
+
+SILENT_CHAIN = """
+id: silent
+defaults: {model: silent}
+stages:
+  - id: answer
+    kind: llm
+    label: Answering
+    prompt: Say hi.
+"""
+
+
+async def _views_of_a_run_without_usage() -> tuple[str, str]:
+    from rich.console import Console
+
+    from stagecast.api.live import PlainView
+    from stagecast.engine.chain import Chain
+    from stagecast.engine.spec import ChainSpec
+    from tests.fakes import ScriptedChatModel
+
+    import yaml
+
+    chain = Chain.from_spec(ChainSpec.model_validate(yaml.safe_load(SILENT_CHAIN)), id="silent")
+    plain_out, live_out = io.StringIO(), io.StringIO()
+    plain = PlainView(plain_out)
+    live = LiveView(Console(file=live_out, force_terminal=True, width=200, color_system=None))
+    model = ScriptedChatModel(scripts=[["hi"]])  # streams no usage
+
+    def sink(event: Any) -> None:
+        plain.handle(event)
+        live.handle(event)
+
+    run = ChainRun(chain, {}, models={"silent": model}, sink=sink, retry_backoff=0)
+    live.start()
+    with anyio.fail_after(5):
+        end = await run.execute()
+    plain.finish(end)
+    live.finish(end)
+    return plain_out.getvalue(), live_out.getvalue()
+
+
+@pytest.mark.anyio
+async def test_the_views_say_usage_unknown_not_zero_tokens_and_no_cost() -> None:
+    plain, live = await _views_of_a_run_without_usage()
+    lines = [line.strip() for line in plain.splitlines()]
+    ended = next(line for line in lines if " succeeded answer in " in line)
+    assert ended.endswith(" ms · usage unknown (the provider reported none)")
+    assert "usage unknown (the provider reported none)" in lines
+    for text in (plain, live):
+        assert "0 in / 0 out" not in text and "$0.0000" not in text
+    assert "· usage unknown (the provider reported none) · model: silent" in live
+    assert "tokens unknown" in live
+
+
+def test_usage_line_names_each_unknown_count_and_the_unknown_cost() -> None:
+    from stagecast.api.live import usage_line, usage_summary
+    from stagecast.engine.events import Usage
+
+    assert usage_line(Usage(input_tokens=46, output_tokens=44)) == "46 in / 44 out tokens"
+    assert usage_line(Usage(input_tokens=3, output_tokens=1, cost=0.5)) == (
+        "3 in / 1 out tokens · $0.5000"
+    )
+    assert usage_line(Usage(input_tokens=None, output_tokens=12)) == (
+        "unknown in / 12 out tokens · cost unknown"
+    )
+    assert usage_line(Usage(input_tokens=None, output_tokens=None)) == (
+        "usage unknown (the provider reported none)"
+    )
+    assert usage_summary(Usage(input_tokens=None, output_tokens=None)) == (
+        "usage unknown (the provider reported none)"
+    )
+    assert usage_summary(Usage(input_tokens=2, output_tokens=1)) == "usage: 2 in / 1 out tokens"

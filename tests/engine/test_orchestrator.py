@@ -723,3 +723,58 @@ async def test_a_chat_model_object_as_the_run_model_leaves_a_shared_registry_alo
     events = await collect(chain, models=shared, model=model)
     assert events[-1].outputs == {"output": "mine"}
     assert "__run__" not in shared.overrides
+
+
+# -- usage: unknown is not zero ---------------------------------------------------------------
+
+
+def _usage(event: Any) -> tuple[int | None, int | None, float | None]:
+    return (event.usage.input_tokens, event.usage.output_tokens, event.usage.cost)
+
+
+async def test_a_model_that_reports_no_usage_has_unknown_usage_and_so_has_the_run() -> None:
+    text = TWO_STAGES.replace("id: draft\n    kind: llm\n", "id: draft\n    kind: llm\n    model: silent\n")
+    counted = ScriptedChatModel(scripts=[["an", " outline"]], usage=(7, 2))
+    silent = ScriptedChatModel(scripts=[["the", " draft"]])  # streams no usage at all
+    events = await collect(
+        chain_of(text), {"topic": "cats"}, models={"fake": counted, "silent": silent}
+    )
+    ends = {e.stage: e for e in events if e.type == "stage-end"}
+    assert _usage(ends["outline"]) == (7, 2, None)
+    assert _usage(ends["draft"]) == (None, None, None)
+    assert _usage(ends["shout"]) == (0, 0, None)  # no model call: known to be zero
+    assert events[-1].status == "succeeded"
+    assert _usage(events[-1]) == (None, None, None)  # one stage unknown: the total is unknown
+    wire = json.loads(event_to_json(ends["draft"]))
+    assert wire["usage"] == {"input_tokens": None, "output_tokens": None, "cost": None}
+    assert event_from_json(event_to_json(events[-1])).usage.input_tokens is None
+
+
+async def test_an_attempt_refused_before_answering_counts_zero_one_cut_mid_answer_unknown() -> None:
+    refused = ScriptedChatModel(
+        scripts=[[TransientError("refused", type="server_error")], ["ok"]], usage=(5, 1)
+    )
+    events = await collect(chain_of(ONE_LLM_RETRIED), {}, models={"fake": refused})
+    assert [fmt(e) for e in events if e.type in ("stage-retry", "stage-end")] == [
+        "stage-retry a server_error",
+        "stage-end a#2 succeeded",
+    ]
+    assert _usage(events[-1]) == (5, 1, None)  # the refused call used nothing
+    cut = ScriptedChatModel(
+        scripts=[["par", TransientError("reset", type="connection_error")], ["ok"]], usage=(5, 1)
+    )
+    events = await collect(chain_of(ONE_LLM_RETRIED), {}, models={"fake": cut})
+    assert events[-1].status == "succeeded"
+    # the first call was answering when it broke and never said what it used
+    assert _usage(events[-2]) == (None, None, None)
+    assert _usage(events[-1]) == (None, None, None)
+
+
+ONE_LLM_RETRIED = """
+defaults: {model: fake}
+stages:
+  - id: a
+    kind: llm
+    retries: 1
+    prompt: Say ok.
+"""

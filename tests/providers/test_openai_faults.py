@@ -115,6 +115,32 @@ async def test_streams_the_servers_tokens_with_usage_and_cost(server: OpenAIServ
     assert "response_format" not in body
 
 
+async def test_a_server_that_streams_no_usage_gives_unknown_usage_not_zero(
+    server: OpenAIServer,
+) -> None:
+    server.script(Reply(usage=None))  # like some local servers: no usage chunk even when asked
+    events = await collect(registry(server.base_url))
+    assert short(events)[-2:] == ["stage-end succeeded", "run-end succeeded"]
+    assert server.requests[0].body["stream_options"] == {"include_usage": True}
+    for event in events[-2:]:  # the entry has prices: still no $0.0000
+        assert json.loads(event_to_json(event))["usage"] == {
+            "input_tokens": None,
+            "output_tokens": None,
+            "cost": None,
+        }
+
+
+async def test_a_refused_attempt_counts_nothing_and_the_answer_its_usage(
+    server: OpenAIServer,
+) -> None:
+    server.script(Reply(status=503), Reply(usage=(30, 4)))
+    events = await collect(registry(server.base_url, max_retries=1))
+    assert short(events)[2] == "retry 1 server_error"
+    usage = events[-1].usage
+    assert (usage.input_tokens, usage.output_tokens) == (30, 4)
+    assert usage.cost == pytest.approx((30 * 2.0 + 4 * 8.0) / 1e6)
+
+
 async def test_openai_base_url_from_the_environment_is_honoured(server: OpenAIServer) -> None:
     entry = ModelEntry.model_validate(entry_fields())  # no base_url
     models = ModelRegistry(
@@ -227,7 +253,10 @@ async def test_a_stream_stalled_mid_answer_hits_the_read_timeout(server: OpenAIS
         "run-end succeeded",
     ]
     assert ended(events).output == "Hello, world."  # not "Hello,Hello, world."
-    assert (ended(events).usage.input_tokens, ended(events).usage.output_tokens) == (11, 4)
+    # The abandoned attempt was answering when it stalled and reported no usage: what it used
+    # is unknown, so the stage's total is too (not the second attempt's 11/4, an undercount).
+    usage = ended(events).usage
+    assert (usage.input_tokens, usage.output_tokens, usage.cost) == (None, None, None)
     await server.wait_disconnect()  # the stalled response was abandoned, not left open
 
 
