@@ -580,14 +580,13 @@ stages:
 
 
 async def _views_of_a_run_without_usage() -> tuple[str, str]:
+    import yaml
     from rich.console import Console
 
     from stagecast.api.live import PlainView
     from stagecast.engine.chain import Chain
     from stagecast.engine.spec import ChainSpec
     from tests.fakes import ScriptedChatModel
-
-    import yaml
 
     chain = Chain.from_spec(ChainSpec.model_validate(yaml.safe_load(SILENT_CHAIN)), id="silent")
     plain_out, live_out = io.StringIO(), io.StringIO()

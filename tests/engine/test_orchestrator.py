@@ -733,7 +733,10 @@ def _usage(event: Any) -> tuple[int | None, int | None, float | None]:
 
 
 async def test_a_model_that_reports_no_usage_has_unknown_usage_and_so_has_the_run() -> None:
-    text = TWO_STAGES.replace("id: draft\n    kind: llm\n", "id: draft\n    kind: llm\n    model: silent\n")
+    text = TWO_STAGES.replace(
+        "id: draft\n    kind: llm\n", "id: draft\n    kind: llm\n    model: x\n"
+    )
+    text = text.replace("model: x", "model: silent")
     counted = ScriptedChatModel(scripts=[["an", " outline"]], usage=(7, 2))
     silent = ScriptedChatModel(scripts=[["the", " draft"]])  # streams no usage at all
     events = await collect(
