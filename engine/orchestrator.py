@@ -57,7 +57,7 @@ from stagecast.engine.events import (
     Token,
     Usage,
 )
-from stagecast.engine.faults import classify_error
+from stagecast.engine.faults import classify_error, excerpt
 from stagecast.engine.inputs import validate_inputs
 from stagecast.engine.offline import OfflineChatModel
 from stagecast.engine.openai_model import prepare_json_model
@@ -166,7 +166,10 @@ def parse_json_output(
     try:
         value = json.loads(body)
     except json.JSONDecodeError as exc:
-        raise TransientError(f"the answer is not valid JSON: {exc}", type="invalid_json") from None
+        raise TransientError(
+            f"the answer is not valid JSON: {exc}; {_json_break(body, exc.pos)}",
+            type="invalid_json",
+        ) from None
     if unwrap is not None:
         value = unwrap(value)
     if schema is not None:
@@ -176,10 +179,29 @@ def parse_json_output(
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(top)"
             raise TransientError(
-                f"the JSON answer does not match the schema at {where}: {error.message}",
+                f"the JSON answer does not match the schema at {where}: {excerpt(error.message)}",
                 type="invalid_json",
             )
     return value
+
+
+_START_CHARS, _AROUND_CHARS = 120, 60
+
+
+def _json_break(text: str, pos: int) -> str:
+    """Where a JSON answer broke, quoted: its start, and the text around the break."""
+    if not text.strip():
+        return "the answer is empty"
+    size = f"the answer ({len(text):,} chars)"
+    if len(text) <= _START_CHARS:
+        return f"{size}: {text!r}"
+    start = f"{size} starts {text[:_START_CHARS]!r}…"
+    if pos < _START_CHARS - 20:
+        return start
+    before = text[max(0, pos - _AROUND_CHARS) : pos]
+    after = text[pos : pos + _AROUND_CHARS // 2]
+    more = "…" if pos + _AROUND_CHARS // 2 < len(text) else ""
+    return f"{start}; it breaks at char {pos:,}: …{before!r} ⟵ here {after!r}{more}"
 
 
 class ChainRun:

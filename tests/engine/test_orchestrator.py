@@ -294,7 +294,10 @@ async def test_json_parse_failure_is_retried_then_fails_clearly() -> None:
         "stage-end facts#2 failed",
         "run-end failed",
     ]
-    assert events[3].error.message.startswith("the answer is not valid JSON: Expecting value")
+    assert events[3].error.message == (
+        "the answer is not valid JSON: Expecting value: line 1 column 1 (char 0); "
+        "the answer (8 chars): 'not json'"
+    )
     assert events[-2].error.message == (
         "the JSON answer does not match the schema at 0: 'name' is a required property"
         " (after 2 attempts)"
@@ -781,3 +784,39 @@ stages:
     retries: 1
     prompt: Say ok.
 """
+
+
+def test_an_invalid_json_answer_is_quoted_at_its_start_and_where_it_broke() -> None:
+    from stagecast.engine.orchestrator import parse_json_output
+
+    items = ", ".join(f'"item {i}"' for i in range(60))
+    answer = '{"items": [' + items + ", oops]}\n" + "tail " * 100
+    with pytest.raises(TransientError) as caught:
+        parse_json_output(answer, None)
+    message = str(caught.value)
+    assert caught.value.type == "invalid_json"
+    assert message.startswith(
+        "the answer is not valid JSON: Expecting value: line 1 column 662 (char 661); "
+        'the answer (1,168 chars) starts \'{"items": ["item 0", "item 1"'
+    )
+    assert message.endswith(
+        '; it breaks at char 661: …\'54", "item 55", "item 56", "item 57", "item 58", '
+        "\"item 59\", ' ⟵ here 'oops]}\\ntail tail tail tail tai'…"
+    )
+    assert len(message) < 400
+    with pytest.raises(TransientError, match=r"\(char 3\); the answer is empty$"):
+        parse_json_output("  \n", None)
+    huge = "x" * 100_000
+    with pytest.raises(TransientError) as caught:
+        parse_json_output(huge, None)
+    assert len(str(caught.value)) < 300  # never the whole answer
+
+
+def test_a_schema_mismatch_quotes_at_most_an_excerpt_of_the_value() -> None:
+    from stagecast.engine.orchestrator import parse_json_output
+
+    with pytest.raises(TransientError) as caught:
+        parse_json_output(json.dumps("y" * 10_000), {"type": "integer"})
+    message = str(caught.value)
+    assert message.startswith("the JSON answer does not match the schema at (top): 'yyy")
+    assert message.endswith("y…") and len(message) < 400

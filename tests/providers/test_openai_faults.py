@@ -295,6 +295,65 @@ async def test_5xx_is_retried_with_backoff(server: OpenAIServer) -> None:
     assert times[2] - times[1] >= 0.1 * 0.5
 
 
+GATEWAY_PAGE = (
+    b"<!DOCTYPE html><html><head><title>x</title><style>body{color:red}</style></head><body>"
+    b"<h1>502 Bad Gateway</h1>\n  <p>upstream model server crashed:   CUDA out of memory</p>"
+    b"<p>Authorization: Bearer tok_live_9f8e7d6c5b4a</p><p>key sk-proj-abcdefghijklmnop "
+    b"and the configured %s</p>" + b"<p>filler line</p>" * 400 + b"</body></html>"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "says"),
+    [
+        (
+            GATEWAY_PAGE % KEY.encode(),
+            "text/html",
+            "server error (500): the body says: 502 Bad Gateway upstream model server crashed: "
+            "CUDA out of memory Authorization: *** key *** and the configured *** "
+            "filler line filler line",
+        ),
+        (
+            b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            "text/plain",
+            "server error (503): the body says: upstream connect error or disconnect/reset "
+            "before headers. reset reason: overflow",
+        ),
+        (
+            b'{"detail": "model runner crashed", "api_key": "abcdef123456"}',
+            "application/json",
+            'server error (500): the body says: {"detail": "model runner crashed", '
+            '"api_key": "***"}',
+        ),
+        (b"", "text/plain", "server error (502): the body says: (empty body)"),
+    ],
+)
+async def test_a_5xx_error_quotes_a_bounded_scrubbed_excerpt_of_its_body(
+    server: OpenAIServer, body: bytes, content_type: str, says: str
+) -> None:
+    status = int(says.split("(")[1][:3])
+    server.script(Reply(status=status, error_body=body, error_content_type=content_type))
+    events = await collect(registry(server.base_url))
+    error = ended(events).error
+    assert error.type == "server_error"
+    assert error.message.startswith("model 'local': " + says)
+    assert "Error code" not in error.message
+    quoted = error.message.split("the body says: ", 1)[1]
+    assert len(quoted) <= 300
+    if len(body) > 300:
+        assert quoted.endswith("…")
+    for secret in (KEY, "tok_live_9f8e7d6c5b4a", "sk-proj-abcdefghijklmnop", "abcdef123456"):
+        assert secret not in error.message
+
+
+async def test_a_long_error_message_is_cut_to_an_excerpt(server: OpenAIServer) -> None:
+    server.script(Reply(status=400, error_message="bad value " + "x" * 5000))
+    events = await collect(registry(server.base_url))
+    message = ended(events).error.message
+    assert message.startswith("model 'local': request refused (400): bad value xxx")
+    assert message.endswith("x…") and len(message) < 400
+
+
 async def test_a_malformed_chunk_is_retried(server: OpenAIServer) -> None:
     server.script(Reply(malformed_after=1))
     events = await collect(registry(server.base_url, max_retries=1))
