@@ -820,3 +820,23 @@ def test_a_schema_mismatch_quotes_at_most_an_excerpt_of_the_value() -> None:
     message = str(caught.value)
     assert message.startswith("the JSON answer does not match the schema at (top): 'yyy")
     assert message.endswith("y…") and len(message) < 400
+
+
+async def test_a_skipped_stage_and_a_null_value_render_as_empty_text() -> None:
+    chain = chain_of(
+        """
+inputs:
+  person: {type: object}
+stages:
+  - id: bonus
+    kind: template
+    when: "{{ false }}"
+    text: never
+  - id: joined
+    kind: template
+    text: "note=[{{ inputs.person.note }}] bonus=[{{ stages.bonus.output }}]"
+"""
+    )
+    events = await collect(chain, {"person": {"note": None}})
+    assert events[-1].status == "succeeded"
+    assert events[-1].outputs == {"output": "note=[] bonus=[]"}
