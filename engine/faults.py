@@ -80,6 +80,7 @@ def classify_error(
     *,
     model: str | None = None,
     secrets: Iterable[str] = (),
+    models_file: str = "configs/models.yaml",
 ) -> StageError:
     """A provider exception as a StageError: TransientError when worth retrying.
 
@@ -88,13 +89,14 @@ def classify_error(
         model_name: the configs/models.yaml entry, named in the message.
         model: the provider's model name (``model:`` of the entry), named for a 404.
         secrets: strings scrubbed from any text the server sent back (the API key).
+        models_file: the models file the entry is in (``ModelsConfig.source``), named in fixes.
     """
     if isinstance(exc, StageError):
         return exc
     secrets = list(secrets)
     entry = f"model {model_name!r}" if model_name else "the model"
     where = f"{entry}: "
-    fix_in = f" of {model_name!r} in configs/models.yaml" if model_name else ""
+    fix_in = f" of {model_name!r} in {models_file}" if model_name else ""
     causes = _causes(exc)
     try:
         import openai

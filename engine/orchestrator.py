@@ -605,7 +605,7 @@ class ChainRun:
         if isinstance(exc, StageError):
             return exc
         name = self._resolve(unit.spec).name if isinstance(unit.spec, LlmStage) else ""
-        return classify_error(exc, name)
+        return classify_error(exc, name, models_file=self.registry.config.source)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
