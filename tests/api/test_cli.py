@@ -638,3 +638,78 @@ def test_usage_line_names_each_unknown_count_and_the_unknown_cost() -> None:
         "usage unknown (the provider reported none)"
     )
     assert usage_summary(Usage(input_tokens=2, output_tokens=1)) == "usage: 2 in / 1 out tokens"
+
+
+def test_serve_chains_from_another_folder_and_run_a_file_path_on_it(tmp_path: Path) -> None:
+    import httpx
+
+    folder = tmp_path / "team_chains"
+    folder.mkdir()
+    chain_text = (
+        "title: Greeting\ninputs:\n  who: {type: string}\nstages:\n"
+        '  - id: greet\n    kind: template\n    text: "hello {{ inputs.who }}"\n'
+    )
+    (folder / "greeting.yaml").write_text(chain_text)
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text(chain_text)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "stagecast.api.cli", "serve", "--port", str(port)]
+        + ["--chains", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "no server"
+            time.sleep(0.1)
+        listed = httpx.get(f"{url}/v1/chains", timeout=5).json()["chains"]
+        assert [c["id"] for c in listed] == ["greeting"]  # that folder only
+        result = cli("run", str(folder / "greeting.yaml"), "-i", "who=ana", "--server", url)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.rstrip().endswith("== output ==\nhello ana")
+        assert result.stderr == (
+            f"note: {url} runs its own chain 'greeting' (by id); the file "
+            f"{folder / 'greeting.yaml'} is not sent\n"
+        )
+        result = cli("run", str(elsewhere), "-i", "who=ana", "--server", url)
+        assert result.returncode == 2
+        lines = result.stderr.splitlines()
+        assert lines[1] == (
+            f"error: {url}: the server has no chain 'elsewhere' (no chain 'elsewhere'; "
+            "chains are: greeting)"
+        )
+        assert lines[2].startswith("  hint: --server runs a chain of the server's chains ")
+        assert f"`stagecast serve --chains {tmp_path}`" in lines[2]
+        assert "Traceback" not in result.stderr
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            _, err = server.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            _, err = server.communicate()
+    assert err.startswith(f"serving the chains in {folder}\n")
+
+
+def test_serve_names_a_missing_chains_folder_or_models_file(tmp_path: Path) -> None:
+    result = cli("serve", "--chains", str(tmp_path / "nope"))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"error: --chains {tmp_path / 'nope'}: no such folder\n",
+    )
+    result = cli("serve", "--models", str(tmp_path / "m.yaml"))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"error: --models {tmp_path / 'm.yaml'}: no such file\n",
+    )
