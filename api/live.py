@@ -257,6 +257,12 @@ class View:
     def prompt(self, stage: str, path: list[str | int], messages: list[BaseMessage]) -> None:
         pass
 
+    def pause(self) -> None:
+        """Stop drawing (a question is asked on the terminal); events still fold in."""
+
+    def resume(self) -> None:
+        """Draw again after ``pause``."""
+
     def note(self, message: str) -> None:
         """A diagnostic for the person at the terminal (never on an NDJSON stdout)."""
         print(message, file=sys.stderr, flush=True)
@@ -426,6 +432,17 @@ class LiveView(View):
     def start(self) -> None:
         self.live.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    def pause(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        self.live.update(self.render(), refresh=True)
+        self.live.stop()
+
+    def resume(self) -> None:
+        if self._ticker is None:
+            self.start()
 
     async def _tick(self) -> None:
         while True:
