@@ -75,8 +75,11 @@ def with_guessed_kinds(data: Any) -> Any | None:
         guess = guess_kind(stage)
         if guess is not None:  # the nested stage of a guessed map is for the next round
             return {**stage, "kind": guess}
-        if "stage" in stage and stage.get("kind") == "map":
-            stage = {**stage, "stage": fix(stage["stage"])}
+        if stage.get("kind") == "map":
+            if "stage" in stage:
+                stage = {**stage, "stage": fix(stage["stage"])}
+            if isinstance(stage.get("stages"), list):
+                stage = {**stage, "stages": [fix(inner) for inner in stage["stages"]]}
         return stage
 
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list):

@@ -42,6 +42,12 @@ CASES: dict[str, list[str]] = {
         "  hint: did you mean 'template'? its other keys were checked as template; "
         "kinds are: llm, map, split, template, retrieve, input",
         "{f}:11:56: stages[fan].stage.weight: should be greater than 0, got -1",
+        "{f}:16:25: stages[seq].stages[0].kind: unknown stage kind 'inptu'\n"
+        "  hint: did you mean 'input'? its other keys were checked as input; "
+        "kinds are: llm, map, split, template, retrieve, input",
+        "{f}:16:54: stages[seq].stages[0].bogus: unknown key\n"
+        "  hint: keys here are: id, label, weight, when, needs, timeout, retries, kind, prompt, "
+        "schema, default",
     ],
     "duplicate_ids": [
         "{f}:5:9: stages[1].id: duplicate stage id 'draft' (first at line 2)\n"
