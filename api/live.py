@@ -175,6 +175,7 @@ class RunState:
     stages: dict[str, StageLine] = field(default_factory=dict)
     end: RunEnded | None = None
     waiting_input: str | None = None
+    waiting_path: tuple[str | int, ...] | None = None
 
     def apply(self, event: RunEvent) -> StageLine | None:
         """Fold one event in; returns the stage line it touched, if any."""
@@ -224,8 +225,14 @@ class RunState:
             source = event.source
             line.found.append((source.id, source.title or source.id, source.score))
         elif isinstance(event, InputRequired):
-            self.waiting_input = f"{path_label(path)}: {event.prompt}"
+            question = " ".join(event.prompt.split())
+            if len(question) > 100:
+                question = question[:99] + "…"
+            self.waiting_input = f"{path_label(path)}: {question}"
+            self.waiting_path = tuple(path)
         elif isinstance(event, StageEnded):
+            if self.waiting_path == tuple(path):
+                self.waiting_input = self.waiting_path = None
             if key:
                 line.items.pop(key, None)
             else:
