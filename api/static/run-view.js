@@ -59,6 +59,7 @@ export class RunView {
     this.following = true;
     this.followQueued = false;
     this.userScrollAt = -Infinity;
+    this.ownScrollY = null; // where the page's own last scroll put the window
     // What the reader does to scroll the page; a window scroll soon after one stops following
     // (the page's own scrolls come with none of these).
     const intent = () => {
@@ -77,7 +78,8 @@ export class RunView {
     addEventListener(
       "scroll",
       () => {
-        if (this.following && performance.now() - this.userScrollAt < 1000) this.#setFollowing(false);
+        if (!this.following || Math.abs(scrollY - this.ownScrollY) < 2) return; // our own scroll
+        if (performance.now() - this.userScrollAt < 1000) this.#setFollowing(false);
       },
       { passive: true },
     );
@@ -752,7 +754,10 @@ export class RunView {
     this.root.dataset.following = String(on);
     this.followEl.hidden = on;
     this.followEl.textContent = LIVE.includes(this.status) ? "Follow the run ↓" : "Show the result ↓";
-    if (on) this.#follow();
+    if (on) {
+      this.userScrollAt = -Infinity; // the click that asked for it is no scroll away
+      this.#follow();
+    }
   }
 
   #queueFollow() {
@@ -792,7 +797,10 @@ export class RunView {
     // the result is read from its start; a stage is only brought (wholly, if it fits) into view
     if (target === this.outputsEl || r.top < top || r.height > bottom - top) dy = r.top - top;
     else if (r.bottom > bottom) dy = r.bottom - bottom;
-    if (Math.abs(dy) >= 1) scrollBy({ top: dy, behavior: "instant" });
+    if (Math.abs(dy) >= 1) {
+      scrollBy({ top: dy, behavior: "instant" });
+      this.ownScrollY = scrollY;
+    }
   }
 
   async #cancel() {
