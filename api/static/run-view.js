@@ -640,6 +640,7 @@ export class RunView {
             a.title = card.querySelector(".source-title")?.textContent || c.source_id;
             a.addEventListener("click", (ev) => {
               ev.preventDefault();
+              if (LIVE.includes(this.status)) this.#setFollowing(false); // the reader looks back
               const details = card.closest("details");
               if (details) details.open = true;
               card.scrollIntoView({ block: "nearest", behavior: "smooth" });

@@ -286,6 +286,7 @@ def test_reload_mid_run_resumes_the_same_run(page: Any) -> None:
     assert page.locator('[data-stage="sections"] .source').count() == 4
     paths = page.locator("#run .stream").evaluate_all("s => s.map(x => x.dataset.path)")
     assert len(paths) == len(set(paths)), paths
+    assert page.evaluate(MEASURE)["firstOutputInView"]  # the reloaded page followed to the result
 
 
 def test_cancel_ends_the_run_cancelled(page: Any) -> None:
