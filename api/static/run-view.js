@@ -384,14 +384,18 @@ export class RunView {
         const closed = err.code === "not_waiting_input";
         send.disabled = closed;
         const fields = err.fields || {};
-        const whole = fields[""];
+        let message = err.message || "Could not send the answer.";
         if (form.single) {
-          showProblems(form, { answer: whole ?? firstValue(fields) ?? "" });
+          showProblems(form, { answer: fields[""] ?? firstValue(fields) ?? "" });
         } else {
-          const named = Object.fromEntries(Object.entries(fields).filter(([name]) => name));
-          showProblems(form, named);
+          // a problem at a field of the form goes there; the others (the answer as a whole, a
+          // nested field) are said next to the button
+          const at = Object.entries(fields).filter(([name]) => form.fields.has(name));
+          showProblems(form, Object.fromEntries(at));
+          const rest = Object.entries(fields).filter(([name]) => !form.fields.has(name));
+          if (rest.length) message += ` (${rest.map(([n, p]) => (n ? `${n}: ${p}` : p)).join("; ")})`;
         }
-        status.textContent = whole && !form.single ? `${err.message}: ${whole}` : err.message || "Could not send the answer.";
+        status.textContent = message;
         box.classList.toggle("is-closed", closed);
       }
     });
