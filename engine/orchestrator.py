@@ -337,6 +337,17 @@ class ChainRun:
         if not pending.future.done():
             pending.future.set_result(value)
 
+    def fail_input(self, stage: str, path: Path, message: str) -> None:
+        """End a pending input ``failed`` with ``message`` (type ``no_answer``): for a caller
+        that cannot answer (a script with no answer for it). Raises ``NotWaiting``."""
+        pending = self._pending.get(tuple(path))
+        if pending is None or pending.stage != stage:
+            raise NotWaiting(stage, list(path), self.pending_inputs)
+        del self._pending[tuple(path)]
+        self._waiting_changed()
+        if not pending.future.done():
+            pending.future.set_exception(StageError(message, type="no_answer"))
+
     def _waiting_changed(self) -> None:
         if self.status in ("running", "waiting_input"):
             self.status = "waiting_input" if self._pending else "running"
