@@ -96,7 +96,8 @@ export class RunView {
     this.sourceCards = new Map(); // "stage\u0000source id" -> its card
     this.sourceSerial = 0;
     this.citations = null; // the last llm stage-end citations, to link [n] in the result
-    this.items = new Map(); // path key -> item parts
+    this.items = new Map(); // "map/index" -> the item's parts
+    this.parts = new Map(); // path key of a stage inside a map item ("map/index/stage") -> its place
     this.inputs = new Map(); // path key -> input box
     this.progress = 0;
     this.runStartTs = null;
@@ -253,9 +254,16 @@ export class RunView {
       this.#stream(e, row);
     } else {
       const item = this.#item(e, row);
-      item.startTs = e.ts;
+      item.startTs ??= e.ts;
+      item.startSeq = e.seq ?? 0;
       setStatus(item.root, "running", item.statusEl);
       if (typeof e.total === "number" && row.total == null) this.#setCount(row, 0, e.total);
+      if (isPart(e)) {
+        const part = this.#part(e, item);
+        part.startTs = e.ts;
+        part.startSeq = e.seq ?? 0;
+        setStatus(part.root, "running", part.statusEl);
+      }
       this.#stream(e, row);
     }
   }
@@ -319,6 +327,7 @@ export class RunView {
     const row = this.#row(e);
     if (!row) return;
     this.#setCount(row, e.completed, e.total);
+    this.#settleItems(row, e, "succeeded");
   }
 
   #stageRetry(e) {
@@ -399,7 +408,9 @@ export class RunView {
         box.classList.toggle("is-closed", closed);
       }
     });
-    row.inputEl.append(box);
+    const place = this.#place(e, row);
+    place.inputEl.append(box); // in place: in the map item (and its stage) that asks
+    if (place.statusEl) place.statusEl.textContent = "Waiting for you";
     this.inputs.set(k, box);
     row.root.dataset.awaiting = "input";
     this.#setRunStatus("waiting_input");
@@ -419,12 +430,25 @@ export class RunView {
       if (row.plan.fan_out && row.total != null && e.status === "succeeded") {
         this.#setCount(row, row.total, row.total);
       }
+      if (row.plan.fan_out) this.#settleItems(row, e, e.status === "succeeded" ? "succeeded" : e.status, true);
       if (!row.plan.fan_out) this.#showOutput(e, row);
       if (Array.isArray(e.citations)) {
         this.citations = e.citations;
         const box = this.streams.get(key(e.path))?.box ?? row.bodyEl;
         this.#linkCitations(box, e.citations);
       }
+    } else if (isPart(e)) {
+      // a stage inside a map item that runs several: the item is done when the map says so
+      if (!this.parts.has(key(e.path)) && e.status === "skipped") return; // never started: no place
+      const item = this.#item(e, row);
+      const part = this.#part(e, item);
+      setStatus(part.root, e.status, part.statusEl);
+      part.timeEl.textContent = seconds(e.duration_ms);
+      part.usage = e.usage;
+      showUsage(part.usageEl, e.usage, e.kind ?? "llm");
+      showUsage(item.usageEl, sumUsage([...item.parts.values()].map((x) => x.usage)), "llm");
+      if (e.status === "failed" || e.status === "cancelled") setStatus(item.root, e.status, item.statusEl);
+      this.#showOutput(e, row);
     } else {
       const item = this.#item(e, row);
       setStatus(item.root, e.status, item.statusEl);
@@ -532,18 +556,20 @@ export class RunView {
   }
 
   #item(e, row) {
-    const k = key(e.path);
+    const k = key(e.path.slice(0, 2));
     let item = this.items.get(k);
     if (item) return item;
     const root = el("li", "item");
     root.dataset.path = k;
     const head = div("item-head");
     const name = el("span", "item-name");
-    const index = Number(e.path[e.path.length - 1]);
+    const index = Number(e.path[1]);
     name.textContent = `#${index + 1}`;
     head.append(name);
     // Named by its item (the value the map gave it), when the page has seen that value.
-    const full = describeItem(this.#mapItems(row, e.total)?.[index]);
+    const value = this.#mapItems(row, e.total)?.[index];
+    // a number that is only the item's position (a map over range(n)) names nothing
+    const full = typeof value === "number" && (value === index || value === index + 1) ? "" : describeItem(value);
     if (full) {
       const title = el("span", "item-title");
       title.textContent = full.length > ITEM_LABEL_MAX ? `${full.slice(0, ITEM_LABEL_MAX - 1)}…` : full;
@@ -557,8 +583,9 @@ export class RunView {
     const metaEl = div("item-meta");
     metaEl.append(statusEl, usageEl, timeEl);
     head.append(metaEl);
-    root.append(head);
-    item = { root, statusEl, timeEl, usageEl, index, startTs: null, durationMs: null, startSeq: e.seq ?? 0 };
+    const inputEl = div("stage-input");
+    root.append(head, inputEl);
+    item = { root, statusEl, timeEl, usageEl, inputEl, index, parts: new Map(), startTs: null, durationMs: null, startSeq: e.seq ?? 0 };
     setStatus(root, "waiting", statusEl);
     // keep items in index order even when they start out of order
     const after = [...row.itemsEl.children].find((c) => Number(c.dataset.index) > index);
@@ -566,6 +593,59 @@ export class RunView {
     row.itemsEl.insertBefore(root, after || null);
     this.items.set(k, item);
     return item;
+  }
+
+  /** The place of a stage inside a map item that runs several stages: a labelled part. */
+  #part(e, item) {
+    const k = key(e.path);
+    let part = this.parts.get(k);
+    if (part) return part;
+    const root = div("part");
+    root.dataset.path = k;
+    root.dataset.stagePart = String(e.path.slice(2).join("/"));
+    const head = div("part-head");
+    const label = el("span", "part-label");
+    label.textContent = e.label || String(e.path[e.path.length - 1]);
+    const statusEl = el("span", "part-status");
+    const usageEl = el("span", "item-usage");
+    const timeEl = el("span", "item-time");
+    const metaEl = div("item-meta");
+    metaEl.append(statusEl, usageEl, timeEl);
+    head.append(label, metaEl);
+    const inputEl = div("stage-input");
+    const bodyEl = div("part-body");
+    root.append(head, inputEl, bodyEl);
+    item.root.append(root);
+    part = { root, statusEl, usageEl, timeEl, inputEl, bodyEl, startTs: null, startSeq: e.seq ?? 0, usage: null };
+    setStatus(root, "waiting", statusEl);
+    item.parts.set(k, part);
+    this.parts.set(k, part);
+    return part;
+  }
+
+  /** Where a path's text, output and questions go: the stage, its map item, or a part of it. */
+  #place(e, row) {
+    if (isTop(e)) return row;
+    const item = this.#item(e, row);
+    if (!isPart(e)) return { bodyEl: item.root, inputEl: item.inputEl };
+    return this.#part(e, item);
+  }
+
+  /**
+   * Items of a map whose stages (several per item) all ended well are done; at the map's end
+   * (`final`) every item still open takes the map's status.
+   */
+  #settleItems(row, e, status, final = false) {
+    for (const item of this.items.values()) {
+      if (item.root.parentElement !== row.itemsEl || !item.parts.size) continue;
+      const state = item.root.dataset.status;
+      if (state !== "running" && state !== "waiting") continue;
+      const open = [...item.parts.values()].some((p) => ["running", "waiting"].includes(p.root.dataset.status));
+      if (open && !final) continue;
+      if (this.inputs.size && [...this.inputs.keys()].some((k) => k.startsWith(`${item.root.dataset.path}/`))) continue;
+      setStatus(item.root, final ? status : "succeeded", item.statusEl);
+      if (item.startTs && typeof e.ts === "number") item.timeEl.textContent = seconds(e.ts - item.startTs);
+    }
   }
 
   #stream(e, row) {
@@ -578,8 +658,7 @@ export class RunView {
     const node = document.createTextNode("");
     box.append(node);
     stream = { box, node, attempt: e.attempt ?? 1 };
-    if (isTop(e)) row.bodyEl.append(box);
-    else this.#item(e, row).root.append(box);
+    this.#place(e, row).bodyEl.append(box);
     this.streams.set(k, stream);
     return stream;
   }
@@ -601,7 +680,7 @@ export class RunView {
     if (!box) {
       box = div("stream");
       box.dataset.path = k;
-      (isTop(e) ? row.bodyEl : this.#item(e, row).root).append(box);
+      this.#place(e, row).bodyEl.append(box);
     }
     box.classList.remove("is-empty");
     box.classList.add("is-final");
@@ -720,7 +799,8 @@ export class RunView {
       this.inputs.delete(k);
       this.deadlines.delete(k);
       const row = this.stages.get(e.stage);
-      if (row && !row.inputEl.children.length) delete row.root.dataset.awaiting;
+      const asking = [...this.inputs.keys()].some((other) => other.split("/")[0] === e.stage);
+      if (row && !asking) delete row.root.dataset.awaiting;
     }
     if (this.status === "waiting_input" && this.inputs.size === 0) this.#setRunStatus("running");
   }
@@ -733,6 +813,9 @@ export class RunView {
     }
     for (const item of this.items.values()) {
       if (item.root.dataset.status === "running" && item.startTs) item.timeEl.textContent = seconds(now - item.startTs);
+    }
+    for (const part of this.parts.values()) {
+      if (part.root.dataset.status === "running" && part.startTs) part.timeEl.textContent = seconds(now - part.startTs);
     }
     for (const d of this.deadlines.values()) this.#showDeadline(d, now);
   }
@@ -788,7 +871,11 @@ export class RunView {
     // a map: the whole stage when it fits, else its first running item
     const room = innerHeight - this.barWrap.offsetHeight - 24;
     if (row.root.offsetHeight <= room) return row.root;
-    return row.itemsEl.querySelector('.item[data-status="running"]') || row.root;
+    const item = row.itemsEl.querySelector('.item[data-status="running"]');
+    if (!item) return row.root;
+    if (item.offsetHeight <= room) return item;
+    const parts = [...item.querySelectorAll(':scope > .part[data-status="running"]')];
+    return parts.at(-1) || item;
   }
 
   #follow() {
@@ -957,6 +1044,20 @@ function usageText(usage, kind) {
   return parts.join(" · ");
 }
 
+/** The usage of several stages: counts added up, unknown when any part is unknown. */
+function sumUsage(usages) {
+  const known = usages.filter((u) => u && typeof u === "object" && "input_tokens" in u);
+  if (!known.length) return null;
+  const total = { input_tokens: 0, output_tokens: 0, cost: null };
+  for (const u of known) {
+    for (const name of ["input_tokens", "output_tokens"]) {
+      total[name] = u[name] == null || total[name] == null ? null : total[name] + u[name];
+    }
+    if (typeof u.cost === "number") total.cost = (total.cost ?? 0) + u.cost;
+  }
+  return total;
+}
+
 function showUsage(node, usage, kind) {
   const text = usageText(usage, kind);
   node.textContent = text;
@@ -1037,6 +1138,11 @@ function key(path) {
 
 function isTop(e) {
   return !Array.isArray(e.path) || e.path.length <= 1;
+}
+
+/** A stage inside a map item that runs several stages: `["interview", 0, "question"]`. */
+function isPart(e) {
+  return Array.isArray(e.path) && e.path.length > 2;
 }
 
 function firstValue(obj) {

@@ -230,30 +230,49 @@ def test_an_unmatched_citation_is_marked_not_linked(page: Any) -> None:
     ]
 
 
-def test_mock_interview_streams_and_finishes_at_phone_width(page: Any, artifacts: Path) -> None:
+def test_mock_interview_with_answers_given_streams_and_finishes_at_phone_width(
+    page: Any, artifacts: Path
+) -> None:
     page.set_viewport_size({"width": 390, "height": 844})
     open_page(page)
     choose_chain(page, "mock_interview", "job_posting")
-    example = json.loads((EXAMPLES / "mock_interview.json").read_text(encoding="utf-8"))
+    # The answers come with the inputs (a batch run): the interview asks nothing.
+    example = json.loads((EXAMPLES / "mock_interview.batch.json").read_text(encoding="utf-8"))
     page.fill("[name=job_posting]", example["job_posting"])
     page.fill("[name=resume]", example["resume"])
-    page.fill("[name=num_questions]", "3")
+    page.fill("[name=answers]", json.dumps(example["answers"]))
     start(page, "fast")
 
     page.wait_for_selector(RUNNING_WITH_TEXT)
     wait_run_status(page, "succeeded")
     assert_all_succeeded(page)
 
-    guides = page.locator('[data-stage="answer_guides"]')
-    assert guides.locator(".stage-count").inner_text() == "3 / 3"
-    assert guides.locator(".item pre.json").count() == 3
-    questions = json.loads(str(page.locator('[data-stage="questions"] pre.json').text_content()))
-    assert isinstance(questions, list) and questions
-    # Each answer guide is named by its question.
-    titles = guides.locator(".item-title").evaluate_all("ts => ts.map(t => t.title)")
-    assert titles == [q["question"] for q in questions[:3]], titles
-    # The brief (Markdown from the model) is rendered as DOM, not as markup text.
-    assert page.locator('#run .outputs [data-output="brief"]').inner_text().strip()
+    interview = page.locator('[data-stage="interview"]')
+    assert interview.locator(".stage-count").inner_text() == "3 / 3"
+    items = interview.locator(".item")
+    # A map over range(n) names its items by number only; each item shows its stages as parts
+    # (the answer stage, skipped with the answers given, has none).
+    assert items.evaluate_all("is => is.map(i => [i.dataset.path, i.dataset.status])") == [
+        [f"interview/{i}", "succeeded"] for i in range(3)
+    ]
+    assert items.locator(".item-name").all_inner_texts() == ["#1", "#2", "#3"]
+    assert items.locator(".item-title").count() == 0
+    parts = items.first.locator(".part").evaluate_all(
+        "ps => ps.map(p => [p.dataset.stagePart, p.querySelector('.part-label').textContent,"
+        " p.dataset.status])"
+    )
+    assert parts == [
+        ["question", "Question", "succeeded"],
+        ["evaluation", "Evaluating the answer", "succeeded"],
+    ]
+    evaluation = items.first.locator('.part[data-stage-part="evaluation"]')
+    assert evaluation.locator(".json-object > dt").first.inner_text() == "Strong"
+    assert json.loads(str(evaluation.locator("pre.json").text_content()))["scores"]
+    assert re.fullmatch(
+        r"[\d,]+ in · [\d,]+ out", items.first.locator(".item-usage").first.inner_text()
+    )
+    # The report (Markdown from the model) is rendered as DOM, not as markup text.
+    assert page.locator('#run .outputs [data-output="report"]').inner_text().strip()
     # Nothing is wider than the phone screen.
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, width
@@ -823,4 +842,37 @@ def test_answers_post_stage_path_value_and_refusals_show_at_their_field(page: An
     assert posted[2:] == [
         {"stage": "ask", "path": ["ask"], "value": "no"},
         {"stage": "ask", "path": ["ask"], "value": "because"},
+    ]
+
+
+LONG_TOPIC = "How the ledger reconciles every payment provider's settlement files at night"
+LABEL_PLAN = [
+    {"stage": "topics", "label": "Topics", "kind": "llm", "needs": [], "weight": 1,
+     "fan_out": False},
+    {"stage": "each", "label": "Each", "kind": "map", "needs": ["topics"], "weight": 1,
+     "fan_out": True},
+]  # fmt: skip
+LABEL_EVENTS = [
+    _ev(1, "run-start", chain={"id": "l", "title": "L", "version": 1}, plan=LABEL_PLAN, model="m"),
+    _ev(2, "stage-start", ["topics"], label="Topics", kind="llm"),
+    _end(3, "topics", {}, output=[f"## {LONG_TOPIC}\n\nbody", {"id": 7, "title": "Refunds"}, 42,
+                                  {"n": 1}]),
+    _ev(4, "stage-start", ["each"], label="Each", kind="map"),
+    *[_ev(5 + i, "stage-start", ["each", i], label="Each", kind="llm", index=i, total=4)
+      for i in range(4)],
+]  # fmt: skip
+
+
+def test_map_items_are_named_by_their_item_within_bounds(page: Any) -> None:
+    root = _synthetic(page, LABEL_EVENTS)
+    heads = root.locator('[data-stage="each"] .item-head').evaluate_all(
+        "hs => hs.map(h => [h.querySelector('.item-name').textContent,"
+        " h.querySelector('.item-title')?.textContent ?? null,"
+        " h.querySelector('.item-title')?.title ?? null])"
+    )
+    assert heads == [
+        ["#1", LONG_TOPIC[:59] + "…", LONG_TOPIC],  # the first heading, at most 60 characters
+        ["#2", "Refunds", "Refunds"],  # a title-like field
+        ["#3", "42", "42"],  # a value
+        ["#4", None, None],  # nothing to name it by: its number only
     ]
