@@ -752,6 +752,9 @@ class ChainRun:
         key = tuple(unit.path)
         self._pending[key] = pending
         self._waiting_changed()
+        state = self._state(unit)
+        if state is not None:
+            state.status = "waiting_input"
         try:
             self._emit(
                 InputRequired,
@@ -782,6 +785,8 @@ class ChainRun:
             if self._pending.get(key) is pending:
                 del self._pending[key]
             self._waiting_changed()
+            if state is not None:
+                state.status = "running"
 
     def _emit_sources(self, unit: _Unit, attempt: int, sources: Iterable[Source]) -> None:
         """One ``source`` event per source, tagged with the stage and path that found it."""
