@@ -876,3 +876,56 @@ def test_map_items_are_named_by_their_item_within_bounds(page: Any) -> None:
         ["#3", "42", "42"],  # a value
         ["#4", None, None],  # nothing to name it by: its number only
     ]
+
+
+@pytest.mark.parametrize("size", ["desktop", "phone"])
+def test_an_interview_is_held_end_to_end_on_the_demo_page(
+    page: Any, server_url: str, artifacts: Path, size: str
+) -> None:
+    """The real interactive mock_interview on the offline model: each question streams, the
+    form appears in place, a refused answer is shown at its field, typed answers continue the
+    run, and the report comes at the end."""
+    width, height = (1280, 800) if size == "desktop" else (390, 844)
+    page.set_viewport_size({"width": width, "height": height})
+    open_page(page)
+    choose_chain(page, "mock_interview", "job_posting")
+    example = json.loads((EXAMPLES / "mock_interview.json").read_text(encoding="utf-8"))
+    page.fill("[name=job_posting]", example["job_posting"])
+    page.fill("[name=num_questions]", "2")
+    run_id = start(page, "fast")
+    interview = page.locator('[data-stage="interview"]')
+    typed = ["I rebuilt our checkout around idempotency keys.", "I led the incident review."]
+    for turn, answer in enumerate(typed):
+        box = interview.locator(f'form.input-box[data-path="interview/{turn}/answer"]')
+        box.wait_for(state="visible", timeout=30_000)
+        wait_run_status(page, "waiting_input")
+        # the form asks the question that just streamed, in the item that asks, in view
+        question = interview.locator(
+            f'.item[data-path="interview/{turn}"] .part[data-stage-part="question"] .stream'
+        )
+        assert box.locator(".input-prompt").inner_text().strip() == question.inner_text().strip()
+        top = box.evaluate("b => b.getBoundingClientRect().top")
+        assert 0 <= top < height, top
+        status = json.loads(page.evaluate(f"fetch('/v1/runs/{run_id}').then(r => r.text())"))
+        assert status["status"] == "waiting_input"
+        assert status["pending_input"][0]["path"] == ["interview", turn, "answer"]
+        field = box.locator("textarea[name=answer]")
+        if turn == 0:  # an empty answer: refused in the page, nothing is sent
+            box.locator("button[type=submit]").click()
+            assert box.locator('[data-field="answer"] .field-problem').inner_text() == "required"
+        field.fill(answer)
+        box.locator("button[type=submit]").click()
+        page.wait_for_selector(
+            f'.item[data-path="interview/{turn}"] .part[data-stage-part="evaluation"]'
+            '[data-status="succeeded"]',
+            timeout=30_000,
+        )
+    wait_run_status(page, "succeeded")
+    assert interview.locator("form.input-box").count() == 0
+    status = json.loads(page.evaluate(f"fetch('/v1/runs/{run_id}').then(r => r.text())"))
+    assert [turn["answer"] for turn in status["outputs"]["transcript"]] == typed
+    assert status["pending_input"] == []
+    assert page.locator('#run .outputs [data-output="report"]').inner_text().strip()
+    assert "Technical depth" in page.locator('#run .outputs [data-output="scorecard"]').inner_text()
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    page.screenshot(path=str(artifacts / f"interview-{size}.png"), full_page=True)
