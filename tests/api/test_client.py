@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -51,3 +53,24 @@ def test_a_4xx_is_an_error_at_once_and_endless_5xx_gives_up() -> None:
     with pytest.raises(StreamLost, match=r"the server answered 502 \(after event 0\)"):
         list(client.events("r"))
     assert len(seen) == 3
+
+
+def test_unknown_usage_reaches_a_client_as_none_and_the_status_as_null(serve: Any) -> None:
+    # the test server's scripted models stream no usage, like a local server that reports none
+    url = serve()
+    with Client(url) as client:
+        handle = client.start_run("parallel", {"things": ["a", "b"]})
+        events = list(client.events(handle.run_id))
+        status = client.status(handle.run_id)
+    ends = {(e.stage, len(e.path or [])): e for e in events if e.type == "stage-end"}
+    assert (ends[("intro", 1)].usage.input_tokens, ends[("intro", 1)].usage.output_tokens) == (
+        0,
+        0,
+    )  # a template calls no model: known to be zero
+    item = ends[("pieces", 2)].usage
+    assert (item.input_tokens, item.output_tokens, item.cost) == (None, None, None)
+    assert ends[("pieces", 1)].usage.input_tokens is None  # the map's sum over its items
+    end = events[-1]
+    assert isinstance(end, RunEnded) and end.status == "succeeded"
+    assert end.usage.input_tokens is None and end.usage.output_tokens is None
+    assert status["usage"] == {"input_tokens": None, "output_tokens": None, "cost": None}

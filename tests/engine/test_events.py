@@ -119,6 +119,16 @@ def test_schema_accepts_real_events_and_rejects_missing_fields() -> None:
     assert (usage.input_tokens, usage.output_tokens, usage.cost) == (3, 2, 0.5)
 
 
+def test_an_unknown_count_makes_the_total_unknown_and_its_cost_too() -> None:
+    total = Usage()
+    total.add(Usage(input_tokens=3, output_tokens=2, cost=0.5))
+    total.add(Usage(input_tokens=None, output_tokens=4))
+    assert (total.input_tokens, total.output_tokens, total.cost) == (None, 6, None)
+    total.add(Usage(input_tokens=1, output_tokens=1, cost=0.25))  # stays unknown
+    assert (total.input_tokens, total.output_tokens, total.cost) == (None, 7, None)
+    assert not total.known and Usage().known
+
+
 def test_engine_imports_no_web_stack() -> None:
     # every engine module, imported for real: none may pull in the web stack or stagecast.api
     probe = (
