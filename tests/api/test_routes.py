@@ -307,6 +307,21 @@ def test_cors_allows_every_origin_by_default(client: TestClient) -> None:
     assert "Location" in simple.headers["access-control-expose-headers"]
 
 
+def test_an_event_stream_to_another_origin_has_the_cors_headers_and_every_event(
+    client: TestClient,
+) -> None:
+    # the stream's body bypasses the middleware's send wrappers (DIRECT_SEND); its start must not
+    origin = {"Origin": "http://example.test"}
+    created = client.post("/v1/runs", json={"chain": "parallel", "inputs": THINGS}, headers=origin)
+    response = client.get(created.json()["events_url"], headers=origin)
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert "X-Stagecast-Run-Id".lower() in response.headers["access-control-expose-headers"].lower()
+    events = events_of(response.text)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert (events[0]["type"], events[-1]["type"]) == ("run-start", "run-end")
+    assert events[-1]["status"] == "succeeded"
+
+
 def test_models_route_lists_entries_and_says_which_are_usable(client: TestClient) -> None:
     response = client.get("/v1/models")
     assert response.status_code == 200
