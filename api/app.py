@@ -34,7 +34,7 @@ from stagecast.engine.model_config import load_models_config
 from stagecast.engine.providers import ModelRegistry
 from stagecast.engine.resources import chain_dirs
 
-__all__ = ["BodyLimitMiddleware", "create_app"]
+__all__ = ["BodyLimitMiddleware", "create_app", "make_event_log"]
 
 API_VERSION = "1.1"
 SWEEP_SECONDS = 30.0
@@ -134,6 +134,19 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+def make_event_log(settings: ServerSettings) -> EventLog:
+    """The event log ``settings.event_log`` names: in memory, or on Redis Streams."""
+    if settings.event_log == "memory":
+        return InMemoryEventLog(
+            max_events=settings.max_events_per_run, ttl=settings.finished_run_ttl
+        )
+    from stagecast.api.redislog import RedisEventLog  # redis is only imported when configured
+
+    return RedisEventLog(
+        settings.event_log, max_events=settings.max_events_per_run, ttl=settings.finished_run_ttl
+    )
+
+
 def create_app(
     settings: ServerSettings | None = None,
     *,
@@ -145,16 +158,15 @@ def create_app(
     Args:
         settings: server settings (``api.settings.load_settings()`` reads the config and env).
         models: a ModelRegistry, or chat models by name added to the configured ones.
-        event_log: where events live; an ``InMemoryEventLog`` sized by the settings by default.
+        event_log: where events live; by default the one ``settings.event_log`` names
+            (``make_event_log``), sized by the settings.
     """
     settings = settings or ServerSettings()
     if isinstance(models, ModelRegistry):
         registry = models
     else:
         registry = ModelRegistry(load_models_config(settings.models_file), overrides=models)
-    log = event_log or InMemoryEventLog(
-        max_events=settings.max_events_per_run, ttl=settings.finished_run_ttl
-    )
+    log = event_log or make_event_log(settings)
     metrics = Metrics()
     manager = RunManager(settings, log, registry, metrics)
     catalog = ChainCatalog(settings.chains_dir if settings.chains_dir is not None else chain_dirs())
@@ -187,6 +199,7 @@ def create_app(
             sweeper.cancel()
             watcher.cancel()
             await manager.shutdown(settings.shutdown_timeout)
+            await log.aclose()  # after the last run-end: a shared log sends what it buffered
             await registry.aclose()  # the models' HTTP connections, in the loop that opened them
 
     app = FastAPI(

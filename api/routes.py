@@ -16,7 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stagecast.api.catalog import ChainCatalog, ChainEntry, plan_of
 from stagecast.api.errors import ApiError, ErrorResponse
-from stagecast.api.eventlog import CursorError, EventLog, EventsExpired, UnknownRun
+from stagecast.api.eventlog import (
+    CursorError,
+    EventLog,
+    EventLogUnavailable,
+    EventsExpired,
+    UnknownRun,
+)
 from stagecast.api.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from stagecast.api.runs import (
     IdempotencyConflict,
@@ -103,6 +109,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "Invalid request or inputs; `details.fields` maps each field path to its problem.",
         429: "Too many runs are running; retry after `Retry-After` seconds.",
         500: "The chain file is broken, or an internal error.",
+        503: "The shared event log (Redis) is unreachable; retry after `Retry-After` seconds.",
     }
     return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
 
@@ -274,10 +281,23 @@ def _cursor(raw: str | None, where: str) -> int | None:
     return int(text)
 
 
-def _stream(state: AppState, managed: ManagedRun, after: int, headers: dict[str, str]) -> Response:
-    run_id = managed.run_id
+async def _stream(
+    state: AppState,
+    managed: ManagedRun | None,
+    after: int,
+    headers: dict[str, str],
+    run_id: str | None = None,
+) -> Response:
+    """The event stream of a run after the cursor. ``managed`` is None for a run that another
+    process of the deployment executes (a shared event log): it is streamed from the log."""
+    run_id = managed.run_id if managed is not None else run_id
+    assert run_id is not None
     try:
-        info = state.log.check_cursor(run_id, after)
+        info = await state.log.acheck_cursor(run_id, after)
+    except EventLogUnavailable as exc:
+        raise ApiError(
+            503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"}
+        ) from None
     except UnknownRun as exc:
         raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
     except CursorError as exc:
@@ -292,13 +312,16 @@ def _stream(state: AppState, managed: ManagedRun, after: int, headers: dict[str,
         # Nothing more will come. 204 is what makes an EventSource stop reconnecting.
         return Response(status_code=204, headers=headers)
     manager = state.manager
-    manager.attach(run_id)
+    on_close = None
+    if managed is not None:
+        manager.attach(run_id)
+        on_close = lambda disconnected: manager.detach(managed, disconnected)  # noqa: E731
     return EventStreamResponse(
         state.log.follow_frames(run_id, after, heartbeat=state.settings.ping_interval),
         retry_ms=state.settings.retry_ms,
         headers=headers,
         on_sent=state.metrics.count_sent,
-        on_close=lambda disconnected: manager.detach(managed, disconnected),
+        on_close=on_close,
         watch=state.stall_watch,
     )
 
@@ -409,7 +432,7 @@ async def create_run(
                 {"fields": {"Idempotency-Key": str(exc)}, "run_id": exc.run_id},
             ) from None
         if known is not None:
-            return _replayed(state, request, known, stream, last_event_id)
+            return await _replayed(state, request, known, stream, last_event_id)
     chain = _loaded(_find_chain(state, body.chain))
     on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
     try:
@@ -435,9 +458,11 @@ async def create_run(
         ) from None
     run_id = managed.run_id
     urls = _urls(request, run_id)
+    # a shared log: the run is visible to every process before its id is (bounded wait)
+    await state.log.flush(timeout=2.0)
     if stream:
         headers = {"Content-Location": urls["events_url"], "X-Stagecast-Run-Id": run_id}
-        return _stream(state, managed, 0, headers)
+        return await _stream(state, managed, 0, headers)
     return JSONResponse(
         {"run_id": run_id, "status": managed.status, **urls},
         status_code=201,
@@ -445,7 +470,7 @@ async def create_run(
     )
 
 
-def _replayed(
+async def _replayed(
     state: AppState, request: Request, managed: ManagedRun, stream: bool, last_event_id: str | None
 ) -> Response:
     """The answer to a retried create: the same run, streamed after the cursor or as JSON."""
@@ -457,7 +482,7 @@ def _replayed(
             "X-Stagecast-Run-Id": run_id,
             "Idempotent-Replayed": "true",
         }
-        return _stream(state, managed, _cursor(last_event_id, "Last-Event-ID") or 0, headers)
+        return await _stream(state, managed, _cursor(last_event_id, "Last-Event-ID") or 0, headers)
     return JSONResponse(
         {"run_id": run_id, "status": managed.status, **urls},
         status_code=200,
@@ -473,7 +498,7 @@ def _replayed(
     responses={
         200: {"description": "The event stream.", "content": _SSE_CONTENT},
         204: {"description": "The run is finished and the cursor is at its last event."},
-        **_errors(400, 401, 404, 410),
+        **_errors(400, 401, 404, 410, 503),
     },
     description="Resume with the `Last-Event-ID` header (EventSource sends it by itself) or "
     "`?after=N`; the header wins when both are given. " + _SSE_DOC,
@@ -487,11 +512,25 @@ async def run_events(
     last_event_id: str | None = Header(None, description="Set by EventSource on reconnect."),
 ) -> Response:
     state = state_of(request)
-    managed = _managed(state, run_id)  # an unknown run is a 404 whatever the cursor
+    try:
+        managed: ManagedRun | None = state.manager.get(run_id)
+    except RunNotFound:
+        managed = None  # another process's run, if the shared log has it (else 404 below)
     cursor = _cursor(last_event_id, "Last-Event-ID")
     if cursor is None:
         cursor = _cursor(after, "after")
-    return _stream(state, managed, cursor or 0, {})
+    if managed is None:
+        try:
+            await state.log.ainfo(run_id)  # an unknown run is a 404 whatever the cursor
+        except UnknownRun:
+            raise ApiError(
+                404, "unknown_run", str(RunNotFound(run_id)), {"run_id": run_id}
+            ) from None
+        except EventLogUnavailable as exc:
+            raise ApiError(
+                503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"}
+            ) from None
+    return await _stream(state, managed, cursor or 0, {}, run_id)
 
 
 @v1.get(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stagecast.engine.resources import SHIPPED_CONFIGS, config_file
 from stagecast.engine.templates import DEFAULT_LIMITS, RenderLimits
@@ -110,6 +110,23 @@ class ServerSettings(BaseModel):
     models_file: Path | None = Field(
         None, description="configs/models.yaml by default (the engine's built-ins if absent)."
     )
+    event_log: str = Field(
+        "memory",
+        description="Where run events live: `memory` (this process only, the embedded default) "
+        "or a Redis URL (`redis://host:6379/0`, `rediss://` for TLS, `unix:///path`): one "
+        "Redis Stream per run, readable by every process of the deployment.",
+    )
+
+    @field_validator("event_log")
+    @classmethod
+    def _event_log_kind(cls, value: str) -> str:
+        value = value.strip()
+        if value == "memory" or value.startswith(("redis://", "rediss://", "unix://")):
+            return value
+        raise ValueError(
+            f"{value[:60]!r} is not an event log: expected `memory` or a Redis URL "
+            "(redis://host:6379/0, rediss://..., unix:///path/to/redis.sock)"
+        )
 
     def render_limits(self) -> RenderLimits:
         """The template limits every run of this server gets."""
