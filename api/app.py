@@ -171,6 +171,13 @@ def create_app(
     manager = RunManager(settings, log, registry, metrics)
     catalog = ChainCatalog(settings.chains_dir if settings.chains_dir is not None else chain_dirs())
     state = AppState(settings, log, manager, catalog, metrics)
+    cluster = None
+    if settings.event_log != "memory":
+        from stagecast.api.cluster import Cluster
+
+        cluster = state.cluster = Cluster(
+            settings.event_log, settings, manager, catalog, work=settings.work_runs
+        )
     metrics.add_gauge("stagecast_runs_active", "Runs executing now.", lambda: manager.active)
     metrics.add_gauge(
         "stagecast_runs_kept", "Runs kept (running or within their TTL).", lambda: len(manager)
@@ -193,12 +200,18 @@ def create_app(
 
         sweeper = asyncio.get_running_loop().create_task(sweep())
         watcher = asyncio.get_running_loop().create_task(watch_stalls())
+        if cluster is not None:
+            await cluster.start()
         try:
             yield
         finally:
             sweeper.cancel()
             watcher.cancel()
+            if cluster is not None:
+                await cluster.stop_taking()
             await manager.shutdown(settings.shutdown_timeout)
+            if cluster is not None:
+                await cluster.aclose()
             await log.aclose()  # after the last run-end: a shared log sends what it buffered
             await registry.aclose()  # the models' HTTP connections, in the loop that opened them
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -38,6 +39,9 @@ from stagecast.engine.events import RunStatus, events_json_schema
 from stagecast.engine.inputs import inputs_json_schema
 from stagecast.engine.providers import describe_models
 
+if TYPE_CHECKING:
+    from stagecast.api.cluster import Cluster
+
 __all__ = ["AppState", "router"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -57,6 +61,8 @@ class AppState:
     ) -> None:
         self.settings, self.log, self.manager = settings, log, manager
         self.catalog, self.metrics = catalog, metrics
+        self.cluster: Cluster | None = None
+        """With a Redis event log: the deployment's queue and registry (``api.cluster``)."""
         self._event_schema: dict[str, Any] | None = None
         self.stall_watch = StallWatch(settings.viewer_send_timeout, metrics.count_dropped)
 
@@ -313,7 +319,14 @@ async def _stream(
         return Response(status_code=204, headers=headers)
     manager = state.manager
     on_close = None
-    if managed is not None:
+    cluster = state.cluster
+    if cluster is not None:  # viewers are counted in the registry, across the deployment
+        await cluster.attach(run_id)
+        loop = asyncio.get_running_loop()
+        on_close = lambda disconnected: _spawn(  # noqa: E731
+            loop, cluster.detach(run_id, disconnected)
+        )
+    elif managed is not None:
         manager.attach(run_id)
         on_close = lambda disconnected: manager.detach(managed, disconnected)  # noqa: E731
     return EventStreamResponse(
@@ -324,6 +337,16 @@ async def _stream(
         on_close=on_close,
         watch=state.stall_watch,
     )
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _spawn(loop: asyncio.AbstractEventLoop, job: Any) -> None:
+    """Run ``job`` in the background, kept referenced until it is done."""
+    task = loop.create_task(job)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 _SSE_DOC = (
@@ -421,6 +444,8 @@ async def create_run(
 ) -> Response:
     state = state_of(request)
     idempotency = _idempotency(idempotency_key, body)
+    if state.cluster is not None:
+        return await _create_queued(state, request, body, stream, idempotency, last_event_id)
     if idempotency is not None:
         try:
             known = state.manager.find_idempotent(*idempotency)
@@ -470,6 +495,60 @@ async def create_run(
     )
 
 
+async def _create_queued(
+    state: AppState,
+    request: Request,
+    body: RunRequest,
+    stream: bool,
+    idempotency: tuple[str, str] | None,
+    last_event_id: str | None,
+) -> Response:
+    """``POST /v1/runs`` of a deployment on Redis: checked here, queued for any worker."""
+    assert state.cluster is not None
+    chain = _loaded(_find_chain(state, body.chain))
+    on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
+    try:
+        run_id, replayed = await state.cluster.submit(
+            chain,
+            body.inputs,
+            model=body.model,
+            on_disconnect=on_disconnect,
+            coalesce_ms=body.coalesce_ms,
+            idempotency=idempotency,
+        )
+    except InputError as exc:
+        fields = {f"inputs.{name}": problem for name, problem in exc.errors.items()}
+        raise ApiError(
+            422, "invalid_inputs", f"the inputs are invalid: {exc}", {"fields": fields}
+        ) from None
+    except ModelConfigError as exc:
+        field = "model" if body.model is not None else "chain"
+        raise ApiError(422, "invalid_model", str(exc), {"fields": {field: str(exc)}}) from None
+    except RunLimitError as exc:
+        raise ApiError(
+            429, "too_many_runs", str(exc), {"limit": exc.limit}, headers={"Retry-After": "1"}
+        ) from None
+    except IdempotencyConflict as exc:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            str(exc),
+            {"fields": {"Idempotency-Key": str(exc)}, "run_id": exc.run_id},
+        ) from None
+    urls = _urls(request, run_id)
+    extra = {"Idempotent-Replayed": "true"} if replayed else {}
+    if stream:
+        headers = {"Content-Location": urls["events_url"], "X-Stagecast-Run-Id": run_id, **extra}
+        after = _cursor(last_event_id, "Last-Event-ID") or 0 if replayed else 0
+        return await _stream(state, None, after, headers, run_id)
+    status = (await state.cluster.status(run_id))["status"] if replayed else "pending"
+    return JSONResponse(
+        {"run_id": run_id, "status": status, **urls},
+        status_code=200 if replayed else 201,
+        headers={"Location": urls["status_url"], **extra},
+    )
+
+
 async def _replayed(
     state: AppState, request: Request, managed: ManagedRun, stream: bool, last_event_id: str | None
 ) -> Response:
@@ -513,6 +592,8 @@ async def run_events(
 ) -> Response:
     state = state_of(request)
     try:
+        if state.cluster is not None:
+            raise RunNotFound(run_id)  # a deployment: every stream comes from the shared log
         managed: ManagedRun | None = state.manager.get(run_id)
     except RunNotFound:
         managed = None  # another process's run, if the shared log has it (else 404 below)
@@ -541,6 +622,11 @@ async def run_events(
 )
 async def run_status(run_id: str, request: Request) -> dict[str, Any]:
     state = state_of(request)
+    if state.cluster is not None:
+        try:
+            return await state.cluster.status(run_id)
+        except RunNotFound as exc:
+            raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
     _managed(state, run_id)
     return state.manager.status(run_id)
 
@@ -554,6 +640,11 @@ async def run_status(run_id: str, request: Request) -> dict[str, Any]:
 )
 async def cancel_run(run_id: str, request: Request) -> dict[str, Any]:
     state = state_of(request)
+    if state.cluster is not None:
+        try:
+            return {"run_id": run_id, "status": await state.cluster.cancel(run_id)}
+        except RunNotFound as exc:
+            raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
     _managed(state, run_id)
     managed = state.manager.cancel(run_id)
     return {"run_id": run_id, "status": managed.status}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -127,6 +127,8 @@ class RunManager:
         self.clock = clock
         self._runs: dict[str, ManagedRun] = {}
         self._keys: dict[str, tuple[str, str]] = {}  # Idempotency-Key -> (fingerprint, run_id)
+        self.on_finished: list[Callable[[ManagedRun], None]] = []
+        """Called when a run has ended (its run-end is in the log): the cluster's registry."""
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -165,14 +167,18 @@ class RunManager:
         on_disconnect: OnDisconnect = "continue",
         coalesce_ms: float | None = None,
         idempotency: tuple[str, str] | None = None,
+        run_id: str | None = None,
+        admitted: bool = False,
     ) -> ManagedRun:
         """Check and start a run. Raises InputError, ModelConfigError or RunLimitError.
 
         ``coalesce_ms`` overrides the server's ``coalesce_ms`` setting for this run;
         ``idempotency`` is ``(key, fingerprint of the request)`` (see ``find_idempotent``).
+        A worker of a deployment (``api.cluster``) passes the ``run_id`` the queue gave and
+        ``admitted`` (the deployment-wide limit was checked when the run was queued).
         """
         self.expire()
-        if self.active >= self.settings.max_concurrent_runs:
+        if not admitted and self.active >= self.settings.max_concurrent_runs:
             self.metrics.runs_rejected["limit"] += 1
             raise RunLimitError(self.settings.max_concurrent_runs)
         run = ChainRun(
@@ -180,6 +186,7 @@ class RunManager:
             inputs,
             models=self.registry,
             model=model,
+            run_id=run_id,
             coalesce_ms=self.settings.coalesce_ms if coalesce_ms is None else coalesce_ms,
             render_limits=self.settings.render_limits(),
             max_map_items=self.settings.max_map_items,
@@ -253,6 +260,11 @@ class RunManager:
             managed.finished_at_ms = _now_ms()
             self.log.finish(run.run_id)
             self.metrics.runs_finished[managed.status] += 1
+            for hook in self.on_finished:
+                try:
+                    hook(managed)
+                except Exception:
+                    logger.exception("run %s: an on_finished hook failed", run.run_id)
 
     def cancel(self, run_id: str) -> ManagedRun:
         """Idempotent: a finished run stays as it ended."""

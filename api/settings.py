@@ -117,6 +117,18 @@ class ServerSettings(BaseModel):
         "Redis Stream per run, readable by every process of the deployment.",
     )
 
+    work_runs: bool = Field(
+        True,
+        description="With a Redis event log: this serve process also works runs from the "
+        "deployment's queue (false: API only, `stagecast worker` processes run them).",
+    )
+    heartbeat_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="With a Redis event log: seconds without a worker's heartbeat after which "
+        "another worker takes its runs (a run that had started ends `failed`).",
+    )
+
     @field_validator("event_log")
     @classmethod
     def _event_log_kind(cls, value: str) -> str:

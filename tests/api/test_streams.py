@@ -1,7 +1,13 @@
-"""Event streams over real HTTP: uvicorn on 127.0.0.1, a free port, httpx clients."""
+"""Event streams over real HTTP: uvicorn on 127.0.0.1, a free port, httpx clients.
+
+Every test runs over both event logs (``serve`` below): the in-memory one and Redis Streams on a
+real redis-server (skipped outside CI when there is none), so resume, no gap, no duplicate,
+cancel and the cursor errors hold the same on both.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -12,13 +18,26 @@ import httpx
 import pytest
 
 from stagecast.api.client import AsyncClient, Client
-from tests.api.conftest import ScriptedModel
+from tests.api.conftest import ScriptedModel, live_server, make_app
 from tests.api.sse_parse import complete, events_of, parse_frames
 
 pytestmark = pytest.mark.anyio
 
 Serve = Callable[..., str]
 THINGS = {"things": [1, 2, 3, 4, 5]}
+
+
+@pytest.fixture(params=["memory", "redis"])
+def serve(request: pytest.FixtureRequest) -> Iterator[Serve]:
+    """``serve(models=..., **settings)`` on the in-memory log, or on Redis (``event_log``)."""
+    log = "memory" if request.param == "memory" else request.getfixturevalue("redis_url")
+    with contextlib.ExitStack() as stack:
+
+        def start(models: Any = None, **overrides: Any) -> str:
+            overrides.setdefault("event_log", log)
+            return stack.enter_context(live_server(make_app(models, **overrides)))
+
+        yield start
 
 
 def start(
