@@ -669,6 +669,14 @@ def serve(
         raise typer.Exit(EXIT_OK) from None
 
 
+@app.command()
+def worker() -> None:
+    """Work queued runs of a deployment on Redis (STAGECAST_EVENT_LOG=redis://...), no HTTP."""
+    from stagecast.api.worker import run_worker
+
+    run_worker()
+
+
 def main() -> None:
     """The ``stagecast`` console script."""
     app(prog_name="stagecast")

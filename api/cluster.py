@@ -160,12 +160,16 @@ class Cluster:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def _ensure_group(self) -> None:
         try:
             await self.redis.xgroup_create(self.queue, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def start(self) -> None:
+        try:
+            await self._ensure_group()
         except RedisError as exc:
             logger.error("Redis is unreachable at start (%s); retrying in the background", exc)
         if self.work:
@@ -211,6 +215,9 @@ class Cluster:
                     logger.warning("worker %s: Redis: %s; retrying", self.worker_id, exc)
                 failing = True
                 await asyncio.sleep(0.5)
+                if "NOGROUP" in str(exc):  # Redis restarted empty: the queue is new
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._ensure_group()
             except Exception:
                 logger.exception("worker %s: %s failed; restarting it", self.worker_id, job)
                 await asyncio.sleep(0.5)
@@ -327,7 +334,7 @@ class Cluster:
 
     async def _status(self, run_id: str) -> dict[str, Any]:
         """The run's status: the owner's if it is here, else the snapshot in the registry."""
-        got = await self.redis.hmget(self.runs_key(run_id), ["snapshot", "viewers"])
+        got: Any = await self.redis.hmget(self.runs_key(run_id), ["snapshot", "viewers"])
         local: dict[str, Any] | None = None
         try:
             local = self.manager.status(run_id)
@@ -522,10 +529,10 @@ class Cluster:
             )
             owned = dict(self._owned)
             if owned:
-                kept = await self.redis.xclaim(
+                kept: Any = await self.redis.xclaim(
                     self.queue, GROUP, self.worker_id, 0, list(owned.values()), justid=True
                 )
-                kept_ids = {bytes(k) if not isinstance(k, bytes) else k for k in kept}
+                kept_ids = {k if isinstance(k, bytes) else str(k).encode() for k in kept}
                 for run_id, entry_id in owned.items():
                     if entry_id not in kept_ids and run_id in self._owned:
                         # another worker took the run over (this one looked dead): stop it here
@@ -667,4 +674,4 @@ class Cluster:
                     with contextlib.suppress(RunNotFound):
                         self.manager.cancel(run_id)
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]

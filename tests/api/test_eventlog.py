@@ -168,7 +168,9 @@ async def test_resume_from_every_cursor_gives_each_event_once(make_log: Logs) ->
 
 async def test_unknown_runs_and_cursors_past_the_end(make_log: Logs) -> None:
     log = make_log(2)
-    with pytest.raises(UnknownRun, match=r"no run 'nope' \(unknown, or expired after it finished\)"):
+    with pytest.raises(
+        UnknownRun, match=r"no run 'nope' \(unknown, or expired after it finished\)"
+    ):
         await log.ainfo("nope")
     with pytest.raises(UnknownRun):
         [b async for b in log.follow_frames("nope", 0)]
