@@ -178,7 +178,14 @@ def create_app(
         cluster = state.cluster = Cluster(
             settings.event_log, settings, manager, catalog, work=settings.work_runs
         )
-    metrics.add_gauge("stagecast_runs_active", "Runs executing now.", lambda: manager.active)
+    metrics.add_gauge(
+        "stagecast_runs_active",
+        "Runs not finished (waiting ones included).",
+        lambda: manager.active,
+    )
+    metrics.add_gauge(
+        "stagecast_runs_waiting_input", "Runs waiting for an answer.", lambda: manager.waiting
+    )
     metrics.add_gauge(
         "stagecast_runs_kept", "Runs kept (running or within their TTL).", lambda: len(manager)
     )

@@ -46,6 +46,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from stagecast.api.catalog import ChainCatalog
+from stagecast.api.errors import ApiError
 from stagecast.api.eventlog import EventLogUnavailable, LogEntry, LogInfo, LogSlice, UnknownRun
 from stagecast.api.redislog import RedisEventLog
 from stagecast.api.runs import (
@@ -57,6 +58,7 @@ from stagecast.api.runs import (
     RunNotFound,
 )
 from stagecast.api.settings import ServerSettings
+from stagecast.engine.asking import AnswerRefused, NotWaiting
 from stagecast.engine.chain import Chain
 from stagecast.engine.events import (
     ErrorInfo,
@@ -72,6 +74,10 @@ __all__ = ["FINAL", "Cluster", "worker_lost_message"]
 logger = logging.getLogger("stagecast.cluster")
 
 GROUP = "workers"
+ANSWER_SECONDS = 5.0
+"""How long ``POST /v1/runs/{id}/input`` waits for the owning worker to take an answer."""
+SNAPSHOT_SECONDS = 0.25
+"""How often a worker writes the changed status of its runs to the registry."""
 FINAL = ("succeeded", "failed", "cancelled")
 BLOCK_MS = 2000
 
@@ -148,6 +154,7 @@ class Cluster:
         self.heartbeat_timeout = settings.heartbeat_timeout
         self._owned: dict[str, bytes] = {}  # run_id -> queue entry id
         self._snapshots: dict[str, str] = {}  # run_id -> the snapshot last written
+        self._states: dict[str, str] = {}  # run_id -> the status last written
         self._tasks: list[asyncio.Task[None]] = []
         self._admit = self.redis.register_script(_ADMIT)
         self._grace: dict[str, asyncio.TimerHandle] = {}
@@ -174,7 +181,8 @@ class Cluster:
             logger.error("Redis is unreachable at start (%s); retrying in the background", exc)
         if self.work:
             loop = asyncio.get_running_loop()
-            for job in (self._consume, self._heartbeat, self._takeover, self._listen):
+            jobs = (self._consume, self._heartbeat, self._takeover, self._listen, self._snapshot)
+            for job in jobs:
                 self._tasks.append(loop.create_task(self._forever(job), name=job.__name__))
 
     async def stop_taking(self) -> None:
@@ -268,7 +276,7 @@ class Cluster:
             "on_disconnect": on_disconnect,
             "viewers": 0,
             "stages": {},
-            "pending_input": None,
+            "pending_input": [],
             "outputs": None,
             "usage": {"input_tokens": 0, "output_tokens": 0, "cost": None},
             "error": None,
@@ -319,6 +327,15 @@ class Cluster:
         """Ask the owner to cancel (idempotent); the run's status now."""
         with _store():
             return await self._cancel(run_id)
+
+    async def answer(
+        self, run_id: str, stage: str, path: list[str | int] | None, value: Any
+    ) -> str:
+        """Answer the run's pending input: the owning worker checks and takes it (a round trip
+        through ``control``); the run's status. Raises RunNotFound, or ApiError (409/422 as the
+        owner decided, 503 when no owner answers within ``ANSWER_SECONDS``)."""
+        with _store():
+            return await self._answer(run_id, stage, path, value)
 
     async def attach(self, run_id: str) -> None:
         """A stream of the run opened (counted in the registry, for the whole deployment)."""
@@ -395,6 +412,77 @@ class Cluster:
                 )
         return status
 
+    async def _answer(
+        self, run_id: str, stage: str, path: list[str | int] | None, value: Any
+    ) -> str:
+        if run_id in self._owned:
+            reply = self._answer_here(run_id, stage, path, value)
+        else:
+            status = await self.redis.hget(self.runs_key(run_id), "status")
+            if status is None:
+                raise RunNotFound(run_id)
+            if _text(status) in FINAL or await self._ended(run_id) is not None:
+                now = _text(status) if _text(status) in FINAL else "finished"
+                raise ApiError(
+                    409,
+                    "not_waiting_input",
+                    f"run {run_id!r} is not waiting for input (status: {now})",
+                    {"status": now, "waiting": []},
+                )
+            box = f"{self.prefix}reply:{uuid.uuid4().hex}"
+            order = {"op": "input", "run_id": run_id, "stage": stage, "path": path}
+            await self.redis.publish(
+                self.control, json.dumps({**order, "value": value, "reply": box})
+            )
+            got: Any = await self.redis.blpop([box], timeout=ANSWER_SECONDS)
+            if got is None:
+                raise ApiError(
+                    503,
+                    "worker_unavailable",
+                    f"the worker running run {run_id!r} did not take the answer within "
+                    f"{ANSWER_SECONDS:g} s; retry",
+                    headers={"Retry-After": "1"},
+                )
+            reply = json.loads(got[1])
+        if "error" in reply:
+            error = reply["error"]
+            raise ApiError(error["http"], error["code"], error["message"], error["details"])
+        return str(reply["status"])
+
+    def _answer_here(
+        self, run_id: str, stage: str, path: list[str | int] | None, value: Any
+    ) -> dict[str, Any]:
+        """The owner's side of an answer, as the reply sent back (the route's own texts)."""
+        try:
+            managed = self.manager.get(run_id)
+            self.manager.answer(run_id, stage, path, value)
+        except RunNotFound as exc:
+            error = {"http": 404, "code": "unknown_run", "message": str(exc), "details": {}}
+            return {"error": error}
+        except NotWaiting as exc:
+            status = managed.status
+            message = f"run {run_id!r}: {exc} (status: {status})"
+            details: dict[str, Any] = {"status": status, "waiting": exc.waiting}
+            return {
+                "error": {
+                    "http": 409,
+                    "code": "not_waiting_input",
+                    "message": message,
+                    "details": details,
+                }
+            }
+        except AnswerRefused as exc:
+            details = {"fields": exc.problems, "path": exc.path}
+            return {
+                "error": {
+                    "http": 422,
+                    "code": "invalid_answer",
+                    "message": str(exc),
+                    "details": details,
+                }
+            }
+        return {"status": managed.status}
+
     async def _attach(self, run_id: str) -> None:
         handle = self._grace.pop(run_id, None)
         if handle is not None:
@@ -435,7 +523,11 @@ class Cluster:
 
     async def _consume(self) -> None:
         while True:
-            if self.manager.active >= self.settings.max_concurrent_runs:
+            manager = self.manager
+            running = manager.active
+            if not self.settings.waiting_runs_hold_slots:
+                running -= manager.waiting  # a run waiting for input holds no slot
+            if running >= self.settings.max_concurrent_runs:
                 await asyncio.sleep(0.05)  # this process is full: let the others take runs
                 continue
             got: Any = await self.redis.xreadgroup(
@@ -453,7 +545,7 @@ class Cluster:
         if not record or status in FINAL:
             await self._done(entry_id, run_id)
             return
-        if status == "running":
+        if status != "pending":  # it had started (running, or waiting for input): lost
             await self._fail_lost(run_id, _text(record.get("worker", b"?")))
             await self._done(entry_id, run_id)
             return
@@ -513,6 +605,7 @@ class Cluster:
     async def _done(self, entry_id: bytes, run_id: str) -> None:
         self._owned.pop(run_id, None)
         self._snapshots.pop(run_id, None)
+        self._states.pop(run_id, None)
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(self.queue, GROUP, entry_id)
         pipe.xdel(self.queue, entry_id)
@@ -540,20 +633,38 @@ class Cluster:
                         self._owned.pop(run_id, None)
                         with contextlib.suppress(RunNotFound):
                             self.manager.cancel(run_id)
-                await self._write_snapshots(owned)
             await asyncio.sleep(period)
 
+    async def _snapshot(self) -> None:
+        while True:
+            await asyncio.sleep(SNAPSHOT_SECONDS)
+            if self._owned:
+                await self._write_snapshots(dict(self._owned))
+
     async def _write_snapshots(self, owned: dict[str, bytes]) -> None:
+        """The changed status of these runs into the registry; a run waiting for input gives
+        its slot back (``waiting_runs_hold_slots: false``), and takes it again when answered."""
         pipe = self.redis.pipeline(transaction=False)
         dirty = False
         for run_id in owned:
             try:
-                snapshot = json.dumps(self.manager.status(run_id))
+                status = self.manager.status(run_id)
             except RunNotFound:
                 continue
+            snapshot = json.dumps(status)
             if self._snapshots.get(run_id) != snapshot and run_id in self._owned:
+                before = self._states.get(run_id)
                 self._snapshots[run_id] = snapshot
-                pipe.hset(self.runs_key(run_id), "snapshot", snapshot)
+                self._states[run_id] = status["status"]
+                pipe.hset(
+                    self.runs_key(run_id),
+                    mapping={"snapshot": snapshot, "status": status["status"]},
+                )
+                if not self.settings.waiting_runs_hold_slots:
+                    if status["status"] == "waiting_input":
+                        pipe.zrem(self.admitted, run_id)
+                    elif before == "waiting_input":
+                        pipe.zadd(self.admitted, {run_id: _now_ms()}, nx=True)
                 dirty = True
         if dirty:
             await pipe.execute()
@@ -670,8 +781,19 @@ class Cluster:
                 except ValueError:
                     continue
                 run_id = order.get("run_id")
-                if run_id in self._owned and order.get("op") == "cancel":
+                if run_id not in self._owned:
+                    continue  # another worker's run
+                if order.get("op") == "cancel":
                     with contextlib.suppress(RunNotFound):
                         self.manager.cancel(run_id)
+                elif order.get("op") == "input" and isinstance(order.get("reply"), str):
+                    reply = self._answer_here(
+                        run_id, str(order.get("stage")), order.get("path"), order.get("value")
+                    )
+                    pipe = self.redis.pipeline(transaction=True)
+                    pipe.rpush(order["reply"], json.dumps(reply))
+                    pipe.pexpire(order["reply"], int(ANSWER_SECONDS * 2000))
+                    await pipe.execute()
+                    await self._write_snapshots({run_id: self._owned[run_id]})
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -215,8 +215,14 @@ def test_concurrent_run_limit_is_429() -> None:
 def test_input_on_a_run_not_waiting_is_409(client: TestClient) -> None:
     run = client.post("/v1/runs", json={"chain": "parallel", "inputs": THINGS}).json()
     client.get(run["events_url"])
-    err = error(client.post(f"/v1/runs/{run['run_id']}/input", json={"answer": "x"}), 409)
+    answer = {"stage": "ask", "path": ["ask"], "value": "x"}
+    err = error(client.post(f"/v1/runs/{run['run_id']}/input", json=answer), 409)
     assert err["code"] == "not_waiting_input"
+    assert err["message"] == (
+        f"run {run['run_id']!r}: ask is not waiting for input; the run is not waiting for any "
+        "(status: succeeded)"
+    )
+    assert err["details"] == {"status": "succeeded", "waiting": []}
 
 
 def test_unexpected_errors_are_a_json_500_without_traceback(client: TestClient) -> None:

@@ -48,6 +48,7 @@ class Deployment:
             STAGECAST_EVENT_LOG=self.redis_url,
             STAGECAST_CHAINS_DIR=str(HERE / "chains"),
             STAGECAST_MODELS_FILE=str(HERE / "models.yaml"),
+            STAGECAST_PING_INTERVAL="1",  # an idle stream still lets read_events check its clock
         )
         env.update({f"STAGECAST_{k.upper()}": str(v) for k, v in settings.items()})
         return env
@@ -140,6 +141,7 @@ def read_events(
     """The events of one stream, to its end (or until ``until(events)`` is true: then cut)."""
     headers = {"Last-Event-ID": str(after)} if after else {}
     text = ""
+    deadline = time.monotonic() + timeout
     with (
         httpx.Client(timeout=timeout) as http,
         http.stream("GET", f"{url}/v1/runs/{run_id}/events", headers=headers) as response,
@@ -147,6 +149,7 @@ def read_events(
         assert response.status_code == 200, response.read()
         for chunk in response.iter_text():
             text += chunk
+            assert time.monotonic() < deadline, f"the stream did not end in {timeout} s: {text}"
             if until is not None and until(events_of(complete(text))):
                 break
     return events_of(complete(text))
@@ -216,6 +219,50 @@ def test_two_servers_and_a_worker_serve_one_deployment(deployment: Deployment) -
         assert httpx.post(f"{url}/v1/runs/nope/cancel").status_code == 404
     assert deployment.redis.zcard("stagecast:admitted") == 0
     assert deployment.redis.xpending("stagecast:queue", "workers")["pending"] == 0
+
+
+def test_an_input_stage_is_answered_through_another_process(deployment: Deployment) -> None:
+    a = deployment.serve(work_runs="false", max_concurrent_runs=1)
+    b = deployment.serve(work_runs="false", max_concurrent_runs=1)
+    deployment.worker(max_concurrent_runs=1)
+    created = httpx.post(f"{a}/v1/runs", json={"chain": "ask"}, timeout=10)
+    assert created.status_code == 201, created.text
+    run_id = created.json()["run_id"]
+    head = read_events(b, run_id, until=lambda ev: ev and ev[-1]["type"] == "input-required")
+    asked = head[-1]
+    assert (asked["stage"], asked["path"]) == ("ask", ["ask"])
+    deadline = time.monotonic() + 5  # the worker's status snapshot reaches the registry
+    while status(a, run_id)["status"] != "waiting_input":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert [p["stage"] for p in status(a, run_id)["pending_input"]] == ["ask"]
+    # a waiting run holds no slot of the deployment: another run starts (the limit is 1)
+    other = start(b)
+    check_invariants(read_events(a, other))
+    # the owner checks the answer: refused with the field path, through A
+    bad = httpx.post(
+        f"{a}/v1/runs/{run_id}/input", json={"stage": "ask", "value": {"count": 99}}, timeout=10
+    )
+    assert bad.status_code == 422, bad.text
+    assert bad.json()["error"]["code"] == "invalid_answer"
+    assert "value.count" in bad.json()["error"]["details"]["fields"]
+    wrong = httpx.post(
+        f"{a}/v1/runs/{run_id}/input", json={"stage": "after", "value": 1}, timeout=10
+    )
+    assert wrong.status_code == 409 and wrong.json()["error"]["code"] == "not_waiting_input"
+    assert wrong.json()["error"]["details"]["waiting"] == [{"stage": "ask", "path": ["ask"]}]
+    good = httpx.post(
+        f"{b}/v1/runs/{run_id}/input", json={"stage": "ask", "value": {"count": 3}}, timeout=10
+    )
+    assert good.status_code == 202, good.text
+    assert good.json() == {"run_id": run_id, "status": "running"}
+    rest = read_events(a, run_id, after=asked["seq"])
+    check_invariants(head + rest)
+    assert rest[-1]["status"] == "succeeded" and rest[-1]["outputs"]["points"] == 3
+    again = httpx.post(
+        f"{b}/v1/runs/{run_id}/input", json={"stage": "ask", "value": {"count": 3}}, timeout=10
+    )
+    assert again.status_code == 409 and again.json()["error"]["code"] == "not_waiting_input"
 
 
 def test_a_killed_worker_s_run_ends_failed_within_the_heartbeat_timeout(
