@@ -627,12 +627,16 @@ class Cluster:
                 )
                 kept_ids = {k if isinstance(k, bytes) else str(k).encode() for k in kept}
                 for run_id, entry_id in owned.items():
-                    if entry_id not in kept_ids and run_id in self._owned:
-                        # another worker took the run over (this one looked dead): stop it here
-                        logger.error("worker %s: run %s was taken over", self.worker_id, run_id)
-                        self._owned.pop(run_id, None)
-                        with contextlib.suppress(RunNotFound):
-                            self.manager.cancel(run_id)
+                    if entry_id in kept_ids or run_id not in self._owned:
+                        continue
+                    owner = await self.redis.hget(self.runs_key(run_id), "worker")
+                    if owner is None or _text(owner) == self.worker_id:
+                        continue  # the queue was lost (Redis restarted empty): the run goes on
+                    # another worker took the run over (this one looked dead): stop it here
+                    logger.error("worker %s: run %s was taken over", self.worker_id, run_id)
+                    self._owned.pop(run_id, None)
+                    with contextlib.suppress(RunNotFound):
+                        self.manager.cancel(run_id)
             await asyncio.sleep(period)
 
     async def _snapshot(self) -> None:
@@ -747,7 +751,14 @@ class Cluster:
             }
         ttl_ms = max(1, int(self.settings.finished_run_ttl * 1000))
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={"status": snapshot["status"], "snapshot": json.dumps(snapshot)})
+        pipe.hset(
+            key,
+            mapping={
+                "status": snapshot["status"],
+                "snapshot": json.dumps(snapshot),
+                "worker": self.worker_id,  # the lost owner, if alive after all, stops the run
+            },
+        )
         pipe.pexpire(key, ttl_ms)
         await pipe.execute()
         logger.warning("worker %s: run %s of lost worker %s failed", self.worker_id, run_id, worker)

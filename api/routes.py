@@ -618,9 +618,6 @@ async def run_events(
         managed: ManagedRun | None = state.manager.get(run_id)
     except RunNotFound:
         managed = None  # another process's run, if the shared log has it (else 404 below)
-    cursor = _cursor(last_event_id, "Last-Event-ID")
-    if cursor is None:
-        cursor = _cursor(after, "after")
     if managed is None:
         try:
             await state.log.ainfo(run_id)  # an unknown run is a 404 whatever the cursor
@@ -632,6 +629,9 @@ async def run_events(
             raise ApiError(
                 503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"}
             ) from None
+    cursor = _cursor(last_event_id, "Last-Event-ID")
+    if cursor is None:
+        cursor = _cursor(after, "after")
     return await _stream(state, managed, cursor or 0, {}, run_id)
 
 

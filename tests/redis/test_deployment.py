@@ -126,10 +126,11 @@ def deployment(redis_url: str, tmp_path: Path) -> Iterator[Deployment]:
         dep.close()
 
 
-def start(url: str, text: str = TEXT, expect: int = 201) -> str:
-    response = httpx.post(
-        f"{url}/v1/runs", json={"chain": "slow", "inputs": {"text": text}}, timeout=10
-    )
+def start(url: str, text: str = TEXT, expect: int = 201, model: str | None = None) -> str:
+    body: dict[str, Any] = {"chain": "slow", "inputs": {"text": text}}
+    if model is not None:
+        body["model"] = model
+    response = httpx.post(f"{url}/v1/runs", json=body, timeout=10)
     assert response.status_code == expect, response.text
     run_id: str = response.json()["run_id"] if expect < 300 else ""
     return run_id
@@ -303,8 +304,10 @@ def test_a_killed_worker_s_run_ends_failed_within_the_heartbeat_timeout(
 def test_redis_restarted_mid_run_gives_clear_errors_and_the_server_recovers(
     deployment: Deployment, redis_server: RedisServer
 ) -> None:
-    a = deployment.serve()  # works its own runs
-    run_id = start(a)
+    # works its own runs; heartbeats every 1/3 s, so they also run while Redis is away and after
+    # it came back empty (the queue entry is gone, the run must go on)
+    a = deployment.serve(heartbeat_timeout=1)
+    run_id = start(a, model="slower")  # ~5 s
     read_events(a, run_id, until=tokens(3))
     t0 = time.monotonic()
     redis_server.stop()
@@ -322,6 +325,8 @@ def test_redis_restarted_mid_run_gives_clear_errors_and_the_server_recovers(
         assert http.get(f"{a}/healthz").status_code == 200  # the server did not crash
     assert time.monotonic() - t0 < 15
     redis_server.start()  # empty: no persistence
+    time.sleep(1)  # a few heartbeats with the run's queue entry gone
+    assert status(a, run_id)["status"] == "running"
     # the run went on without its log; its first events were lost with Redis: a clear 410
     deadline = time.monotonic() + 20
     while status(a, run_id)["status"] == "running":
