@@ -28,10 +28,12 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from stagecast.api.answering import Answerer, AnswersFile, Ask, NoAnswer, TerminalAsker
 from stagecast.api.live import EventsView, LiveView, PlainView, View
+from stagecast.engine.asking import AnswerRefused, NotWaiting, PendingInput
 from stagecast.engine.chain import Chain
 from stagecast.engine.errors import ChainSpecError, InputError, ModelConfigError, Problem
-from stagecast.engine.events import RunEnded, events_json_schema_text
+from stagecast.engine.events import InputRequired, RunEnded, events_json_schema_text
 from stagecast.engine.graph import chain_mermaid
 from stagecast.engine.loading import find_chain, load_chain, validate_chain_file
 from stagecast.engine.model_config import load_models_config
@@ -273,6 +275,15 @@ CoalesceOpt = Annotated[
     float,
     typer.Option("--coalesce-ms", min=0, metavar="N", help="Merge tokens arriving within N ms."),
 ]
+AnswersOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--answers",
+        metavar="FILE.json",
+        help="Answers to the chain's input stages, by stage id (a list for map items); "
+        "without it they are asked on the terminal.",
+    ),
+]
 
 
 @app.command()
@@ -290,11 +301,12 @@ def run(
         str | None,
         typer.Option("--server", metavar="URL", help="Run on a Stagecast server instead."),
     ] = None,
+    answers: AnswersOpt = None,
 ) -> None:
     """Run a chain with a live view of every stage (exit 0 succeeded, 1 failed, 130 cancelled)."""
     if server is not None:
-        _run_remote(server, chain, input or [], inputs, model, events)
-    _run_local(chain, input or [], inputs, model, events, coalesce_ms, dry_run=False)
+        _run_remote(server, chain, input or [], inputs, model, events, answers)
+    _run_local(chain, input or [], inputs, model, events, coalesce_ms, answers, dry_run=False)
 
 
 @app.command("dry-run")
@@ -304,9 +316,10 @@ def dry_run(
     inputs: InputsFileOpt = None,
     events: EventsOpt = False,
     coalesce_ms: CoalesceOpt = 0.0,
+    answers: AnswersOpt = None,
 ) -> None:
     """Run a chain on the offline model and print each stage's rendered prompt."""
-    _run_local(chain, input or [], inputs, "offline", events, coalesce_ms, dry_run=True)
+    _run_local(chain, input or [], inputs, "offline", events, coalesce_ms, answers, dry_run=True)
 
 
 def _make_view(events: bool) -> View:
@@ -322,6 +335,26 @@ def _make_view(events: bool) -> View:
     return PlainView(sys.stdout)
 
 
+def _answerer(answers_file: Path | None, events: bool, view: View) -> Answerer:
+    """Where the answers to input stages come from: the file, else the terminal, else none."""
+    if answers_file is not None:
+        try:
+            return Answerer(AnswersFile(answers_file), None)
+        except NoAnswer as exc:
+            _fail(str(exc))
+    if events:
+        return Answerer(None, None, why_not="--events is on (stdout is NDJSON)")
+    if not sys.stdin.isatty():
+        return Answerer(None, None, why_not="stdin is not a terminal")
+    if isinstance(view, LiveView):
+        console = view.console
+    else:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    return Answerer(None, TerminalAsker(console), pause=view.pause, resume=view.resume)
+
+
 def _run_local(
     chain_name: str,
     pairs: list[str],
@@ -329,6 +362,7 @@ def _run_local(
     model: str | None,
     events: bool,
     coalesce_ms: float,
+    answers_file: Path | None,
     *,
     dry_run: bool,
 ) -> NoReturn:
@@ -341,6 +375,29 @@ def _run_local(
     chain = _load(path, registry)
     values = collect_inputs(chain.spec.inputs, pairs, inputs_file)
     view = _make_view(events)
+    answerer = _answerer(answers_file, events, view)
+    asking: set[asyncio.Task[None]] = set()
+
+    def on_input(pending: PendingInput) -> None:
+        ask = Ask(pending.stage, pending.path, pending.prompt, pending.schema)
+
+        async def submit(value: Any) -> dict[str, str] | None:
+            try:
+                chain_run.answer(pending.stage, pending.path, value)
+            except AnswerRefused as exc:
+                return exc.problems
+            except NotWaiting:  # timed out or cancelled meanwhile
+                pass
+            return None
+
+        def fail(message: str) -> None:
+            with contextlib.suppress(NotWaiting):
+                chain_run.fail_input(pending.stage, pending.path, message)
+
+        task = asyncio.get_running_loop().create_task(answerer.handle(ask, submit, fail))
+        asking.add(task)
+        task.add_done_callback(asking.discard)
+
     try:
         chain_run = ChainRun(
             chain,
@@ -350,6 +407,7 @@ def _run_local(
             sink=view.handle,
             coalesce_ms=coalesce_ms,
             on_prompt=view.prompt if dry_run else None,
+            on_input=on_input,
         )
     except InputError as exc:
         for key, problem in exc.errors.items():
@@ -363,6 +421,8 @@ def _run_local(
         try:
             return await chain_run.execute()
         finally:
+            for task in list(asking):
+                task.cancel()
             await registry.aclose()  # the models' HTTP connections, in the loop that opened them
 
     try:
@@ -431,8 +491,10 @@ def _run_remote(
     inputs_file: Path | None,
     model: str | None,
     events: bool,
+    answers_file: Path | None,
 ) -> NoReturn:
-    """``run --server URL``: the same views, fed by the HTTP client."""
+    """``run --server URL``: the same views, fed by the HTTP client; input stages are answered
+    through ``POST /v1/runs/{id}/input`` (from ``--answers`` or the terminal)."""
     from stagecast.api.client import AsyncClient, StagecastError
 
     declared: Mapping[str, InputSpec] = {}
@@ -442,8 +504,10 @@ def _run_remote(
         declared, chain_id = local.spec.inputs, local.id
     values = collect_inputs(declared, pairs, inputs_file)
     view = _make_view(events)
+    answerer = _answerer(answers_file, events, view)
     run_id: list[str] = []
     cancelled = asyncio.Event()
+    unanswered: list[str] = []
 
     async def execute() -> RunEnded | None:
         end: RunEnded | None = None
@@ -456,14 +520,44 @@ def _run_remote(
 
             handle = await client.start_run(chain_id, values, model=model)
             run_id.append(handle.run_id)
-            canceller = asyncio.get_running_loop().create_task(cancel_when_asked())
+            loop = asyncio.get_running_loop()
+            canceller = loop.create_task(cancel_when_asked())
+            asking: set[asyncio.Task[None]] = set()
+
+            def ask_for(event: InputRequired) -> None:
+                where = list(event.path or [])
+                ask = Ask(event.stage or "", where, event.prompt, event.schema or {})
+
+                async def submit(value: Any) -> dict[str, str] | None:
+                    try:
+                        await client.answer(handle.run_id, ask.stage, ask.path, value)
+                    except StagecastError as exc:
+                        fields = exc.details.get("fields") if exc.status == 422 else None
+                        if isinstance(fields, dict) and fields:
+                            return {str(k): str(v) for k, v in fields.items()}
+                        if exc.status != 409:  # 409: answered meanwhile (another viewer)
+                            raise
+                    return None
+
+                def fail(message: str) -> None:  # the API cannot fail an input: cancel
+                    unanswered.append(message)
+                    cancelled.set()
+
+                task = loop.create_task(answerer.handle(ask, submit, fail))
+                asking.add(task)
+                task.add_done_callback(asking.discard)
+
             try:
                 async for event in client.events(handle.run_id):
                     view.handle(event)
-                    if isinstance(event, RunEnded):
+                    if isinstance(event, InputRequired):
+                        ask_for(event)
+                    elif isinstance(event, RunEnded):
                         end = event
             finally:
                 canceller.cancel()
+                for task in list(asking):
+                    task.cancel()
         return end
 
     view.on_broken = cancelled.set
@@ -485,6 +579,10 @@ def _run_remote(
         _fail(f"{server}: cannot reach the server ({exc})", EXIT_FAILED)
     except Exception as exc:  # httpx errors: one line, not a traceback
         _fail(f"{server}: {type(exc).__name__}: {exc}", EXIT_FAILED)
+    if unanswered:
+        for message in unanswered:
+            _err(f"error: {message}")
+        raise typer.Exit(EXIT_FAILED)
     _exit_for(end, view, events)
 
 

@@ -337,6 +337,17 @@ class ChainRun:
         if not pending.future.done():
             pending.future.set_result(value)
 
+    def fail_input(self, stage: str, path: Path, message: str) -> None:
+        """End a pending input ``failed`` with ``message`` (type ``no_answer``): for a caller
+        that cannot answer (a script with no answer for it). Raises ``NotWaiting``."""
+        pending = self._pending.get(tuple(path))
+        if pending is None or pending.stage != stage:
+            raise NotWaiting(stage, list(path), self.pending_inputs)
+        del self._pending[tuple(path)]
+        self._waiting_changed()
+        if not pending.future.done():
+            pending.future.set_exception(StageError(message, type="no_answer"))
+
     def _waiting_changed(self) -> None:
         if self.status in ("running", "waiting_input"):
             self.status = "waiting_input" if self._pending else "running"
@@ -741,6 +752,9 @@ class ChainRun:
         key = tuple(unit.path)
         self._pending[key] = pending
         self._waiting_changed()
+        state = self._state(unit)
+        if state is not None:
+            state.status = "waiting_input"
         try:
             self._emit(
                 InputRequired,
@@ -771,6 +785,8 @@ class ChainRun:
             if self._pending.get(key) is pending:
                 del self._pending[key]
             self._waiting_changed()
+            if state is not None:
+                state.status = "running"
 
     def _emit_sources(self, unit: _Unit, attempt: int, sources: Iterable[Source]) -> None:
         """One ``source`` event per source, tagged with the stage and path that found it."""

@@ -78,7 +78,7 @@ def test_a_run_pauses_refuses_a_wrong_answer_and_goes_on_after_a_valid_one(serve
         assert asked["expires_at"] - asked["ts"] in range(3_599_000, 3_600_001)  # max_input_wait
         status = http.get(run["status_url"]).json()
         assert status["status"] == "waiting_input"
-        assert status["stages"]["ask"]["status"] == "running"
+        assert status["stages"]["ask"]["status"] == "waiting_input"
         assert status["pending_input"] == [
             {
                 "stage": "ask",
@@ -265,9 +265,10 @@ def wait_until(http: httpx.Client, run: dict[str, Any], status: str) -> None:
 def test_a_run_waiting_for_input_holds_no_slot_of_the_runs_limit(serve: Serve) -> None:
     url = serve(max_concurrent_runs=1, max_waiting_runs=3)
     with httpx.Client(base_url=url, timeout=5) as http:
-        waiting = [start(http), start(http)]  # each pauses at once, releasing its slot
-        for run in waiting:
-            wait_until(http, run, "waiting_input")
+        waiting = []
+        for _ in range(2):  # each holds the one slot until it pauses, then releases it
+            waiting.append(start(http))
+            wait_until(http, waiting[-1], "waiting_input")
         other = http.post("/v1/runs", json={"chain": "endless"})
         assert other.status_code == 201  # the one running slot is free
         busy = http.post("/v1/runs", json={"chain": "endless"})
