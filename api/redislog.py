@@ -16,11 +16,13 @@ so ``XREAD BLOCK <ms> STREAMS key 1-<after>`` replays after the cursor and then 
 the finished marker wakes every blocked reader (it is the newest entry: nothing comes after it).
 
 - **Writes.** ``append`` is synchronous (the engine calls the sink for every token): it encodes the
-  frame, queues an ``XADD key 1-<seq> MAXLEN <cap>``, and one writer task sends everything queued
-  since its last round trip as one pipeline, in order. While Redis is unreachable the writer
-  keeps the queue (up to ``max_pending`` entries, then it drops the oldest and says so) and
-  retries every ``retry_seconds``; an ``XADD`` that already landed before a cut is recognised
-  (Redis refuses an id that is not above the top) and skipped, so nothing is written twice.
+  frame and queues it; one writer task sends everything queued since its last round trip as one
+  pipeline, in order, each run's consecutive events as one script call (``_APPEND``: one
+  ``XADD key 1-<seq> MAXLEN <cap>`` per event on the server, one command to encode here).
+  While Redis is unreachable the writer keeps the queue (up to ``max_pending`` entries, then it
+  drops the oldest and says so) and retries every ``retry_seconds``; an ``XADD`` that already
+  landed before a cut is recognised (Redis refuses an id that is not above the top) and
+  skipped, so nothing is written twice.
 - **Per-run cap.** ``MAXLEN = max_events`` (exact trimming): the oldest events go; a cursor before
   the kept window gets ``EventsExpired`` (HTTP 410), the same as the in-memory log. A follower
   that falls behind the window mid-stream gets ``EventsExpired`` too, never a silent gap.
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from stagecast.api.eventlog import (
     CursorError,
@@ -71,6 +73,22 @@ BLOCK_SECONDS = 2.0
 WRITE_COUNT = 1000
 """At most this many events per XREAD, so one write of a replay stays bounded."""
 _DUPLICATE = "equal or smaller than the target stream top item"
+BATCH_EVENTS = 1000
+"""At most this many events per append script call."""
+_APPEND = """
+-- KEYS[1]: the run's stream; ARGV: cap, first seq, then one frame per event (in seq order).
+-- One XADD per event (ids 1-<seq>, exact MAXLEN) in one round trip and one command to encode;
+-- an id already there (a retry after a cut) is skipped. Returns '' or the first other error.
+local cap, seq, refused = ARGV[1], tonumber(ARGV[2]), ''
+for i = 3, #ARGV do
+  local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', cap, '1-' .. (seq + i - 3), 'f', ARGV[i])
+  if type(r) == 'table' and r.err and refused == '' and
+     not string.find(r.err, 'equal or smaller', 1, true) then
+    refused = r.err
+  end
+end
+return refused
+"""
 
 
 def event_id(seq: int) -> str:
@@ -136,6 +154,7 @@ class RedisEventLog(EventLog):
         self._sent = 0
         self._flushes: list[tuple[int, asyncio.Future[None]]] = []
         self._wake: asyncio.Event | None = None
+        self._append = self.redis.register_script(_APPEND)
         self._writer: asyncio.Task[None] | None = None
         self.dropped_writes = 0
         self.write_errors = 0
@@ -220,19 +239,34 @@ class RedisEventLog(EventLog):
                 self._ops = []
                 pipe = self.redis.pipeline(transaction=False)
                 touched: set[str] = set()
+                batch: list[bytes] = []  # frames of consecutive events of one run
+                batch_key, batch_first = "", 0
                 for kind, key, seq, frame in ops:
                     if kind == b"x":
-                        pipe.xadd(
-                            key, {FIELD: frame}, id=event_id(seq), maxlen=cap, approximate=False
-                        )
+                        if batch and (
+                            key != batch_key
+                            or seq != batch_first + len(batch)
+                            or len(batch) >= BATCH_EVENTS
+                        ):
+                            self._queue_append(pipe, batch_key, cap, batch_first, batch)
+                            batch = []
+                        if not batch:
+                            batch_key, batch_first = key, seq
+                        batch.append(frame)
                         touched.add(key)
-                    elif kind == b"c":
+                        continue
+                    if batch:
+                        self._queue_append(pipe, batch_key, cap, batch_first, batch)
+                        batch = []
+                    if kind == b"c":
                         pipe.xadd(key, {FIELD: b""}, id=CREATED_ID)
                         touched.add(key)
                     else:
                         pipe.xadd(key, {FIELD: b""}, id=FINISHED_ID)
                         pipe.pexpire(key, ttl_ms)
                         touched.discard(key)
+                if batch:
+                    self._queue_append(pipe, batch_key, cap, batch_first, batch)
                 for key in touched:
                     pipe.pexpire(key, orphan_ms)
                 try:
@@ -243,12 +277,27 @@ class RedisEventLog(EventLog):
                     self._ops[:0] = ops  # retry them first, in order
                     await asyncio.sleep(self.retry_seconds)
                     continue
+                if any(isinstance(r, NoScriptError) for r in results):
+                    # a new or restarted Redis: load the script, send the batch again (what
+                    # landed already is recognised and skipped)
+                    try:
+                        await self.redis.script_load(_APPEND)
+                    except (RedisError, OSError):
+                        await asyncio.sleep(self.retry_seconds)
+                    self._ops[:0] = ops
+                    continue
                 for result in results:
+                    if isinstance(result, bytes) and result:  # the script's first refusal
+                        result = ResponseError(result.decode(errors="replace"))
                     if isinstance(result, ResponseError) and _DUPLICATE not in str(result):
                         self.write_errors += 1
                         logger.error("event log write refused by Redis: %s", result)
                 self._sent += len(ops)
                 self._release()
+
+    def _queue_append(self, pipe: Any, key: str, cap: int, first: int, frames: list[bytes]) -> None:
+        """One ``_APPEND`` call in the pipeline (a Redis without the script: see the writer)."""
+        pipe.evalsha(self._append.sha, 1, key, cap, first, *frames)
 
     def _release(self) -> None:
         sent = self._sent

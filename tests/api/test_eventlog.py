@@ -327,3 +327,20 @@ async def test_base_follow_frames_encodes_entries() -> None:
 async def test_lone_surrogates_become_json_escapes_on_the_wire() -> None:
     frame = encode_frame(LogEntry(1, "token", '{"text":"smile \ud83d"}'))
     assert frame == b'event: token\ndata: {"text":"smile \\ud83d"}\nid: 1\n\n'
+
+
+async def test_interleaved_runs_and_long_bursts_read_back_whole(make_log: Logs) -> None:
+    # one writer round trip carries several runs' events and bursts over a script call's size
+    log = make_log(0)
+    log.create("r2")
+    other = 0
+    for seq in range(1, 2501):
+        log.append("r", entry(seq))
+        if seq % 7 == 0:
+            other += 1
+            log.append("r2", entry(other))
+    for run_id, last in (("r", 2500), ("r2", other)):
+        log.finish(run_id)
+        got = [e async for batch in log.follow(run_id, 0) for e in batch]
+        assert got == [entry(seq) for seq in range(1, last + 1)]
+        assert await log.ainfo(run_id) == LogInfo(1, last, True)
