@@ -368,7 +368,17 @@ def test_console_script_shows_help() -> None:
         ["stagecast", "--help"], capture_output=True, text=True, timeout=60, env=_env()
     )
     assert result.returncode == 0
-    for command in ("validate", "run", "dry-run", "graph", "list", "schema", "models", "serve"):
+    for command in (
+        "validate",
+        "run",
+        "dry-run",
+        "graph",
+        "list",
+        "schema",
+        "models",
+        "serve",
+        "worker",
+    ):
         assert command in result.stdout
 
 
