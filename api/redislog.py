@@ -240,6 +240,7 @@ class RedisEventLog(EventLog):
                 pipe = self.redis.pipeline(transaction=False)
                 touched: set[str] = set()
                 batch: list[bytes] = []  # frames of consecutive events of one run
+                scripts: set[int] = set()  # where the script calls are in the pipeline
                 batch_key, batch_first = "", 0
                 for kind, key, seq, frame in ops:
                     if kind == b"x":
@@ -248,7 +249,9 @@ class RedisEventLog(EventLog):
                             or seq != batch_first + len(batch)
                             or len(batch) >= BATCH_EVENTS
                         ):
-                            self._queue_append(pipe, batch_key, cap, batch_first, batch)
+                            scripts.add(
+                                self._queue_append(pipe, batch_key, cap, batch_first, batch)
+                            )
                             batch = []
                         if not batch:
                             batch_key, batch_first = key, seq
@@ -256,7 +259,7 @@ class RedisEventLog(EventLog):
                         touched.add(key)
                         continue
                     if batch:
-                        self._queue_append(pipe, batch_key, cap, batch_first, batch)
+                        scripts.add(self._queue_append(pipe, batch_key, cap, batch_first, batch))
                         batch = []
                     if kind == b"c":
                         pipe.xadd(key, {FIELD: b""}, id=CREATED_ID)
@@ -266,7 +269,7 @@ class RedisEventLog(EventLog):
                         pipe.pexpire(key, ttl_ms)
                         touched.discard(key)
                 if batch:
-                    self._queue_append(pipe, batch_key, cap, batch_first, batch)
+                    scripts.add(self._queue_append(pipe, batch_key, cap, batch_first, batch))
                 for key in touched:
                     pipe.pexpire(key, orphan_ms)
                 try:
@@ -286,8 +289,8 @@ class RedisEventLog(EventLog):
                         await asyncio.sleep(self.retry_seconds)
                     self._ops[:0] = ops
                     continue
-                for result in results:
-                    if isinstance(result, bytes) and result:  # the script's first refusal
+                for at, result in enumerate(results):
+                    if at in scripts and isinstance(result, bytes) and result:  # its refusal
                         result = ResponseError(result.decode(errors="replace"))
                     if isinstance(result, ResponseError) and _DUPLICATE not in str(result):
                         self.write_errors += 1
@@ -295,9 +298,12 @@ class RedisEventLog(EventLog):
                 self._sent += len(ops)
                 self._release()
 
-    def _queue_append(self, pipe: Any, key: str, cap: int, first: int, frames: list[bytes]) -> None:
-        """One ``_APPEND`` call in the pipeline (a Redis without the script: see the writer)."""
+    def _queue_append(self, pipe: Any, key: str, cap: int, first: int, frames: list[bytes]) -> int:
+        """One ``_APPEND`` call in the pipeline (a Redis without the script: see the writer);
+        its index in the pipeline."""
+        at = len(pipe)
         pipe.evalsha(self._append.sha, 1, key, cap, first, *frames)
+        return at
 
     def _release(self) -> None:
         sent = self._sent

@@ -67,6 +67,8 @@ async def make_log(request: pytest.FixtureRequest) -> AsyncIterator[Logs]:
     yield make
     for log in made:
         await log.aclose()
+        if isinstance(log, RedisEventLog):  # nothing refused, nothing dropped on the way
+            assert (log.write_errors, log.dropped_writes) == (0, 0)
 
 
 async def test_read_after_a_cursor_and_the_errors(make_log: Logs) -> None:

@@ -7,7 +7,6 @@ cancel and the cursor errors hold the same on both.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from stagecast.api.client import AsyncClient, Client
-from tests.api.conftest import ScriptedModel, live_server, make_app
+from tests.api.conftest import ScriptedModel
 from tests.api.sse_parse import complete, events_of, parse_frames
 
 pytestmark = pytest.mark.anyio
@@ -27,17 +26,9 @@ Serve = Callable[..., str]
 THINGS = {"things": [1, 2, 3, 4, 5]}
 
 
-@pytest.fixture(params=["memory", "redis"])
-def serve(request: pytest.FixtureRequest) -> Iterator[Serve]:
-    """``serve(models=..., **settings)`` on the in-memory log, or on Redis (``event_log``)."""
-    log = "memory" if request.param == "memory" else request.getfixturevalue("redis_url")
-    with contextlib.ExitStack() as stack:
-
-        def start(models: Any = None, **overrides: Any) -> str:
-            overrides.setdefault("event_log", log)
-            return stack.enter_context(live_server(make_app(models, **overrides)))
-
-        yield start
+@pytest.fixture
+def serve(serve_on_both_logs: Serve) -> Serve:
+    return serve_on_both_logs
 
 
 def start(

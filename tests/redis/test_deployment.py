@@ -342,3 +342,21 @@ def test_redis_restarted_mid_run_gives_clear_errors_and_the_server_recovers(
     assert events_after[-1]["status"] == "succeeded"
     # the worker heartbeats again in the new Redis
     assert list(deployment.redis.scan_iter("stagecast:worker:*"))
+
+
+def test_a_worker_needs_a_shared_event_log(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STAGECAST_")}
+    env["STAGECAST_EVENT_LOG"] = "memory"
+    done = subprocess.run(
+        [sys.executable, "-m", "stagecast.api.cli", "worker"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: stagecast worker needs a shared event log: set STAGECAST_EVENT_LOG (or "
+        "event_log: in configs/server.yaml) to a Redis URL, e.g. redis://127.0.0.1:6379/0"
+    )
