@@ -757,12 +757,16 @@ def models() -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(min=1, help="Processes; more than 1 needs STAGECAST_EVENT_LOG=redis://..."),
+    ] = 1,
 ) -> None:
     """Serve the HTTP API (runs as Server-Sent Event streams)."""
     from stagecast.api.server import serve as start_server
 
     try:
-        start_server(host=host, port=port)
+        start_server(host=host, port=port, workers=workers)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_OK) from None
 

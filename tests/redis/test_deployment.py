@@ -65,12 +65,11 @@ class Deployment:
         self.processes.append(process)
         return process
 
-    def serve(self, **settings: Any) -> str:
+    def serve(self, *extra: str, **settings: Any) -> str:
         port = free_port()
         name = f"serve-{port}"
-        process = self._spawn(
-            ["serve", "--host", "127.0.0.1", "--port", str(port)], name, **settings
-        )
+        args = ["serve", "--host", "127.0.0.1", "--port", str(port), *extra]
+        process = self._spawn(args, name, **settings)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:  # bounded wait for the server to answer
@@ -360,3 +359,17 @@ def test_a_worker_needs_a_shared_event_log(tmp_path: Path) -> None:
         "error: stagecast worker needs a shared event log: set STAGECAST_EVENT_LOG (or "
         "event_log: in configs/server.yaml) to a Redis URL, e.g. redis://127.0.0.1:6379/0"
     )
+
+
+def test_serve_with_workers_shares_the_runs_between_its_processes(deployment: Deployment) -> None:
+    url = deployment.serve("--workers", "2")
+    runs = [start(url) for _ in range(4)]
+    for run_id in runs:  # each request on a new connection: any of the two processes answers
+        events = read_events(url, run_id)
+        check_invariants(events)
+        assert events[-1]["status"] == "succeeded"
+        assert status(url, run_id)["status"] == "succeeded"
+    deadline = time.monotonic() + 10  # both processes heartbeat: two workers in the registry
+    while len(list(deployment.redis.scan_iter("stagecast:worker:*"))) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
