@@ -103,7 +103,7 @@ async def part1(args: argparse.Namespace, servers: dict[str, C.Server], redis_pi
     base = "in-memory log"
     rows = []
     for name in names:
-        ratios = [a / b for a, b in zip(cpu[name], cpu[base], strict=True)]
+        ratios = [a / b if b else float("nan") for a, b in zip(cpu[name], cpu[base], strict=True)]
         rows.append(
             [
                 name,
@@ -205,7 +205,7 @@ async def part3(args: argparse.Namespace, servers: dict[str, C.Server]) -> None:
     base = names[1]
     rows = []
     for name in names:
-        ratios = [x / y for x, y in zip(cpu[name], cpu[base], strict=True)]
+        ratios = [x / y if y else float("nan") for x, y in zip(cpu[name], cpu[base], strict=True)]
         rows.append(
             [
                 name,
@@ -239,7 +239,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny workloads, 1 repetition")
     args = parser.parse_args()
     if args.smoke:
-        args.tokens, args.reps, args.attach_runs, args.attach_each, args.requests = 500, 1, 1, 2, 20
+        args.tokens, args.reps, args.attach_runs, args.attach_each, args.requests = (
+            2000,
+            1,
+            1,
+            2,
+            20,
+        )
     from tests.redis_server import RedisServer
 
     redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="stagecast-bench-redis-")))
