@@ -109,16 +109,16 @@ def citations_line(citations: list[Citation]) -> str:
 
 
 def usage_line(usage: Usage) -> str:
-    """``46 in / 44 out tokens · $0.0012``; a count the provider did not report is unknown, and
+    """``46 in / 44 out tokens · $0.0012``; usage the provider did not report is unknown, and
     so is the cost then (never shown as 0 or $0)."""
     used_in, used_out = usage.input_tokens, usage.output_tokens
-    if used_in is None and used_out is None:
+    if not usage.reported and not used_in and not used_out:
         return "usage unknown (the provider reported none)"
-    text = f"{_count(used_in)} in / {_count(used_out)} out tokens"
-    if usage.cost is not None:
+    text = f"{used_in} in / {used_out} out tokens"
+    if not usage.reported:
+        text += " and more not reported · cost unknown"
+    elif usage.cost is not None:
         text += f" · ${usage.cost:.4f}"
-    elif used_in is None or used_out is None:
-        text += " · cost unknown"
     return text
 
 
@@ -126,10 +126,6 @@ def usage_summary(usage: Usage) -> str:
     """``usage: 46 in / 44 out tokens``, or ``usage unknown (…)`` (the end of a run)."""
     line = usage_line(usage)
     return line if line.startswith("usage unknown") else f"usage: {line}"
-
-
-def _count(value: int | None) -> str:
-    return "unknown" if value is None else str(value)
 
 
 @dataclass
@@ -370,7 +366,7 @@ class PlainView(View):
             detail = ""
             if event.status in ("succeeded", "failed", "cancelled"):
                 detail = f" in {event.duration_ms} ms"
-            if event.usage.output_tokens != 0:  # a count, or unknown (null): a model answered
+            if event.usage.output_tokens or not event.usage.reported:  # a model answered
                 detail += f" · {usage_line(event.usage)}"
             if event.error is not None:
                 detail += f": {event.error.message}"
@@ -537,7 +533,7 @@ class LiveView(View):
             detail.append(Text(f" {line.status}", style="dim"))
         if line.usage.output_tokens and line.status == "succeeded":
             detail.append(Text(f" {line.usage.output_tokens} tokens", style="dim"))
-        elif line.usage.output_tokens is None and line.status == "succeeded":
+        elif not line.usage.reported and line.status == "succeeded":
             detail.append(Text(" tokens unknown", style="dim"))
         if line.citations is not None:
             unmatched = any(c.source_id is None for c in line.citations)

@@ -1106,8 +1106,9 @@ class _Reported:
         if not self.answered:
             return Usage()
         used_in, used_out = self.input_tokens, self.output_tokens
-        cost = None if used_in is None or used_out is None else price(used_in, used_out)
-        return Usage(input_tokens=used_in, output_tokens=used_out, cost=cost)
+        if used_in is None or used_out is None:
+            return Usage(input_tokens=used_in or 0, output_tokens=used_out or 0, reported=False)
+        return Usage(input_tokens=used_in, output_tokens=used_out, cost=price(used_in, used_out))
 
 
 def _sum_usage(units: list[_Unit]) -> Usage:
