@@ -34,8 +34,8 @@ def error(response: Any, status: int) -> dict[str, Any]:
 
 def test_chains_list_and_detail(client: TestClient) -> None:
     chains = client.get("/v1/chains").json()["chains"]
-    assert [c["id"] for c in chains] == ["broken", "endless", "parallel"]
-    broken = chains[0]
+    assert [c["id"] for c in chains] == ["ask", "broken", "endless", "parallel"]
+    broken = chains[1]
     assert broken["error"] is not None and "broken.yaml" in broken["error"]
     detail = client.get("/v1/chains/parallel").json()
     assert detail["inputs_schema"]["required"] == ["things"]
@@ -145,7 +145,7 @@ def test_unknown_things_are_404(client: TestClient, method: str, path: str, code
     err = error(client.request(method, path, json=body), 404)
     assert err["code"] == code
     if code == "unknown_chain":
-        assert err["message"].endswith("chains are: broken, endless, parallel")
+        assert err["message"].endswith("chains are: ask, broken, endless, parallel")
 
 
 def test_chain_is_looked_up_by_id_never_by_path(client: TestClient) -> None:
