@@ -64,6 +64,7 @@ from stagecast.engine.openai_model import prepare_json_model
 from stagecast.engine.openai_stream import fast_stream
 from stagecast.engine.providers import ModelRegistry, ResolvedModel
 from stagecast.engine.retrieval import Retriever, resolve_retriever
+from stagecast.engine.reuse import Fingerprints, Reuse
 from stagecast.engine.spec import (
     InputStage,
     LlmStage,
@@ -152,6 +153,8 @@ class _Unit:
     status: str | None = None
     parent: MapStage | None = None
     """For a map item, the map: its ``retries`` and ``timeout`` apply to each item."""
+    fingerprint: str | None = None
+    reused: bool = False
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n?(.*?)\n?```\s*$", re.DOTALL)
@@ -202,6 +205,9 @@ class ChainRun:
             Stagecast retriever); wins over configs/collections.yaml for that name.
         collections: the collections config (default: configs/collections.yaml).
         index_cache_dir: where BM25 indexes are cached (default: beside each collection).
+        reuse: an earlier run's outputs to reuse (``engine.reuse.Reuse``): unchanged stages that
+            succeeded there end at once with that output and ``reused: true``; the recorded
+            inputs are the defaults of ``inputs``.
     """
 
     def __init__(
@@ -222,9 +228,14 @@ class ChainRun:
         retrievers: Mapping[str, Any] | None = None,
         collections: CollectionsConfig | None = None,
         index_cache_dir: FilePath | None = None,
+        reuse: Reuse | None = None,
     ) -> None:
         self.chain = chain
+        if reuse is not None:
+            recorded = {k: v for k, v in reuse.inputs.items() if k in chain.spec.inputs}
+            inputs = {**recorded, **(inputs or {})}
         self.inputs = validate_inputs(chain, inputs)
+        self.reuse = reuse
         if isinstance(models, ModelRegistry):
             self.registry = models
         else:
@@ -268,6 +279,7 @@ class ChainRun:
         self._collections = collections
         self._index_cache_dir = index_cache_dir
         self._retrievers: dict[str, Retriever] = {}
+        self._fingerprints = Fingerprints(chain, lambda spec: self._resolve(spec).label)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -306,6 +318,7 @@ class ChainRun:
             chain=ChainInfo(id=self.chain.id, title=self.chain.title, version=spec.version),
             plan=plan_of(self.chain),
             model=self.default_model.label,
+            inputs=self.inputs,
         )
         error: ErrorInfo | None = None
         outputs: Any = None
@@ -500,12 +513,26 @@ class ChainRun:
                 self._done_weight += unit.share
                 self._end(unit, "skipped", None, None, Usage(), 1, None)
                 return None
+        unit.fingerprint = self._fingerprints.of(spec, unit.context)
+        if self.reuse is not None and not isinstance(spec, MapStage):
+            earlier = self.reuse.find(unit.path, unit.fingerprint)
+            if earlier is not None:
+                return self._reuse_unit(unit, earlier.end, earlier.sources)
         if isinstance(spec, MapStage):
             return await self._run_map(unit, spec, self._start(unit))
         if self._limit is None:
             return await self._run_leaf(unit)
         async with self._limit:  # held from stage-start to stage-end: a stable order at 1
             return await self._run_leaf(unit)
+
+    def _reuse_unit(self, unit: _Unit, end: StageEnded, sources: list[SourceFound]) -> Any:
+        """End ``unit`` at once with an earlier run's output: its sources again, zero usage."""
+        started = self._start(unit)
+        self._emit_sources(unit, 1, (found.source for found in sources))
+        self._done_weight += unit.share
+        unit.reused = True
+        self._end(unit, "succeeded", started, end.output, Usage(), 1, None, end.citations)
+        return end.output
 
     def _start(self, unit: _Unit) -> float:
         state = self._state(unit)
@@ -620,6 +647,8 @@ class ChainRun:
             error=error,
             progress=self._progress(),
             citations=citations,
+            reused=unit.reused,
+            fingerprint=unit.fingerprint,
         )
 
     async def _attempt(self, unit: _Unit, attempt: int, usage: Usage, timeout: float | None) -> Any:
@@ -881,6 +910,7 @@ class ChainRun:
             self._end(unit, "failed", started, None, usage, 1, error)
             raise _StageFailed(error)
         self._done_weight += unit.share - sum(u.share for u in item_units)
+        unit.reused = self.reuse is not None and all(u.reused for u in item_units)
         self._end(unit, "succeeded", started, results, usage, 1, None)
         return results
 
