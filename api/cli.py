@@ -31,13 +31,14 @@ import typer
 from stagecast.api.live import EventsView, LiveView, PlainView, View
 from stagecast.engine.chain import Chain
 from stagecast.engine.errors import ChainSpecError, InputError, ModelConfigError, Problem
-from stagecast.engine.events import RunEnded, events_json_schema_text
+from stagecast.engine.events import RunEnded, RunEvent, event_to_json, events_json_schema_text
 from stagecast.engine.graph import chain_mermaid
 from stagecast.engine.loading import find_chain, load_chain, validate_chain_file
 from stagecast.engine.model_config import load_models_config
 from stagecast.engine.orchestrator import ChainRun
 from stagecast.engine.providers import ModelRegistry, describe_models
 from stagecast.engine.resources import chain_dirs, chain_files, data_glob, data_path
+from stagecast.engine.reuse import Recording, RecordingError, Reuse, ReuseError
 from stagecast.engine.spec import InputSpec
 from stagecast.engine.validation import chain_json_schema_text
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["app", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+Sink = Callable[[RunEvent], None]
 
 app = typer.Typer(
     name="stagecast",
@@ -273,6 +275,26 @@ CoalesceOpt = Annotated[
     float,
     typer.Option("--coalesce-ms", min=0, metavar="N", help="Merge tokens arriving within N ms."),
 ]
+RecordOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--record",
+        metavar="FILE.ndjson",
+        help="Also write the events to FILE (the --events stream: a recording; holds the inputs).",
+    ),
+]
+ReuseOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--reuse",
+        metavar="FILE.ndjson",
+        help="Reuse the unchanged succeeded stages of this recording (its inputs are defaults).",
+    ),
+]
+FromOpt = Annotated[
+    str | None,
+    typer.Option("--from", metavar="STAGE", help="With --reuse: run STAGE and its dependents."),
+]
 
 
 @app.command()
@@ -290,11 +312,31 @@ def run(
         str | None,
         typer.Option("--server", metavar="URL", help="Run on a Stagecast server instead."),
     ] = None,
+    record: RecordOpt = None,
+    reuse: ReuseOpt = None,
+    from_stage: FromOpt = None,
 ) -> None:
     """Run a chain with a live view of every stage (exit 0 succeeded, 1 failed, 130 cancelled)."""
+    if from_stage is not None and reuse is None:
+        _fail("--from needs --reuse FILE.ndjson (the run whose outputs to reuse)")
     if server is not None:
-        _run_remote(server, chain, input or [], inputs, model, events)
-    _run_local(chain, input or [], inputs, model, events, coalesce_ms, dry_run=False)
+        if reuse is not None:
+            _fail(
+                "--reuse is not available with --server",
+                hint='POST /v1/runs with "reuse": {"run_id" or "recording", "from"}',
+            )
+        _run_remote(server, chain, input or [], inputs, model, events, record=record)
+    _run_local(
+        chain,
+        input or [],
+        inputs,
+        model,
+        events,
+        coalesce_ms,
+        dry_run=False,
+        record=record,
+        reuse=(reuse, from_stage) if reuse is not None else None,
+    )
 
 
 @app.command("dry-run")
@@ -331,6 +373,8 @@ def _run_local(
     coalesce_ms: float,
     *,
     dry_run: bool,
+    record: Path | None = None,
+    reuse: tuple[Path, str | None] | None = None,
 ) -> NoReturn:
     path = _find(chain_name)
     registry = _registry()
@@ -340,16 +384,19 @@ def _run_local(
         registry.overrides["offline"] = OfflineChatModel()
     chain = _load(path, registry)
     values = collect_inputs(chain.spec.inputs, pairs, inputs_file)
+    reusing = _load_reuse(reuse[0], reuse[1], chain) if reuse is not None else None
     view = _make_view(events)
+    sink = _recording_sink(view.handle, record)
     try:
         chain_run = ChainRun(
             chain,
             values,
             models=registry,
             model=model,
-            sink=view.handle,
+            sink=sink,
             coalesce_ms=coalesce_ms,
             on_prompt=view.prompt if dry_run else None,
+            reuse=reusing,
         )
     except InputError as exc:
         for key, problem in exc.errors.items():
@@ -403,6 +450,41 @@ async def _drive(
     return end
 
 
+# -- record / reuse ---------------------------------------------------------------------------
+
+
+def _recording_sink(handle: Callable[[RunEvent], None], record: Path | None) -> Sink:
+    """``handle``, and with ``--record FILE`` every event's wire JSON appended to FILE too."""
+    if record is None:
+        return handle
+    try:
+        out = record.open("w", encoding="utf-8", errors="backslashreplace")
+    except OSError as exc:
+        _fail(f"--record: {record}: {exc.strerror or exc}")
+
+    def sink(event: RunEvent) -> None:
+        handle(event)
+        out.write(event_to_json(event) + "\n")
+        if event.type == "run-end":
+            out.close()
+
+    return sink
+
+
+def _read_recording(path: Path) -> Recording:
+    try:
+        return Recording.read(path)
+    except RecordingError as exc:
+        _fail(str(exc))
+
+
+def _load_reuse(path: Path, from_stage: str | None, chain: Chain) -> Reuse:
+    try:
+        return Reuse(_read_recording(path), chain, from_stage)
+    except ReuseError as exc:
+        _fail(f"--reuse: {exc}" if from_stage is None else f"--reuse/--from: {exc}")
+
+
 def _exit_for(end: RunEnded | None, view: View, events: bool) -> NoReturn:
     if view.broken:
         # stdout was closed (`| head`): say nothing more there, and do not fail at exit.
@@ -431,6 +513,8 @@ def _run_remote(
     inputs_file: Path | None,
     model: str | None,
     events: bool,
+    *,
+    record: Path | None = None,
 ) -> NoReturn:
     """``run --server URL``: the same views, fed by the HTTP client."""
     from stagecast.api.client import AsyncClient, StagecastError
@@ -442,6 +526,7 @@ def _run_remote(
         declared, chain_id = local.spec.inputs, local.id
     values = collect_inputs(declared, pairs, inputs_file)
     view = _make_view(events)
+    handle = _recording_sink(view.handle, record)
     run_id: list[str] = []
     cancelled = asyncio.Event()
 
@@ -454,12 +539,12 @@ def _run_remote(
                 await cancelled.wait()
                 await client.cancel(run_id[0])
 
-            handle = await client.start_run(chain_id, values, model=model)
-            run_id.append(handle.run_id)
+            started = await client.start_run(chain_id, values, model=model)
+            run_id.append(started.run_id)
             canceller = asyncio.get_running_loop().create_task(cancel_when_asked())
             try:
-                async for event in client.events(handle.run_id):
-                    view.handle(event)
+                async for event in client.events(started.run_id):
+                    handle(event)
                     if isinstance(event, RunEnded):
                         end = event
             finally:

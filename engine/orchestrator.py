@@ -64,7 +64,7 @@ from stagecast.engine.openai_model import prepare_json_model
 from stagecast.engine.openai_stream import fast_stream
 from stagecast.engine.providers import ModelRegistry, ResolvedModel
 from stagecast.engine.retrieval import Retriever, resolve_retriever
-from stagecast.engine.reuse import Fingerprints, Reuse
+from stagecast.engine.reuse import Fingerprints, Reuse, own_templates
 from stagecast.engine.spec import (
     InputStage,
     LlmStage,
@@ -513,8 +513,8 @@ class ChainRun:
                 self._done_weight += unit.share
                 self._end(unit, "skipped", None, None, Usage(), 1, None)
                 return None
-        unit.fingerprint = self._fingerprints.of(spec, unit.context)
-        if self.reuse is not None and not isinstance(spec, MapStage):
+        unit.fingerprint = await self._fingerprint(unit)
+        if self.reuse is not None and unit.fingerprint and not isinstance(spec, MapStage):
             earlier = self.reuse.find(unit.path, unit.fingerprint)
             if earlier is not None:
                 return self._reuse_unit(unit, earlier.end, earlier.sources)
@@ -524,6 +524,15 @@ class ChainRun:
             return await self._run_leaf(unit)
         async with self._limit:  # held from stage-start to stage-end: a stable order at 1
             return await self._run_leaf(unit)
+
+    async def _fingerprint(self, unit: _Unit) -> str | None:
+        """The unit's content hash (``engine.reuse``); None when a template does not render
+        (the stage then fails the usual way, and is never reused)."""
+        try:
+            rendered = [await self._render(t, unit.context) for t in own_templates(unit.spec)]
+        except Exception:  # TemplateError, RenderLimitError: the stage will fail on its own
+            return None
+        return self._fingerprints.of(unit.spec, rendered)
 
     def _reuse_unit(self, unit: _Unit, end: StageEnded, sources: list[SourceFound]) -> Any:
         """End ``unit`` at once with an earlier run's output: its sources again, zero usage."""

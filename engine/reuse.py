@@ -8,9 +8,10 @@ version), the model and the inputs, every ``stage-end`` the stage's output and i
 
 The fingerprint of a stage (or of one map item) is a SHA-256 over its resolved spec (the stage's
 YAML without ``label`` and ``weight``, the chain's ``defaults``, the model an llm stage resolves
-to) and over the values its templates read: the inputs and earlier stage outputs it references,
-and inside a map the item and its index. Rendering is deterministic, so two equal fingerprints
-mean the same rendered prompt. A re-run (``Reuse``) takes an earlier ``stage-end`` instead of
+to) and over its rendered input: the values its prompt, text or query (a map: its ``over``)
+render to in the run's context. An edited prompt, a changed input it reads, an upstream output
+that changed, a different model: a new fingerprint. A map item's rendered prompt holds its item,
+so items are reused one by one. A re-run (``Reuse``) takes an earlier ``stage-end`` instead of
 executing the stage when it succeeded, has the same path and the same fingerprint, and the stage
 is neither the ``from`` stage nor downstream of it. A failed, skipped or cancelled stage is never
 reused.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,6 @@ from stagecast.engine.events import (
     event_from_json,
 )
 from stagecast.engine.spec import LlmStage, MapStage, StageSpec
-from stagecast.engine.templates import references
 
 __all__ = [
     "Fingerprints",
@@ -46,6 +46,7 @@ __all__ = [
     "Reuse",
     "ReuseError",
     "downstream_of",
+    "own_templates",
 ]
 
 _COSMETIC = {"label", "weight"}
@@ -129,35 +130,17 @@ def downstream_of(chain: Chain, stage_id: str) -> set[str]:
     return found
 
 
-@dataclass(frozen=True)
-class _Reads:
-    inputs: frozenset[str] | None
-    """The inputs it reads; None: any (it reads ``inputs`` as a whole)."""
-    stages: frozenset[str] | None
-    names: frozenset[str]
-    """Other names it reads (a map's ``as``, ``index``)."""
-
-
-def _reads_of(stage: StageSpec) -> _Reads:
-    inputs: set[str] = set()
-    stages: set[str] = set()
-    names: set[str] = set()
-    whole: set[str] = set()
-    for template in stage_templates(stage):
-        try:
-            refs = references(template.source)
-        except Exception:  # a syntax error fails the stage at run time anyway
-            whole.update(("inputs", "stages"))
+def own_templates(spec: StageSpec) -> list[str]:
+    """The templates whose rendered values a stage's fingerprint covers: its prompt, text or
+    query (a map: its ``over``; its nested stage is fingerprinted per item); not ``when``."""
+    found: list[str] = []
+    for template in stage_templates(spec):
+        if template.path[0] == "when" or (
+            isinstance(spec, MapStage) and template.path[0] != "over"
+        ):
             continue
-        inputs.update(refs.inputs)
-        stages.update(refs.stages)
-        names.update(refs.names - {"inputs", "stages"})
-        whole.update(refs.whole)
-    return _Reads(
-        None if "inputs" in whole else frozenset(inputs),
-        None if "stages" in whole else frozenset(stages),
-        frozenset(names),
-    )
+        found.append(template.source)
+    return found
 
 
 def _canonical(value: Any) -> bytes:
@@ -171,15 +154,12 @@ def _digest(value: Any) -> str:
 
 
 class Fingerprints:
-    """Computes fingerprints for one run; a value's digest is computed once per run."""
+    """Fingerprints for one run: a stage's resolved spec is hashed once per run."""
 
-    def __init__(self, chain: Chain, model_of: Any) -> None:
-        self.chain = chain
+    def __init__(self, chain: Chain, model_of: Callable[[LlmStage], str]) -> None:
         self.model_of = model_of
-        """``model_of(llm stage spec) -> str``: the label of the model the stage resolves to."""
+        """The label of the model an llm stage resolves to."""
         self._specs: dict[int, str] = {}
-        self._reads: dict[int, _Reads] = {}
-        self._values: dict[tuple[str, str], str] = {}
         self._defaults = chain.spec.defaults.model_dump(mode="json")
 
     def _spec_digest(self, spec: StageSpec) -> str:
@@ -187,43 +167,18 @@ class Fingerprints:
         found = self._specs.get(key)
         if found is None:
             data: dict[str, Any] = {"spec": _strip(spec.model_dump(mode="json", by_alias=True))}
-            models: list[str] = []
             inner: StageSpec = spec
             while isinstance(inner, MapStage):
                 inner = inner.stage
             if isinstance(inner, LlmStage):
-                models.append(str(self.model_of(inner)))
+                data["model"] = self.model_of(inner)
                 data["defaults"] = self._defaults
-            data["models"] = models
             found = self._specs[key] = _digest(data)
         return found
 
-    def _value(self, kind: str, name: str, value: Any) -> str:
-        key = (kind, name)
-        found = self._values.get(key)
-        if found is None:
-            found = self._values[key] = _digest(value)
-        return found
-
-    def of(self, spec: StageSpec, context: Mapping[str, Any]) -> str:
-        """The fingerprint of ``spec`` run in ``context`` (the orchestrator's template context)."""
-        reads = self._reads.get(id(spec))
-        if reads is None:
-            reads = self._reads[id(spec)] = _reads_of(spec)
-        inputs: Mapping[str, Any] = context.get("inputs", {})
-        stages: Mapping[str, Any] = context.get("stages", {})
-        read_inputs = sorted(inputs) if reads.inputs is None else sorted(reads.inputs)
-        read_stages = sorted(stages) if reads.stages is None else sorted(reads.stages)
-        data = {
-            "spec": self._spec_digest(spec),
-            "inputs": {n: self._value("inputs", n, inputs.get(n)) for n in read_inputs},
-            "stages": {
-                n: self._value("stages", n, stages.get(n, {}).get("output")) for n in read_stages
-            },
-            # a map item's own names: never cached (each item has its own value)
-            "names": {n: _digest(context.get(n)) for n in sorted(reads.names) if n in context},
-        }
-        return _digest(data)
+    def of(self, spec: StageSpec, rendered: list[Any]) -> str:
+        """The fingerprint of ``spec`` whose ``own_templates`` rendered to ``rendered``."""
+        return _digest({"spec": self._spec_digest(spec), "rendered": rendered})
 
 
 def _strip(data: Any) -> Any:
