@@ -573,6 +573,49 @@ def _run_remote(
     _exit_for(end, view, events)
 
 
+# -- replay / diff ----------------------------------------------------------------------------
+
+
+@app.command()
+def replay(
+    recording: Annotated[
+        Path, typer.Argument(metavar="FILE.ndjson", help="A recording (run --record, --events).")
+    ],
+    speed: Annotated[
+        str,
+        typer.Option("--speed", metavar="N|max", help="N times the recorded pace, or max."),
+    ] = "1",
+    events: EventsOpt = False,
+) -> None:
+    """Play a recorded run in the live view at its recorded pace (a new run id, fresh seq/ts)."""
+    from stagecast.engine.replay import ReplayRun, parse_speed
+
+    try:
+        factor = parse_speed(speed)
+    except ValueError as exc:
+        _fail(f"--speed: {exc}")
+    loaded = _read_recording(recording)
+    view = _make_view(events)
+    played = ReplayRun(loaded, speed=factor, sink=view.handle)
+    view.on_broken = played.cancel
+    try:
+        end = asyncio.run(_drive(played.execute(), played.cancel, view))
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_CANCELLED) from None
+    _exit_for(end, view, events)
+
+
+@app.command()
+def diff(
+    first: Annotated[Path, typer.Argument(metavar="A.ndjson", help="The earlier recording.")],
+    second: Annotated[Path, typer.Argument(metavar="B.ndjson", help="The later recording.")],
+) -> None:
+    """Compare two recorded runs stage by stage: status, duration, usage, output diff."""
+    from stagecast.api.rundiff import diff_recordings
+
+    sys.stdout.write(diff_recordings(_read_recording(first), _read_recording(second)))
+
+
 # -- graph ------------------------------------------------------------------------------------
 
 
@@ -744,12 +787,22 @@ def models() -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    recordings: Annotated[
+        Path | None,
+        typer.Option(
+            "--recordings",
+            metavar="DIR",
+            help="Serve the recordings (*.ndjson) in DIR: POST /v1/replays, reuse.recording.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the HTTP API (runs as Server-Sent Event streams)."""
     from stagecast.api.server import serve as start_server
 
+    if recordings is not None and not recordings.is_dir():
+        _fail(f"--recordings: {recordings}: not a directory")
     try:
-        start_server(host=host, port=port)
+        start_server(host=host, port=port, recordings_dir=recordings)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_OK) from None
 

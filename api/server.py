@@ -7,6 +7,7 @@ serve("0.0.0.0", 9000)                     # host/port win over the settings
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from stagecast.api.settings import ServerSettings, SettingsError, load_settings
 
@@ -19,6 +20,7 @@ def serve(
     settings: ServerSettings | None = None,
     *,
     log_level: str = "info",
+    recordings_dir: Path | None = None,
 ) -> None:
     """Run the API server until interrupted (one worker; runs live in this process)."""
     import uvicorn
@@ -31,6 +33,8 @@ def serve(
         except SettingsError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+    if recordings_dir is not None:
+        settings = settings.model_copy(update={"recordings_dir": recordings_dir.resolve()})
     app = create_app(settings)
     uvicorn.run(
         app,

@@ -213,7 +213,7 @@ class Reuse:
             raise ReuseError(
                 f"{recording.name}: recorded with {chain.id!r} version {recorded.version!r}, "
                 f"but the chain is now version {version!r}; outputs of another version are "
-                "not reused (run without --reuse, or with a recording of this version)"
+                "not reused (run without reuse, or reuse a recording of this version)"
             )
         self.forced: set[str] = set()
         if from_stage is not None:

@@ -242,7 +242,7 @@ async def test_a_recording_of_another_version_or_chain_is_refused(tmp_path: Path
         Reuse(recording(first), newer)
     assert str(caught.value) == (
         "first.ndjson: recorded with 'advanced_summary' version 1, but the chain is now "
-        "version 2; outputs of another version are not reused (run without --reuse, or with a "
+        "version 2; outputs of another version are not reused (run without reuse, or reuse a "
         "recording of this version)"
     )
     other = edited(tmp_path, "id: advanced_summary\n", "id: other_summary\n")
