@@ -737,9 +737,17 @@ def schema(
     events: Annotated[
         bool, typer.Option("--events", help="The event protocol's JSON Schema instead.")
     ] = False,
+    http: Annotated[
+        bool, typer.Option("--http", help="The HTTP API's request and response bodies instead.")
+    ] = False,
 ) -> None:
     """Print the chain YAML JSON Schema (or, with --events, the event union's)."""
     # the exact text of api/schema/run-events.json / chains/chain.schema.json
+    if http:
+        from stagecast.api.rest_schema import rest_json_schema_text
+
+        sys.stdout.write(rest_json_schema_text())
+        return
     sys.stdout.write(events_json_schema_text() if events else chain_json_schema_text())
 
 
