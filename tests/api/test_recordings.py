@@ -11,7 +11,20 @@ from typing import Any
 import httpx
 import pytest
 
-from stagecast.engine.events import event_from_json, event_to_json
+from stagecast.api.client import Client
+from stagecast.engine.events import (
+    ChainInfo,
+    PlanStep,
+    RunEnded,
+    RunStarted,
+    StageEnded,
+    StageProgress,
+    StageStarted,
+    Token,
+    Usage,
+    event_from_json,
+    event_to_json,
+)
 from tests.api.conftest import ScriptedModel
 from tests.api.sse_parse import complete, events_of
 
@@ -242,3 +255,33 @@ def test_a_rerun_reuses_an_earlier_run_by_id_or_recording(
             "version 1; outputs of another version are not reused (run without reuse, or "
             "reuse a recording of this version)"
         )
+
+
+def test_the_python_client_yields_the_engines_typed_events(
+    serve: Callable[..., str], recordings: tuple[Path, list[dict[str, Any]]]
+) -> None:
+    folder, recorded = recordings
+    url = serve(recordings_dir=folder)
+    with Client(url) as client:
+        first = list(client.stream("parallel", THINGS))
+        run = client.start_replay("parallel-run", speed="max")
+        replayed = list(client.events(run.run_id))
+        again = client.start_run("parallel", reuse={"run_id": first[0].run_id})
+        reused = list(client.events(again.run_id))
+    classes = {
+        "run-start": RunStarted,
+        "stage-start": StageStarted,
+        "token": Token,
+        "stage-progress": StageProgress,
+        "stage-end": StageEnded,
+        "run-end": RunEnded,
+    }
+    for events in (first, replayed, reused):
+        assert {e.type for e in events} <= set(classes)
+        assert all(type(e) is classes[e.type] for e in events)
+    start, end = first[0], first[-1]
+    assert isinstance(start, RunStarted) and isinstance(start.chain, ChainInfo)
+    assert isinstance(start.plan[0], PlanStep) and start.inputs == {**THINGS, "topic": "tests"}
+    assert isinstance(end, RunEnded) and isinstance(end.usage, Usage)
+    assert [e.type for e in replayed] == [e["type"] for e in recorded]
+    assert [e.reused for e in reused if isinstance(e, StageEnded)] == [True] * 6
