@@ -155,6 +155,9 @@ class _Unit:
     """For a map item, the map: its ``retries`` and ``timeout`` apply to each item."""
     fingerprint: str | None = None
     reused: bool = False
+    rendered: list[Any] | None = None
+    """Its own templates (``engine.reuse.own_templates``), rendered once for the fingerprint and
+    used again by the stage itself: a render is never paid twice."""
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n?(.*?)\n?```\s*$", re.DOTALL)
@@ -513,11 +516,6 @@ class ChainRun:
                 self._done_weight += unit.share
                 self._end(unit, "skipped", None, None, Usage(), 1, None)
                 return None
-        unit.fingerprint = await self._fingerprint(unit)
-        if self.reuse is not None and unit.fingerprint and not isinstance(spec, MapStage):
-            earlier = self.reuse.find(unit.path, unit.fingerprint)
-            if earlier is not None:
-                return self._reuse_unit(unit, earlier.end, earlier.sources)
         if isinstance(spec, MapStage):
             return await self._run_map(unit, spec, self._start(unit))
         if self._limit is None:
@@ -528,15 +526,26 @@ class ChainRun:
     async def _fingerprint(self, unit: _Unit) -> str | None:
         """The unit's content hash (``engine.reuse``); None when a template does not render
         (the stage then fails the usual way, and is never reused)."""
+        text = not isinstance(unit.spec, MapStage)  # a map's `over` keeps its type (a list)
         try:
-            rendered = [await self._render(t, unit.context) for t in own_templates(unit.spec)]
+            rendered = [
+                await self._render(t, unit.context, text=text) for t in own_templates(unit.spec)
+            ]
         except Exception:  # TemplateError, RenderLimitError: the stage will fail on its own
             return None
+        unit.rendered = rendered
         return self._fingerprints.of(unit.spec, rendered)
 
-    def _reuse_unit(self, unit: _Unit, end: StageEnded, sources: list[SourceFound]) -> Any:
-        """End ``unit`` at once with an earlier run's output: its sources again, zero usage."""
-        started = self._start(unit)
+    async def _own_text(self, unit: _Unit, source: str) -> Any:
+        """A stage's one own template (text, query, a map's over), rendered once."""
+        if unit.rendered:
+            return unit.rendered[0]
+        return await self._render(source, unit.context, text=not isinstance(unit.spec, MapStage))
+
+    def _reuse_unit(
+        self, unit: _Unit, started: float, end: StageEnded, sources: list[SourceFound]
+    ) -> Any:
+        """End ``unit`` (started) with an earlier run's output: its sources again, zero usage."""
         self._emit_sources(unit, 1, (found.source for found in sources))
         self._done_weight += unit.share
         unit.reused = True
@@ -581,6 +590,12 @@ class ChainRun:
         retries, timeout = self._retry_policy(unit)
         attempt = 1
         try:
+            # rendered inside the stage (a heavy prompt shows as the stage running), once
+            unit.fingerprint = await self._fingerprint(unit)
+            if self.reuse is not None and unit.fingerprint is not None:
+                earlier = self.reuse.find(unit.path, unit.fingerprint)
+                if earlier is not None:
+                    return self._reuse_unit(unit, started, earlier.end, earlier.sources)
             while True:
                 try:
                     output = await self._attempt(unit, attempt, usage, timeout)
@@ -671,7 +686,7 @@ class ChainRun:
         if isinstance(spec, LlmStage):
             return await self._run_llm(unit, spec, attempt, usage)
         if isinstance(spec, TemplateStage):
-            return await self._render(spec.text, unit.context, text=True)
+            return await self._own_text(unit, spec.text)
         if isinstance(spec, SplitStage):
             return await self._run_split(unit, spec, attempt)
         if isinstance(spec, RetrieveStage):
@@ -681,7 +696,7 @@ class ChainRun:
         raise StageError(f"unknown stage kind {spec.kind!r}")  # pragma: no cover
 
     async def _run_split(self, unit: _Unit, spec: SplitStage, attempt: int) -> Any:
-        text = await self._render(spec.text, unit.context, text=True)
+        text = await self._own_text(unit, spec.text)
         chunks = split_text(text, spec.chunk_size, min(spec.overlap, spec.chunk_size - 1))
         if spec.sources:
             total = len(chunks)
@@ -748,7 +763,7 @@ class ChainRun:
         )
 
     async def _run_retrieve(self, unit: _Unit, spec: RetrieveStage, attempt: int) -> Any:
-        query = await self._render(spec.query, unit.context, text=True)
+        query = await self._own_text(unit, spec.query)
         try:
             retriever = await self._retriever(spec.collection)
             hits = await retriever.search(query, spec.top_k, spec.min_score)
@@ -776,7 +791,11 @@ class ChainRun:
         ]
 
     async def _run_llm(self, unit: _Unit, spec: LlmStage, attempt: int, usage: Usage) -> Any:
-        messages = await self._messages(spec, unit.context)
+        if unit.rendered is not None:  # rendered once already, for the fingerprint
+            roles = [role for role, _, _ in prompt_parts(spec.prompt)]
+            messages = [_MESSAGE_KINDS[r](t) for r, t in zip(roles, unit.rendered, strict=True)]
+        else:
+            messages = await self._messages(spec, unit.context)
         if self.on_prompt is not None:
             self.on_prompt(unit.stage_id, unit.path, messages)
         resolved = self._resolve(spec)
@@ -828,7 +847,8 @@ class ChainRun:
     async def _run_map(self, unit: _Unit, spec: MapStage, started: float) -> Any:
         state = self._state(unit)
         try:
-            items = await self._render(spec.over, unit.context)
+            unit.fingerprint = await self._fingerprint(unit)
+            items = await self._own_text(unit, spec.over)
         except TemplateError as exc:
             error = ErrorInfo(type=exc.type, message=f"over: {exc}")
             self._end(unit, "failed", started, None, Usage(), 1, error)
