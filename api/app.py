@@ -36,7 +36,7 @@ from stagecast.engine.resources import chain_dirs
 
 __all__ = ["BodyLimitMiddleware", "create_app"]
 
-API_VERSION = "1.1"
+API_VERSION = "1.2"
 SWEEP_SECONDS = 30.0
 
 

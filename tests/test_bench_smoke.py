@@ -22,6 +22,7 @@ SCRIPTS = {
     "bench_concurrency.py": "lateness p50 ms",
     "bench_retrieval.py": "Stagecast (bm25s)",
     "bench_openai.py": "fast path, bare",
+    "bench_reuse.py": "reuse, merge prompt edited",
 }
 
 
