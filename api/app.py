@@ -159,7 +159,14 @@ def create_app(
     manager = RunManager(settings, log, registry, metrics)
     catalog = ChainCatalog(settings.chains_dir if settings.chains_dir is not None else chain_dirs())
     state = AppState(settings, log, manager, catalog, metrics)
-    metrics.add_gauge("stagecast_runs_active", "Runs executing now.", lambda: manager.active)
+    metrics.add_gauge(
+        "stagecast_runs_active",
+        "Runs not finished (waiting ones included).",
+        lambda: manager.active,
+    )
+    metrics.add_gauge(
+        "stagecast_runs_waiting_input", "Runs waiting for an answer.", lambda: manager.waiting
+    )
     metrics.add_gauge(
         "stagecast_runs_kept", "Runs kept (running or within their TTL).", lambda: len(manager)
     )

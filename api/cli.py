@@ -28,10 +28,18 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from stagecast.api.answering import Answerer, AnswersFile, Ask, NoAnswer, TerminalAsker
 from stagecast.api.live import EventsView, LiveView, PlainView, View
+from stagecast.engine.asking import AnswerRefused, NotWaiting, PendingInput
 from stagecast.engine.chain import Chain
 from stagecast.engine.errors import ChainSpecError, InputError, ModelConfigError, Problem
-from stagecast.engine.events import RunEnded, RunEvent, event_to_json, events_json_schema_text
+from stagecast.engine.events import (
+    InputRequired,
+    RunEnded,
+    RunEvent,
+    event_to_json,
+    events_json_schema_text,
+)
 from stagecast.engine.graph import chain_mermaid
 from stagecast.engine.loading import find_chain, load_chain, validate_chain_file
 from stagecast.engine.model_config import load_models_config
@@ -295,6 +303,15 @@ FromOpt = Annotated[
     str | None,
     typer.Option("--from", metavar="STAGE", help="With --reuse: run STAGE and its dependents."),
 ]
+AnswersOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--answers",
+        metavar="FILE.json",
+        help="Answers to the chain's input stages, by stage id (a list for map items); "
+        "without it they are asked on the terminal.",
+    ),
+]
 
 
 @app.command()
@@ -315,6 +332,7 @@ def run(
     record: RecordOpt = None,
     reuse: ReuseOpt = None,
     from_stage: FromOpt = None,
+    answers: AnswersOpt = None,
 ) -> None:
     """Run a chain with a live view of every stage (exit 0 succeeded, 1 failed, 130 cancelled)."""
     if from_stage is not None and reuse is None:
@@ -325,7 +343,7 @@ def run(
                 "--reuse is not available with --server",
                 hint='POST /v1/runs with "reuse": {"run_id" or "recording", "from"}',
             )
-        _run_remote(server, chain, input or [], inputs, model, events, record=record)
+        _run_remote(server, chain, input or [], inputs, model, events, answers, record=record)
     _run_local(
         chain,
         input or [],
@@ -333,6 +351,7 @@ def run(
         model,
         events,
         coalesce_ms,
+        answers,
         dry_run=False,
         record=record,
         reuse=(reuse, from_stage) if reuse is not None else None,
@@ -346,9 +365,10 @@ def dry_run(
     inputs: InputsFileOpt = None,
     events: EventsOpt = False,
     coalesce_ms: CoalesceOpt = 0.0,
+    answers: AnswersOpt = None,
 ) -> None:
     """Run a chain on the offline model and print each stage's rendered prompt."""
-    _run_local(chain, input or [], inputs, "offline", events, coalesce_ms, dry_run=True)
+    _run_local(chain, input or [], inputs, "offline", events, coalesce_ms, answers, dry_run=True)
 
 
 def _make_view(events: bool) -> View:
@@ -364,6 +384,26 @@ def _make_view(events: bool) -> View:
     return PlainView(sys.stdout)
 
 
+def _answerer(answers_file: Path | None, events: bool, view: View) -> Answerer:
+    """Where the answers to input stages come from: the file, else the terminal, else none."""
+    if answers_file is not None:
+        try:
+            return Answerer(AnswersFile(answers_file), None)
+        except NoAnswer as exc:
+            _fail(str(exc))
+    if events:
+        return Answerer(None, None, why_not="--events is on (stdout is NDJSON)")
+    if not sys.stdin.isatty():
+        return Answerer(None, None, why_not="stdin is not a terminal")
+    if isinstance(view, LiveView):
+        console = view.console
+    else:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    return Answerer(None, TerminalAsker(console), pause=view.pause, resume=view.resume)
+
+
 def _run_local(
     chain_name: str,
     pairs: list[str],
@@ -371,6 +411,7 @@ def _run_local(
     model: str | None,
     events: bool,
     coalesce_ms: float,
+    answers_file: Path | None,
     *,
     dry_run: bool,
     record: Path | None = None,
@@ -387,6 +428,29 @@ def _run_local(
     reusing = _load_reuse(reuse[0], reuse[1], chain) if reuse is not None else None
     view = _make_view(events)
     sink = _recording_sink(view.handle, record)
+    answerer = _answerer(answers_file, events, view)
+    asking: set[asyncio.Task[None]] = set()
+
+    def on_input(pending: PendingInput) -> None:
+        ask = Ask(pending.stage, pending.path, pending.prompt, pending.schema)
+
+        async def submit(value: Any) -> dict[str, str] | None:
+            try:
+                chain_run.answer(pending.stage, pending.path, value)
+            except AnswerRefused as exc:
+                return exc.problems
+            except NotWaiting:  # timed out or cancelled meanwhile
+                pass
+            return None
+
+        def fail(message: str) -> None:
+            with contextlib.suppress(NotWaiting):
+                chain_run.fail_input(pending.stage, pending.path, message)
+
+        task = asyncio.get_running_loop().create_task(answerer.handle(ask, submit, fail))
+        asking.add(task)
+        task.add_done_callback(asking.discard)
+
     try:
         chain_run = ChainRun(
             chain,
@@ -397,6 +461,7 @@ def _run_local(
             coalesce_ms=coalesce_ms,
             on_prompt=view.prompt if dry_run else None,
             reuse=reusing,
+            on_input=on_input,
         )
     except InputError as exc:
         for key, problem in exc.errors.items():
@@ -410,6 +475,8 @@ def _run_local(
         try:
             return await chain_run.execute()
         finally:
+            for task in list(asking):
+                task.cancel()
             await registry.aclose()  # the models' HTTP connections, in the loop that opened them
 
     try:
@@ -513,10 +580,12 @@ def _run_remote(
     inputs_file: Path | None,
     model: str | None,
     events: bool,
+    answers_file: Path | None,
     *,
     record: Path | None = None,
 ) -> NoReturn:
-    """``run --server URL``: the same views, fed by the HTTP client."""
+    """``run --server URL``: the same views, fed by the HTTP client; input stages are answered
+    through ``POST /v1/runs/{id}/input`` (from ``--answers`` or the terminal)."""
     from stagecast.api.client import AsyncClient, StagecastError
 
     declared: Mapping[str, InputSpec] = {}
@@ -526,9 +595,11 @@ def _run_remote(
         declared, chain_id = local.spec.inputs, local.id
     values = collect_inputs(declared, pairs, inputs_file)
     view = _make_view(events)
-    handle = _recording_sink(view.handle, record)
+    show = _recording_sink(view.handle, record)
+    answerer = _answerer(answers_file, events, view)
     run_id: list[str] = []
     cancelled = asyncio.Event()
+    unanswered: list[str] = []
 
     async def execute() -> RunEnded | None:
         end: RunEnded | None = None
@@ -539,16 +610,46 @@ def _run_remote(
                 await cancelled.wait()
                 await client.cancel(run_id[0])
 
-            started = await client.start_run(chain_id, values, model=model)
-            run_id.append(started.run_id)
-            canceller = asyncio.get_running_loop().create_task(cancel_when_asked())
+            handle = await client.start_run(chain_id, values, model=model)
+            run_id.append(handle.run_id)
+            loop = asyncio.get_running_loop()
+            canceller = loop.create_task(cancel_when_asked())
+            asking: set[asyncio.Task[None]] = set()
+
+            def ask_for(event: InputRequired) -> None:
+                where = list(event.path or [])
+                ask = Ask(event.stage or "", where, event.prompt, event.schema or {})
+
+                async def submit(value: Any) -> dict[str, str] | None:
+                    try:
+                        await client.answer(handle.run_id, ask.stage, ask.path, value)
+                    except StagecastError as exc:
+                        fields = exc.details.get("fields") if exc.status == 422 else None
+                        if isinstance(fields, dict) and fields:
+                            return {str(k): str(v) for k, v in fields.items()}
+                        if exc.status != 409:  # 409: answered meanwhile (another viewer)
+                            raise
+                    return None
+
+                def fail(message: str) -> None:  # the API cannot fail an input: cancel
+                    unanswered.append(message)
+                    cancelled.set()
+
+                task = loop.create_task(answerer.handle(ask, submit, fail))
+                asking.add(task)
+                task.add_done_callback(asking.discard)
+
             try:
-                async for event in client.events(started.run_id):
-                    handle(event)
-                    if isinstance(event, RunEnded):
+                async for event in client.events(handle.run_id):
+                    show(event)
+                    if isinstance(event, InputRequired):
+                        ask_for(event)
+                    elif isinstance(event, RunEnded):
                         end = event
             finally:
                 canceller.cancel()
+                for task in list(asking):
+                    task.cancel()
         return end
 
     view.on_broken = cancelled.set
@@ -570,6 +671,10 @@ def _run_remote(
         _fail(f"{server}: cannot reach the server ({exc})", EXIT_FAILED)
     except Exception as exc:  # httpx errors: one line, not a traceback
         _fail(f"{server}: {type(exc).__name__}: {exc}", EXIT_FAILED)
+    if unanswered:
+        for message in unanswered:
+            _err(f"error: {message}")
+        raise typer.Exit(EXIT_FAILED)
     _exit_for(end, view, events)
 
 

@@ -208,6 +208,15 @@ class Client(_Base):
         result: dict[str, Any] = self._json("POST", f"/v1/runs/{run_id}/cancel")
         return result
 
+    def answer(
+        self, run_id: str, stage: str, path: list[str | int] | None, value: Any
+    ) -> dict[str, Any]:
+        """Answer a pending input-required (202). A refused answer raises ``StagecastError``
+        422 ``invalid_answer`` with ``details["fields"]``; a stage/path not waiting, 409."""
+        body = {"stage": stage, "path": path, "value": value}
+        result: dict[str, Any] = self._json("POST", f"/v1/runs/{run_id}/input", json=body)
+        return result
+
     def events(self, run_id: str, *, after: int = 0) -> Iterator[RunEvent]:
         """The run's events after ``after``, live, resuming by itself; ends after run-end."""
         last, failures = after, 0
@@ -328,6 +337,14 @@ class AsyncClient(_Base):
 
     async def cancel(self, run_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._json("POST", f"/v1/runs/{run_id}/cancel")
+        return result
+
+    async def answer(
+        self, run_id: str, stage: str, path: list[str | int] | None, value: Any
+    ) -> dict[str, Any]:
+        """Answer a pending input-required (see ``Client.answer``)."""
+        body = {"stage": stage, "path": path, "value": value}
+        result: dict[str, Any] = await self._json("POST", f"/v1/runs/{run_id}/input", json=body)
         return result
 
     async def events(self, run_id: str, *, after: int = 0) -> AsyncIterator[RunEvent]:

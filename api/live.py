@@ -162,6 +162,7 @@ class RunState:
     stages: dict[str, StageLine] = field(default_factory=dict)
     end: RunEnded | None = None
     waiting_input: str | None = None
+    waiting_path: tuple[str | int, ...] | None = None
 
     def apply(self, event: RunEvent) -> StageLine | None:
         """Fold one event in; returns the stage line it touched, if any."""
@@ -211,8 +212,14 @@ class RunState:
             source = event.source
             line.found.append((source.id, source.title or source.id, source.score))
         elif isinstance(event, InputRequired):
-            self.waiting_input = f"{path_label(path)}: {event.prompt}"
+            question = " ".join(event.prompt.split())
+            if len(question) > 100:
+                question = question[:99] + "…"
+            self.waiting_input = f"{path_label(path)}: {question}"
+            self.waiting_path = tuple(path)
         elif isinstance(event, StageEnded):
+            if self.waiting_path == tuple(path):
+                self.waiting_input = self.waiting_path = None
             if key:
                 line.items.pop(key, None)
                 line.reused_items += event.reused
@@ -245,6 +252,12 @@ class View:
 
     def prompt(self, stage: str, path: list[str | int], messages: list[BaseMessage]) -> None:
         pass
+
+    def pause(self) -> None:
+        """Stop drawing (a question is asked on the terminal); events still fold in."""
+
+    def resume(self) -> None:
+        """Draw again after ``pause``."""
 
     def note(self, message: str) -> None:
         """A diagnostic for the person at the terminal (never on an NDJSON stdout)."""
@@ -425,6 +438,17 @@ class LiveView(View):
     def start(self) -> None:
         self.live.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    def pause(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        self.live.update(self.render(), refresh=True)
+        self.live.stop()
+
+    def resume(self) -> None:
+        if self._ticker is None:
+            self.start()
 
     async def _tick(self) -> None:
         while True:

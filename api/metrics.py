@@ -22,6 +22,7 @@ class Metrics:
         self.runs_started = 0
         self.runs_finished: Counter[str] = Counter()
         self.runs_rejected: Counter[str] = Counter()
+        self.answers: Counter[str] = Counter()
         self.streams_active = 0
         self.streams_opened = 0
         self.streams_dropped = 0
@@ -68,6 +69,9 @@ class Metrics:
         head("stagecast_runs_rejected_total", "counter", "Run requests refused, by reason.")
         for reason, n in sorted(self.runs_rejected.items()):
             out.append(f'stagecast_runs_rejected_total{{reason="{_label(reason)}"}} {n}')
+        head("stagecast_answers_total", "counter", "Answers to input stages, by outcome.")
+        for outcome in ("accepted", "refused", "not_waiting"):
+            out.append(f'stagecast_answers_total{{outcome="{outcome}"}} {self.answers[outcome]}')
         head("stagecast_streams_active", "gauge", "Open event streams.")
         out.append(f"stagecast_streams_active {self.streams_active}")
         head("stagecast_streams_opened_total", "counter", "Event streams opened.")

@@ -15,6 +15,7 @@ from pydantic.json_schema import models_json_schema
 
 from stagecast.api.errors import ErrorResponse
 from stagecast.api.routes import (
+    AnswerAccepted,
     CancelAccepted,
     ChainDetail,
     ChainList,
@@ -37,6 +38,7 @@ _BODIES: list[tuple[type[BaseModel], Mode]] = [
     (RunCreated, "serialization"),
     (RunStatusModel, "serialization"),
     (CancelAccepted, "serialization"),
+    (AnswerAccepted, "serialization"),
     (ChainList, "serialization"),
     (ChainDetail, "serialization"),
     (ModelList, "serialization"),

@@ -35,6 +35,7 @@ from stagecast.api.runs import (
 )
 from stagecast.api.settings import ServerSettings
 from stagecast.api.sse import EventStreamResponse, StallWatch
+from stagecast.engine.asking import AnswerRefused, NotWaiting
 from stagecast.engine.errors import InputError, ModelConfigError
 from stagecast.engine.events import RunStatus, events_json_schema
 from stagecast.engine.inputs import inputs_json_schema
@@ -231,7 +232,20 @@ class CancelAccepted(BaseModel):
 
 
 class InputAnswer(BaseModel):
-    answer: Any = Field(description="The answer to the pending input-required event.")
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str = Field(description="The `stage` of the input-required event.")
+    path: list[str | int] | None = Field(
+        None,
+        description="The `path` of the input-required event (may be left out when the stage "
+        "has one pending input).",
+    )
+    value: Any = Field(description="The answer; it must match the event's `schema`.")
+
+
+class AnswerAccepted(BaseModel):
+    run_id: str
+    status: RunStatus = Field(description="The run's status now (`running` once answered).")
 
 
 class RunStatusModel(BaseModel):
@@ -248,7 +262,10 @@ class RunStatusModel(BaseModel):
         description="Top-level stage id -> status, attempt, completed/total, output, usage, "
         "duration_ms, error."
     )
-    pending_input: dict[str, Any] | None
+    pending_input: list[dict[str, Any]] = Field(
+        description="Input stages waiting for an answer: `{stage, path, prompt, schema, "
+        "expires_at}` each (empty when nothing waits)."
+    )
     outputs: Any
     usage: dict[str, Any]
     error: dict[str, Any] | None
@@ -488,7 +505,11 @@ async def create_run(
         raise ApiError(422, "invalid_model", str(exc), {"fields": {field: str(exc)}}) from None
     except RunLimitError as exc:
         raise ApiError(
-            429, "too_many_runs", str(exc), {"limit": exc.limit}, headers={"Retry-After": "1"}
+            429,
+            "too_many_runs",
+            str(exc),
+            {"limit": exc.limit, "setting": exc.setting},
+            headers={"Retry-After": "1"},
         ) from None
     run_id = managed.run_id
     urls = _urls(request, run_id)
@@ -768,19 +789,32 @@ async def cancel_run(run_id: str, request: Request) -> dict[str, Any]:
 @v1.post(
     "/runs/{run_id}/input",
     status_code=202,
+    response_model=AnswerAccepted,
     summary="Answer a run's pending input-required event",
+    description="202 once the answer is taken (the input stage ends with it as its output). "
+    "422 `invalid_answer` when it does not match the event's schema: `details.fields` maps "
+    "`value`, `value.<property>` … to the problem; the run keeps waiting and emits nothing. "
+    "409 `not_waiting_input` when that stage/path is not waiting (answered already, or never "
+    "asked): `details.waiting` lists what is.",
     responses=_errors(401, 404, 409, 422),
 )
 async def answer_input(run_id: str, body: InputAnswer, request: Request) -> dict[str, Any]:
     state = state_of(request)
     managed = _managed(state, run_id)
-    # The engine does not run `input` stages yet, so no run ever waits for input.
-    raise ApiError(
-        409,
-        "not_waiting_input",
-        f"run {run_id!r} is not waiting for input (status: {managed.status})",
-        {"status": managed.status},
-    )
+    try:
+        state.manager.answer(run_id, body.stage, body.path, body.value)
+    except NotWaiting as exc:
+        raise ApiError(
+            409,
+            "not_waiting_input",
+            f"run {run_id!r}: {exc} (status: {managed.status})",
+            {"status": managed.status, "waiting": exc.waiting},
+        ) from None
+    except AnswerRefused as exc:
+        raise ApiError(
+            422, "invalid_answer", str(exc), {"fields": exc.problems, "path": exc.path}
+        ) from None
+    return {"run_id": run_id, "status": managed.status}
 
 
 @v1.get("/schema/events", summary="JSON Schema of the event union (protocol v1)")

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from stagecast.api.eventlog import EventLog, LogEntry
 from stagecast.api.metrics import Metrics
 from stagecast.api.settings import ServerSettings
+from stagecast.engine.asking import AnswerRefused, NotWaiting
 from stagecast.engine.chain import Chain
 from stagecast.engine.events import (
     ChainInfo,
@@ -63,11 +64,11 @@ class RunNotFound(Exception):
 
 
 class RunLimitError(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            f"{limit} runs are already running (max_concurrent_runs); retry when one ends"
-        )
+    def __init__(self, limit: int, setting: str = "max_concurrent_runs") -> None:
+        what = "running" if setting == "max_concurrent_runs" else "waiting for input"
+        super().__init__(f"{limit} runs are already {what} ({setting}); retry when one ends")
         self.limit = limit
+        self.setting = setting
 
 
 class IdempotencyConflict(Exception):
@@ -118,7 +119,7 @@ class ManagedRun:
     def status(self) -> RunStatus:
         if self.ended is not None:
             return self.ended.status
-        return "running"
+        return "waiting_input" if self.run.status == "waiting_input" else "running"
 
 
 def _now_ms() -> int:
@@ -166,7 +167,15 @@ class RunManager:
 
     @property
     def active(self) -> int:
+        """Runs not finished (waiting ones included)."""
         return sum(1 for m in self._runs.values() if not m.finished)
+
+    @property
+    def waiting(self) -> int:
+        """Runs waiting for input now."""
+        return sum(
+            1 for m in self._runs.values() if not m.finished and m.run.status == "waiting_input"
+        )
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -190,9 +199,15 @@ class RunManager:
         ``idempotency`` is ``(key, fingerprint of the request)`` (see ``find_idempotent``).
         """
         self.expire()
-        if self.active >= self.settings.max_concurrent_runs:
+        settings = self.settings
+        active, waiting = self.active, self.waiting
+        running = active if settings.waiting_runs_hold_slots else active - waiting
+        if running >= settings.max_concurrent_runs:
             self.metrics.runs_rejected["limit"] += 1
-            raise RunLimitError(self.settings.max_concurrent_runs)
+            raise RunLimitError(settings.max_concurrent_runs)
+        if waiting >= settings.max_waiting_runs:
+            self.metrics.runs_rejected["waiting_limit"] += 1
+            raise RunLimitError(settings.max_waiting_runs, "max_waiting_runs")
         run = ChainRun(
             chain,
             inputs,
@@ -202,6 +217,7 @@ class RunManager:
             render_limits=self.settings.render_limits(),
             max_map_items=self.settings.max_map_items,
             reuse=reuse,
+            max_input_wait=self.settings.max_input_wait,
         )
         managed = ManagedRun(
             run=run,
@@ -302,6 +318,20 @@ class RunManager:
             self.log.finish(run.run_id)
             self.metrics.runs_finished[managed.status] += 1
 
+    def answer(self, run_id: str, stage: str, path: list[str | int] | None, value: Any) -> None:
+        """Answer the run's pending input at ``stage``/``path``. Raises RunNotFound,
+        NotWaiting (names what is waiting) or AnswerRefused (field path -> problem)."""
+        managed = self.get(run_id)
+        try:
+            managed.run.answer(stage, path, value)
+        except AnswerRefused:
+            self.metrics.answers["refused"] += 1
+            raise
+        except NotWaiting:
+            self.metrics.answers["not_waiting"] += 1
+            raise
+        self.metrics.answers["accepted"] += 1
+
     def cancel(self, run_id: str) -> ManagedRun:
         """Idempotent: a finished run stays as it ended."""
         managed = self.get(run_id)
@@ -382,7 +412,7 @@ class RunManager:
             "on_disconnect": managed.on_disconnect,
             "viewers": managed.viewers,
             "stages": {stage_id: asdict(state) for stage_id, state in run.stages.items()},
-            "pending_input": None,
+            "pending_input": [p.to_dict() for p in run.pending_inputs],
             "outputs": ended.outputs if ended is not None else None,
             "usage": asdict(ended.usage if ended is not None else run.usage),
             "error": asdict(ended.error) if ended is not None and ended.error else None,

@@ -88,6 +88,23 @@ class ServerSettings(BaseModel):
     max_map_items: int = Field(
         10_000, gt=0, description="Most items one map stage runs; more fail the stage."
     )
+    max_input_wait: float = Field(
+        3600.0,
+        gt=0,
+        description="Most seconds an input stage waits for its answer (whatever its own "
+        "`timeout`); past it the run ends `failed` (`input_timeout`).",
+    )
+    waiting_runs_hold_slots: bool = Field(
+        False,
+        description="Whether a run waiting for input counts against `max_concurrent_runs` "
+        "(by default it does not: it holds no model connection and little memory).",
+    )
+    max_waiting_runs: int = Field(
+        10_000,
+        gt=0,
+        description="Runs waiting for input at once; beyond it new runs get 429 until some "
+        "are answered, cancelled or time out.",
+    )
     template_max_chars: int = Field(
         DEFAULT_LIMITS.max_chars,
         gt=0,

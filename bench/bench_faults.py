@@ -72,8 +72,11 @@ asyncio.run(main())
 class ServeProcess:
     """``python -m stagecast.api.cli serve`` configured through STAGECAST_* variables."""
 
-    def __init__(self, workdir: Path, port: int, ttl: float) -> None:
+    def __init__(
+        self, workdir: Path, port: int, ttl: float, env: dict[str, str] | None = None
+    ) -> None:
         self.workdir, self.port, self.ttl = workdir, port, ttl
+        self.extra_env = env or {}
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -85,6 +88,7 @@ class ServeProcess:
             "STAGECAST_MAX_CONCURRENT_RUNS": "5000",
             "STAGECAST_FINISHED_RUN_TTL": str(self.ttl),
             "STAGECAST_PING_INTERVAL": "5",
+            **self.extra_env,
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stagecast.api.cli", "serve", "--port", str(self.port)],

@@ -11,6 +11,7 @@ The public surface::
 store into the ``retrieve`` stages whose ``collection`` is ``kb``.
 """
 
+from stagecast.engine.asking import AnswerRefused, NotWaiting, PendingInput
 from stagecast.engine.chain import Chain
 from stagecast.engine.errors import (
     ChainError,
@@ -38,6 +39,7 @@ from stagecast.engine.providers import ModelRegistry
 
 __all__ = [
     "RUN_EVENT",
+    "AnswerRefused",
     "Chain",
     "ChainError",
     "ChainRun",
@@ -46,6 +48,8 @@ __all__ = [
     "InputError",
     "ModelConfigError",
     "ModelRegistry",
+    "NotWaiting",
+    "PendingInput",
     "Problem",
     "RunEvent",
     "StageError",

@@ -56,7 +56,7 @@ class Chain:
         order: whose sources its ``[n]`` markers cite. Derived once per loaded chain."""
         retrieving: list[str] = []
         for stage in self.spec.stages:
-            inner: StageSpec = stage
+            inner: StageSpec | None = stage
             while isinstance(inner, MapStage):
                 inner = inner.stage
             if isinstance(inner, RetrieveStage) and stage.id:
@@ -68,7 +68,7 @@ class Chain:
         while todo:
             stage = todo.pop()
             if isinstance(stage, MapStage):
-                todo.append(stage.stage)
+                todo.extend(stage.item_stages)
             if not isinstance(stage, LlmStage):
                 continue
             read: set[str] = set()
@@ -125,28 +125,44 @@ class StageTemplate:
     """Where it is, from the path the walk started at: ``(..., "prompt", "system")``."""
     source: str
     scope: frozenset[str]
-    """Names it may read besides ``inputs`` and ``stages`` (a map's ``as`` and ``index``)."""
+    """Names it may read besides ``inputs`` and ``stages`` (a map's ``as``, ``index``,
+    ``earlier``)."""
+    local: frozenset[str] = frozenset()
+    """Stage ids it may read besides the top-level ones: the stages before it in a map's
+    ``stages`` sequence (``stages.<id>.output`` of the same item)."""
 
 
 def stage_templates(
-    stage: StageSpec, path: KeyPath = (), scope: frozenset[str] = frozenset()
+    stage: StageSpec,
+    path: KeyPath = (),
+    scope: frozenset[str] = frozenset(),
+    local: frozenset[str] = frozenset(),
 ) -> Iterator[StageTemplate]:
     """Every template of a stage, nested map stages included, in field order."""
     if stage.when is not None:
-        yield StageTemplate((*path, "when"), stage.when, scope)
+        yield StageTemplate((*path, "when"), stage.when, scope, local)
     if isinstance(stage, LlmStage):
         for _, where, source in prompt_parts(stage.prompt):
-            yield StageTemplate((*path, "prompt", *where), source, scope)
+            yield StageTemplate((*path, "prompt", *where), source, scope, local)
     elif isinstance(stage, MapStage):
-        yield StageTemplate((*path, "over"), stage.over, scope)
-        inner = scope | {stage.as_, "index"}
-        yield from stage_templates(stage.stage, (*path, "stage"), inner)
+        yield StageTemplate((*path, "over"), stage.over, scope, local)
+        inner = scope | {stage.as_, "index", "earlier"}
+        if stage.stages is not None:
+            before: set[str] = set(local)
+            for index, member in enumerate(stage.stages):
+                yield from stage_templates(
+                    member, (*path, "stages", index), inner, frozenset(before)
+                )
+                if member.id:
+                    before.add(member.id)
+        elif stage.stage is not None:
+            yield from stage_templates(stage.stage, (*path, "stage"), inner, local)
     elif isinstance(stage, TemplateStage | SplitStage):
-        yield StageTemplate((*path, "text"), stage.text, scope)
+        yield StageTemplate((*path, "text"), stage.text, scope, local)
     elif isinstance(stage, RetrieveStage):
-        yield StageTemplate((*path, "query"), stage.query, scope)
+        yield StageTemplate((*path, "query"), stage.query, scope, local)
     elif isinstance(stage, InputStage):
-        yield StageTemplate((*path, "prompt"), stage.prompt, scope)
+        yield StageTemplate((*path, "prompt"), stage.prompt, scope, local)
 
 
 def stage_dependencies(spec: ChainSpec) -> dict[str, list[str]]:

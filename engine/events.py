@@ -253,7 +253,13 @@ class InputRequired(_Envelope):
 
     type: Literal["input-required"] = "input-required"
     prompt: str
+    """What to ask (rendered; Markdown)."""
     schema: dict[str, Any] | None = None
+    """The JSON Schema the answer must match (``{"type": "string"}`` unless the stage says
+    otherwise). Answer with ``POST /v1/runs/{id}/input`` ``{stage, path, value}``."""
+    expires_at: int | None = None
+    """When the wait ends (ms since the epoch): the stage then takes its default or fails;
+    null when it waits until the run's own limit."""
 
 
 @dataclass(slots=True, kw_only=True)

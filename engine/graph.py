@@ -51,7 +51,8 @@ def chain_mermaid(chain: Chain) -> str:
         sid = stage.id or ""
         kind: str = stage.kind
         if isinstance(stage, MapStage):
-            kind = f"map × {stage.stage.kind}"
+            inner = " → ".join(member.kind for member in stage.item_stages)
+            kind = f"map × {inner}"
         label = f"{_mermaid_text(stage.label or sid)}<br/><small>{kind} · {sid}</small>"
         if stage.when is not None:
             label += f"<br/><i>when: {_mermaid_text(_when_expr(stage.when))}</i>"

@@ -33,6 +33,13 @@ import jsonschema
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
+from stagecast.engine.asking import (
+    AnswerRefused,
+    NotWaiting,
+    PendingInput,
+    answer_problems,
+    compile_validator,
+)
 from stagecast.engine.chain import Chain, PromptRole, prompt_parts
 from stagecast.engine.citations import GivenSource, find_citations
 from stagecast.engine.collections import CollectionError, CollectionsConfig, load_collections_config
@@ -42,6 +49,7 @@ from stagecast.engine.events import (
     Citation,
     ErrorInfo,
     FinalStatus,
+    InputRequired,
     PlanStep,
     RunEnded,
     RunEvent,
@@ -158,6 +166,11 @@ class _Unit:
     rendered: list[Any] | None = None
     """Its own templates (``engine.reuse.own_templates``), rendered once for the fingerprint and
     used again by the stage itself: a render is never paid twice."""
+    turn: list[asyncio.Event] | None = None
+    """For a map item, the map's "item i ended" events: an input stage of item i asks only once
+    items 0 … i-1 have ended (an interview asks one question at a time, in order)."""
+    children: list[_Unit] = field(default_factory=list)
+    """For an item of a map with a ``stages`` sequence: the units of its stages."""
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n?(.*?)\n?```\s*$", re.DOTALL)
@@ -211,6 +224,10 @@ class ChainRun:
         reuse: an earlier run's outputs to reuse (``engine.reuse.Reuse``): unchanged stages that
             succeeded there end at once with that output and ``reused: true``; the recorded
             inputs are the defaults of ``inputs``.
+        max_input_wait: most seconds an input stage waits for its answer, whatever its own
+            ``timeout`` (None: no limit); past it the stage, and so the run, fails.
+        on_input: called with each ``PendingInput`` right after its input-required event
+            (the CLI asks on the terminal or answers from a file).
     """
 
     def __init__(
@@ -232,6 +249,8 @@ class ChainRun:
         collections: CollectionsConfig | None = None,
         index_cache_dir: FilePath | None = None,
         reuse: Reuse | None = None,
+        max_input_wait: float | None = None,
+        on_input: Callable[[PendingInput], None] | None = None,
     ) -> None:
         self.chain = chain
         if reuse is not None:
@@ -283,6 +302,9 @@ class ChainRun:
         self._index_cache_dir = index_cache_dir
         self._retrievers: dict[str, Retriever] = {}
         self._fingerprints = Fingerprints(chain, lambda spec: self._resolve(spec).label)
+        self.max_input_wait = max_input_wait
+        self.on_input = on_input
+        self._pending: dict[tuple[str | int, ...], PendingInput] = {}
 
     # -- public ---------------------------------------------------------------------------
 
@@ -299,6 +321,51 @@ class ChainRun:
     @property
     def last_seq(self) -> int:
         return self._seq
+
+    @property
+    def pending_inputs(self) -> list[PendingInput]:
+        """The input stages waiting for an answer now, in the order they asked."""
+        return list(self._pending.values())
+
+    def answer(self, stage: str, path: Path | None, value: Any) -> None:
+        """Answer a pending input. ``path`` may be None when ``stage`` has one pending input.
+
+        Raises ``NotWaiting`` (that stage/path is not waiting; names what is) or
+        ``AnswerRefused`` (the value does not match the schema; the run keeps waiting and
+        emits nothing). The first valid answer wins; the stage ends with it as its output.
+        """
+        if path is None:
+            matching = [p for p in self._pending.values() if p.stage == stage]
+            if len(matching) != 1:
+                raise NotWaiting(stage, None, self.pending_inputs)
+            pending = matching[0]
+        else:
+            found = self._pending.get(tuple(path))
+            if found is None or found.stage != stage:
+                raise NotWaiting(stage, list(path), self.pending_inputs)
+            pending = found
+        problems = answer_problems(pending.validator, value)
+        if problems:
+            raise AnswerRefused(pending.stage, pending.path, problems)
+        del self._pending[tuple(pending.path)]
+        self._waiting_changed()
+        if not pending.future.done():
+            pending.future.set_result(value)
+
+    def fail_input(self, stage: str, path: Path, message: str) -> None:
+        """End a pending input ``failed`` with ``message`` (type ``no_answer``): for a caller
+        that cannot answer (a script with no answer for it). Raises ``NotWaiting``."""
+        pending = self._pending.get(tuple(path))
+        if pending is None or pending.stage != stage:
+            raise NotWaiting(stage, list(path), self.pending_inputs)
+        del self._pending[tuple(path)]
+        self._waiting_changed()
+        if not pending.future.done():
+            pending.future.set_exception(StageError(message, type="no_answer"))
+
+    def _waiting_changed(self) -> None:
+        if self.status in ("running", "waiting_input"):
+            self.status = "waiting_input" if self._pending else "running"
 
     def cancel(self) -> None:
         """Stop the run: model calls stop, running stages end ``cancelled``, then run-end."""
@@ -495,7 +562,7 @@ class ChainRun:
             if isinstance(stage, LlmStage):
                 found.append(stage)
             elif isinstance(stage, MapStage):
-                todo.append(stage.stage)
+                todo.extend(stage.item_stages)
         return found
 
     # -- one unit: a stage or a map item --------------------------------------------------
@@ -518,7 +585,7 @@ class ChainRun:
                 return None
         if isinstance(spec, MapStage):
             return await self._run_map(unit, spec, self._start(unit))
-        if self._limit is None:
+        if self._limit is None or isinstance(spec, InputStage):  # waiting holds no slot
             return await self._run_leaf(unit)
         async with self._limit:  # held from stage-start to stage-end: a stable order at 1
             return await self._run_leaf(unit)
@@ -570,6 +637,8 @@ class ChainRun:
 
     def _retry_policy(self, unit: _Unit) -> tuple[int, float | None]:
         spec = unit.spec
+        if isinstance(spec, InputStage):
+            return 0, None  # a person answers once; the stage's timeout bounds the wait
         retries, timeout = spec.retries, spec.timeout
         if unit.parent is not None:
             retries = unit.parent.retries if retries is None else retries
@@ -692,7 +761,7 @@ class ChainRun:
         if isinstance(spec, RetrieveStage):
             return await self._run_retrieve(unit, spec, attempt)
         if isinstance(spec, InputStage):
-            raise StageError(f"stage kind {spec.kind!r} is not available yet", type="unsupported")
+            return await self._run_input(unit, spec, attempt)
         raise StageError(f"unknown stage kind {spec.kind!r}")  # pragma: no cover
 
     async def _run_split(self, unit: _Unit, spec: SplitStage, attempt: int) -> Any:
@@ -714,6 +783,63 @@ class ChainRun:
                 ),
             )
         return chunks
+
+    async def _run_input(self, unit: _Unit, spec: InputStage, attempt: int) -> Any:
+        prompt = await self._own_text(unit, spec.prompt)
+        if unit.turn is not None and unit.index is not None:
+            for ended in unit.turn[: unit.index]:  # earlier items ask (and end) first
+                await ended.wait()
+        own, limit = spec.timeout, self.max_input_wait
+        waits = [w for w in (own, limit) if w is not None]
+        wait = min(waits) if waits else None
+        schema = spec.answer_schema
+        pending = PendingInput(
+            stage=unit.stage_id,
+            path=unit.path,
+            prompt=prompt,
+            schema=schema,
+            expires_at=_now_ms() + int(wait * 1000) if wait is not None else None,
+            future=asyncio.get_running_loop().create_future(),
+            validator=compile_validator(schema),
+        )
+        key = tuple(unit.path)
+        self._pending[key] = pending
+        self._waiting_changed()
+        state = self._state(unit)
+        if state is not None:
+            state.status = "waiting_input"
+        try:
+            self._emit(
+                InputRequired,
+                stage=unit.stage_id,
+                path=unit.path,
+                attempt=attempt,
+                prompt=prompt,
+                schema=schema,
+                expires_at=pending.expires_at,
+            )
+            if self.on_input is not None:
+                self.on_input(pending)
+            try:
+                async with asyncio.timeout(wait):
+                    return await pending.future
+            except TimeoutError:
+                if own is not None and (limit is None or own <= limit):
+                    if spec.has_default:
+                        return spec.default
+                    raise StageError(
+                        f"no answer within {own:g} s (the stage's timeout)", type="input_timeout"
+                    ) from None
+                raise StageError(
+                    f"no answer within {wait:g} s (the limit on waiting for input, max_input_wait)",
+                    type="input_timeout",
+                ) from None
+        finally:
+            if self._pending.get(key) is pending:
+                del self._pending[key]
+            self._waiting_changed()
+            if state is not None:
+                state.status = "running"
 
     def _emit_sources(self, unit: _Unit, attempt: int, sources: Iterable[Source]) -> None:
         """One ``source`` event per source, tagged with the stage and path that found it."""
@@ -878,9 +1004,11 @@ class ChainRun:
         if state is not None:
             state.completed, state.total = 0, total
         results: list[Any] = [None] * total
+        turn = [asyncio.Event() for _ in range(total)]
+        members = spec.item_stages
         item_units = [
             _Unit(
-                spec.stage,
+                members[0],
                 unit.stage_id,
                 [*unit.path, i],
                 {**unit.context, spec.as_: item, "index": i},
@@ -888,18 +1016,28 @@ class ChainRun:
                 index=i,
                 total=total,
                 parent=spec,
+                turn=turn,
             )
             for i, item in enumerate(items)
         ]
         queue = deque(item_units)
         completed = 0
+        ended: list[int] = []
 
         async def worker() -> None:
             nonlocal completed
             while queue:
                 item = queue.popleft()
                 index = item.index or 0
-                results[index] = await self._run_unit(item)
+                item.context["earlier"] = [results[j] for j in sorted(ended)]
+                try:
+                    if spec.stages is None:
+                        results[index] = await self._run_unit(item)
+                    else:
+                        results[index] = await self._run_sequence(item, spec.stages)
+                finally:
+                    turn[index].set()
+                ended.append(index)
                 await asyncio.sleep(0)  # items that never wait (templates) still let others run
                 completed += 1
                 if state is not None:
@@ -942,6 +1080,40 @@ class ChainRun:
         unit.reused = self.reuse is not None and all(u.reused for u in item_units)
         self._end(unit, "succeeded", started, results, usage, 1, None)
         return results
+
+    async def _run_sequence(self, item: _Unit, members: list[StageSpec]) -> dict[str, Any]:
+        """One item of a map with ``stages``: each stage in turn, reading the ones before it."""
+        outputs: dict[str, Any] = {}
+        share = item.share / len(members)
+        name = ""
+        try:
+            for member in members:
+                name = member.id or ""
+                stages = {**item.context["stages"]}
+                stages.update({k: {"output": v} for k, v in outputs.items()})
+                child = _Unit(
+                    member,
+                    item.stage_id,
+                    [*item.path, name],
+                    {**item.context, "stages": stages},
+                    share,
+                    index=item.index,
+                    total=item.total,
+                    parent=item.parent,
+                    turn=item.turn,
+                )
+                item.children.append(child)
+                outputs[name] = await self._run_unit(child)
+        except _StageFailed as exc:
+            item.status = "failed"
+            raise _StageFailed(
+                ErrorInfo(type=exc.error.type, message=f"{name}: {exc.error.message}")
+            ) from None
+        finally:
+            item.usage = _sum_usage(item.children)
+        item.status = "succeeded"
+        item.reused = bool(item.children) and all(c.reused for c in item.children)
+        return outputs
 
 
 def _flat_hits(output: Any) -> list[dict[str, Any]]:

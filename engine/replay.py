@@ -8,7 +8,9 @@ Timing follows the recording: each event waits until ``(its ts - run-start's ts)
 the replay started (``speed=None``: as fast as the loop goes, one loop turn per event). Cancel
 works like a run's: every stage that started and has not ended gets a ``stage-end``
 ``cancelled``, then one ``run-end`` ``cancelled``. A recording that stops before its ``run-end``
-(a live run cut off) ends ``failed``, saying so.
+(a live run cut off) ends ``failed``, saying so. A replay never waits for a person: a recorded
+``input-required`` plays as an event, and the recorded answer (the input stage's ``stage-end``)
+follows at its recorded time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from stagecast.engine.asking import NotWaiting, PendingInput
 from stagecast.engine.events import (
     ChainInfo,
     ErrorInfo,
@@ -100,6 +103,15 @@ class ReplayRun:
     @property
     def last_seq(self) -> int:
         return self._seq
+
+    @property
+    def pending_inputs(self) -> list[PendingInput]:
+        """Always empty: a replay plays the recorded answer at its recorded time."""
+        return []
+
+    def answer(self, stage: str, path: list[str | int] | None, value: Any) -> None:
+        """A replay never waits for a person: raises NotWaiting."""
+        raise NotWaiting(stage, path, [])
 
     def cancel(self) -> None:
         """Stop the replay: open stages end ``cancelled``, then run-end ``cancelled``."""

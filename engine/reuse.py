@@ -167,11 +167,16 @@ class Fingerprints:
         found = self._specs.get(key)
         if found is None:
             data: dict[str, Any] = {"spec": _strip(spec.model_dump(mode="json", by_alias=True))}
-            inner: StageSpec = spec
-            while isinstance(inner, MapStage):
-                inner = inner.stage
-            if isinstance(inner, LlmStage):
-                data["model"] = self.model_of(inner)
+            models: list[str] = []
+            todo: list[StageSpec] = [spec]
+            while todo:  # the llm stages it is or holds (a map's stage, or its stages)
+                inner = todo.pop(0)
+                if isinstance(inner, MapStage):
+                    todo.extend([inner.stage] if inner.stage is not None else inner.stages or [])
+                elif isinstance(inner, LlmStage):
+                    models.append(self.model_of(inner))
+            if models:
+                data["models"] = models
                 data["defaults"] = self._defaults
             found = self._specs[key] = _digest(data)
         return found

@@ -184,14 +184,33 @@ class InputStage(_StageBase):
     """Pause the run until a person answers."""
 
     kind: Literal["input"] = Field(description="Waits for a person's answer.")
-    prompt: str = Field(description="What to ask (a template).")
+    prompt: str = Field(description="What to ask (a template; Markdown).")
     schema_: dict[str, Any] | None = Field(
-        None, alias="schema", description="A JSON Schema the answer must match."
+        None,
+        alias="schema",
+        description="A JSON Schema the answer must match (default: a string).",
     )
+    default: Any = Field(
+        None,
+        description=(
+            "The answer taken when `timeout` passes with no answer; without it the stage fails "
+            "at the timeout."
+        ),
+    )
+
+    @property
+    def answer_schema(self) -> dict[str, Any]:
+        """The schema answers are checked against (a string unless the stage says otherwise)."""
+        return self.schema_ if self.schema_ is not None else {"type": "string"}
+
+    @property
+    def has_default(self) -> bool:
+        return "default" in self.model_fields_set
 
 
 class MapStage(_StageBase):
-    """Run a nested stage once per item of a list, in parallel up to `concurrency`."""
+    """Run a nested stage (or a sequence of stages) once per item of a list, in parallel up to
+    `concurrency`."""
 
     kind: Literal["map"] = Field(description="Fans out over `over`.")
     over: str = Field(description="A template whose value is a list, e.g. `{{ stages.x.output }}`.")
@@ -199,7 +218,26 @@ class MapStage(_StageBase):
         "item", alias="as", pattern=STAGE_ID_PATTERN, description="The item's name in templates."
     )
     concurrency: int = Field(4, ge=1, le=64, description="Most items running at once.")
-    stage: StageSpec = Field(description="The stage to run per item (`as` and `index` in scope).")
+    stage: StageSpec | None = Field(
+        None,
+        description="The stage to run per item (`as`, `index` and `earlier` in scope).",
+    )
+    stages: list[StageSpec] | None = Field(
+        None,
+        min_length=1,
+        max_length=50,
+        description=(
+            "Instead of `stage`: stages run one after another per item; each reads the ones "
+            "before it as `stages.<id>.output`, and the item's output is `{id: output}`."
+        ),
+    )
+
+    @property
+    def item_stages(self) -> list[StageSpec]:
+        """What runs per item: ``[stage]``, or the ``stages`` sequence."""
+        if self.stages is not None:
+            return list(self.stages)
+        return [self.stage] if self.stage is not None else []
 
 
 StageSpec = Annotated[

@@ -96,7 +96,7 @@ def _salvage_stage(raw: Any) -> StageSpec | None:
                 and isinstance(loc[1], str)
                 and loc[1] in fields
                 and not fields[loc[1]].is_required()
-                and loc[1] not in ("id", "kind")
+                and loc[1] not in ("id", "kind", "stage", "stages")
             }
             if not bad or not isinstance(raw, dict):
                 return None

@@ -50,8 +50,8 @@ __all__ = [
     "check_chain",
 ]
 
-AVAILABLE_KINDS = ("llm", "map", "split", "template", "retrieve")
-"""Kinds the orchestrator runs today; ``input`` comes with a later issue."""
+AVAILABLE_KINDS = ("llm", "map", "split", "template", "retrieve", "input")
+"""Kinds the orchestrator runs (every kind of the spec)."""
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 _CONTEXT_NAMES = ("inputs", "stages")
 
@@ -83,6 +83,8 @@ class _Template:
     source: str
     scope: frozenset[str]
     """Names the template may read besides ``inputs`` and ``stages`` (a map's `as`, `index`)."""
+    local: frozenset[str]
+    """Stage ids of the same map item it may read (earlier members of a `stages` sequence)."""
     owner: str | None
     """The top-level stage id it belongs to (None for `outputs`)."""
 
@@ -135,7 +137,7 @@ class _Checker:
                 continue
             path: KeyPath = ("stages", index)
             self.check_stage(stage, path, nested=False)
-            templates.extend(_stage_templates(stage, path, frozenset(), stage.id))
+            templates.extend(_stage_templates(stage, path, stage.id))
             self.check_needs(stage, path)
         for name, value in (self.spec.outputs or {}).items():
             templates.extend(_value_templates(value, ("outputs", name)))
@@ -172,11 +174,11 @@ class _Checker:
                 self.collect_nested_ids(stage)
 
     def collect_nested_ids(self, stage: MapStage) -> None:
-        inner = stage.stage
-        if inner.id is not None and stage.id is not None:
-            self.nested_ids.setdefault(inner.id, stage.id)
-        if isinstance(inner, MapStage):
-            self.collect_nested_ids(inner)
+        for inner in stage.item_stages:
+            if inner.id is not None and stage.id is not None:
+                self.nested_ids.setdefault(inner.id, stage.id)
+            if isinstance(inner, MapStage):
+                self.collect_nested_ids(inner)
 
     # inputs ---------------------------------------------------------------------------------
 
@@ -202,12 +204,6 @@ class _Checker:
     def check_stage(self, stage: StageSpec, path: KeyPath, *, nested: bool) -> None:
         if isinstance(stage, RetrieveStage):
             self.check_collection((*path, "collection"), stage.collection)
-        if isinstance(stage, InputStage):
-            self.add(
-                (*path, "kind"),
-                f"stage kind '{stage.kind}' is not available yet",
-                f"kinds available now: {', '.join(AVAILABLE_KINDS)}",
-            )
         if nested and stage.needs:
             self.add(
                 (*path, "needs"),
@@ -228,8 +224,11 @@ class _Checker:
                     )
                 else:
                     self.check_json_schema((*path, "schema"), stage.schema_)
-        if isinstance(stage, InputStage) and stage.schema_ is not None:
-            self.check_json_schema((*path, "schema"), stage.schema_)
+        if isinstance(stage, InputStage):
+            if stage.schema_ is not None:
+                self.check_json_schema((*path, "schema"), stage.schema_)
+            if stage.has_default:
+                self.check_input_default(stage, path)
         if isinstance(stage, SplitStage) and stage.overlap >= stage.chunk_size:
             self.add(
                 (*path, "overlap"),
@@ -242,7 +241,52 @@ class _Checker:
                     f"'{stage.as_}' is already a name in templates",
                     "choose another name for the item, e.g. `as: item`",
                 )
+            self.check_map_members(stage, path)
+
+    def check_map_members(self, stage: MapStage, path: KeyPath) -> None:
+        if stage.stage is None and stage.stages is None:
+            self.add(
+                path,
+                "a map needs a nested `stage` to run per item (or `stages`, a sequence)",
+                'add e.g. `stage: {kind: llm, prompt: "{{ item }}"}`',
+            )
+            return
+        if stage.stage is not None and stage.stages is not None:
+            self.add(
+                (*path, "stages"),
+                "a map has either `stage` or `stages`, not both",
+                "keep `stages` (run one after another per item) or `stage`",
+                at_key=True,
+            )
+        if stage.stage is not None:
             self.check_stage(stage.stage, (*path, "stage"), nested=True)
+        members = stage.stages or []
+        for index, member in enumerate(members):
+            where: KeyPath = (*path, "stages", index)
+            if member.id is None:
+                self.add(
+                    where,
+                    "a stage in a map's `stages` needs an id",
+                    "the stages after it read its output as `stages.<id>.output`",
+                )
+            elif member.id in self.ids:
+                self.add(
+                    (*where, "id"),
+                    f"'{member.id}' is already a top-level stage id",
+                    "ids in a map's `stages` must differ from the top-level ones",
+                )
+            elif member.id in {m.id for m in members[:index]}:
+                self.add((*where, "id"), f"duplicate stage id '{member.id}' in this map's `stages`")
+            self.check_stage(member, where, nested=True)
+
+    def check_input_default(self, stage: InputStage, path: KeyPath) -> None:
+        try:
+            validator = validator_for(stage.answer_schema, default=Draft202012Validator)
+            error = next(iter(validator(stage.answer_schema).iter_errors(stage.default)), None)
+        except SchemaError:
+            return  # reported by check_json_schema
+        if error is not None:
+            self.add((*path, "default"), f"the default does not match `schema`: {error.message}")
 
     def check_collection(self, path: KeyPath, value: str) -> None:
         try:
@@ -320,8 +364,15 @@ class _Checker:
         offset = _expression_offset(text)
         for name, line in sorted(refs.stages.items(), key=lambda item: item[1]):
             needles = _needles("stages", name)
+            if name in template.local:
+                continue  # an earlier stage of the same map item
             if name not in self.ids:
                 problem, hint = self.unknown_stage(name)
+                if template.owner is not None and self.nested_ids.get(name) == template.owner:
+                    hint = (
+                        f"'{name}' comes later in map '{template.owner}': a stage of a map's "
+                        "`stages` reads only the stages before it"
+                    )
                 self.problems.append(
                     self.source.template_problem(path, line + offset, problem, hint, needles)
                 )
@@ -422,16 +473,14 @@ def _find_cycle(start: str, edges: dict[str, dict[str, Problem]]) -> list[str] |
     return None
 
 
-def _stage_templates(
-    stage: StageSpec, path: KeyPath, scope: frozenset[str], owner: str | None
-) -> Iterator[_Template]:
-    for template in stage_templates(stage, path, scope):
-        yield _Template(template.path, template.source, template.scope, owner)
+def _stage_templates(stage: StageSpec, path: KeyPath, owner: str | None) -> Iterator[_Template]:
+    for template in stage_templates(stage, path):
+        yield _Template(template.path, template.source, template.scope, template.local, owner)
 
 
 def _value_templates(value: Any, path: KeyPath) -> Iterator[_Template]:
     if isinstance(value, str):
-        yield _Template(path, value, frozenset(), None)
+        yield _Template(path, value, frozenset(), frozenset(), None)
     elif isinstance(value, dict):
         for key, item in value.items():
             yield from _value_templates(item, (*path, str(key)))

@@ -114,6 +114,7 @@ def fmt(event: Any) -> str:
     where = ""
     if event.path is not None:
         where = event.stage if len(event.path) == 1 else f"{event.stage}[{event.path[1]}]"
+        where += "".join(f".{p}" for p in event.path[2:])
         if event.attempt and event.attempt > 1:
             where += f"#{event.attempt}"
     kind = event.type
@@ -131,6 +132,8 @@ def fmt(event: Any) -> str:
         return f"stage-retry {where} {event.error.type}"
     if kind == "stage-end":
         return f"stage-end {where} {event.status}"
+    if kind == "input-required":
+        return f"input-required {where} {event.prompt!r}"
     if kind == "run-end":
         return f"run-end {event.status}"
     return f"{kind} {where}"

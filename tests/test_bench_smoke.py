@@ -23,6 +23,7 @@ SCRIPTS = {
     "bench_retrieval.py": "Stagecast (bm25s)",
     "bench_openai.py": "fast path, bare",
     "bench_reuse.py": "reuse, merge prompt edited",
+    "bench_waiting.py": "RSS per waiting run",
 }
 
 

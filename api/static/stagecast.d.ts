@@ -366,10 +366,22 @@ export interface InputRequired {
    * The event type; clients ignore types they do not know.
    */
   type: "input-required";
+  /**
+   * What to ask (rendered; Markdown).
+   */
   prompt: string;
+  /**
+   * The JSON Schema the answer must match (``{"type": "string"}`` unless the stage says
+   * otherwise). Answer with ``POST /v1/runs/{id}/input`` ``{stage, path, value}``.
+   */
   schema: {
     [k: string]: unknown;
   } | null;
+  /**
+   * When the wait ends (ms since the epoch): the stage then takes its default or fails;
+   * null when it waits until the run's own limit.
+   */
+  expires_at: number | null;
 }
 /**
  * A stage (or a map item) ended; always after its last token.
@@ -516,6 +528,17 @@ export interface RunEnded {
 
 /**
  * This interface was referenced by `HttpBodies`'s JSON-Schema
+ * via the `definition` "AnswerAccepted".
+ */
+export interface AnswerAccepted {
+  run_id: string;
+  /**
+   * The run's status now (`running` once answered).
+   */
+  status: "pending" | "running" | "waiting_input" | "succeeded" | "failed" | "cancelled";
+}
+/**
+ * This interface was referenced by `HttpBodies`'s JSON-Schema
  * via the `definition` "CancelAccepted".
  */
 export interface CancelAccepted {
@@ -625,9 +648,17 @@ export interface ErrorResponse {
  */
 export interface InputAnswer {
   /**
-   * The answer to the pending input-required event.
+   * The `stage` of the input-required event.
    */
-  answer: {
+  stage: string;
+  /**
+   * The `path` of the input-required event (may be left out when the stage has one pending input).
+   */
+  path?: (string | number)[] | null;
+  /**
+   * The answer; it must match the event's `schema`.
+   */
+  value: {
     [k: string]: unknown;
   };
 }
@@ -809,9 +840,12 @@ export interface RunStatusModel {
       [k: string]: unknown;
     };
   };
+  /**
+   * Input stages waiting for an answer: `{stage, path, prompt, schema, expires_at}` each (empty when nothing waits).
+   */
   pending_input: {
     [k: string]: unknown;
-  } | null;
+  }[];
   outputs: unknown;
   usage: {
     [k: string]: unknown;
@@ -899,7 +933,7 @@ export declare function answerInput(
   runId: string,
   answer: unknown,
   options?: ClientOptions,
-): Promise<unknown>;
+): Promise<AnswerAccepted>;
 export declare function listModels(baseUrl: string, options?: ClientOptions): Promise<ModelInfo[]>;
 export declare function listRecordings(
   baseUrl: string,

@@ -34,8 +34,8 @@ def error(response: Any, status: int) -> dict[str, Any]:
 
 def test_chains_list_and_detail(client: TestClient) -> None:
     chains = client.get("/v1/chains").json()["chains"]
-    assert [c["id"] for c in chains] == ["broken", "endless", "parallel"]
-    broken = chains[0]
+    assert [c["id"] for c in chains] == ["ask", "broken", "endless", "parallel"]
+    broken = next(c for c in chains if c["id"] == "broken")
     assert broken["error"] is not None and "broken.yaml" in broken["error"]
     detail = client.get("/v1/chains/parallel").json()
     assert detail["inputs_schema"]["required"] == ["things"]
@@ -145,7 +145,7 @@ def test_unknown_things_are_404(client: TestClient, method: str, path: str, code
     err = error(client.request(method, path, json=body), 404)
     assert err["code"] == code
     if code == "unknown_chain":
-        assert err["message"].endswith("chains are: broken, endless, parallel")
+        assert err["message"].endswith("chains are: ask, broken, endless, parallel")
 
 
 def test_chain_is_looked_up_by_id_never_by_path(client: TestClient) -> None:
@@ -215,8 +215,14 @@ def test_concurrent_run_limit_is_429() -> None:
 def test_input_on_a_run_not_waiting_is_409(client: TestClient) -> None:
     run = client.post("/v1/runs", json={"chain": "parallel", "inputs": THINGS}).json()
     client.get(run["events_url"])
-    err = error(client.post(f"/v1/runs/{run['run_id']}/input", json={"answer": "x"}), 409)
+    answer = {"stage": "ask", "path": ["ask"], "value": "x"}
+    err = error(client.post(f"/v1/runs/{run['run_id']}/input", json=answer), 409)
     assert err["code"] == "not_waiting_input"
+    assert err["message"] == (
+        f"run {run['run_id']!r}: ask is not waiting for input; the run is not waiting for any "
+        "(status: succeeded)"
+    )
+    assert err["details"] == {"status": "succeeded", "waiting": []}
 
 
 def test_unexpected_errors_are_a_json_500_without_traceback(client: TestClient) -> None:

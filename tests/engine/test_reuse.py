@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from stagecast.engine.chain import Chain
 from stagecast.engine.errors import TransientError
 from stagecast.engine.events import RunEvent, StageEnded, event_to_json
 from stagecast.engine.loading import load_chain
-from stagecast.engine.orchestrator import run_chain
+from stagecast.engine.orchestrator import ChainRun, run_chain
 from stagecast.engine.resources import SHIPPED_CHAINS
 from stagecast.engine.reuse import Recording, RecordingError, Reuse, ReuseError
 from tests.fakes import CountingOfflineModel, ScriptedChatModel, fmt
@@ -278,3 +279,67 @@ def test_a_broken_recording_names_the_file_and_line(tmp_path: Path) -> None:
     missing = tmp_path / "nope.ndjson"
     with pytest.raises(RecordingError, match=r"nope\.ndjson: no such file$"):
         Recording.read(missing)
+
+
+INTERVIEW = """
+id: interview
+version: 1
+defaults: {model: fake}
+stages:
+  - {id: name, kind: input, prompt: "Your name?"}
+  - id: rounds
+    kind: map
+    over: "{{ [1, 2] }}"
+    stages:
+      - {id: question, kind: llm, prompt: "question {{ item }} for {{ stages.name.output }}"}
+      - {id: answer, kind: input, prompt: "{{ stages.question.output }}"}
+  - {id: verdict, kind: llm, prompt: "judge {{ stages.rounds.output }}"}
+"""
+
+
+async def interview(chain: Chain, answers: dict[str, Any], reuse: Reuse | None) -> tuple:
+    """Runs ``chain`` answering each input by its path; returns (events, prompts, asked)."""
+    model = ScriptedChatModel(scripts=[["q"]], cycle=True)
+    events: list[RunEvent] = []
+    asked: list[str] = []
+    holder: list[ChainRun] = []
+
+    def on_input(pending: Any) -> None:
+        key = "/".join(map(str, pending.path))
+        asked.append(key)
+        asyncio.get_running_loop().call_soon(
+            holder[0].answer, pending.stage, pending.path, answers[key]
+        )
+
+    run = ChainRun(
+        chain, {}, models={"fake": model}, sink=events.append, on_input=on_input, reuse=reuse
+    )
+    holder.append(run)
+    with anyio.fail_after(5):
+        await run.execute()
+    return events, [m[-1].content for m in model.calls], asked
+
+
+async def test_answers_are_reused_like_outputs_and_sequence_items_one_by_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "interview.yaml"
+    path.write_text(INTERVIEW, encoding="utf-8")
+    chain = load_chain(path)
+    answers = {"name": "Ada", "rounds/0/answer": "yes", "rounds/1/answer": "no"}
+    first, prompts, asked = await interview(chain, answers, None)
+    assert first[-1].status == "succeeded", first[-1].error
+    assert asked == ["name", "rounds/0/answer", "rounds/1/answer"]
+    assert len(prompts) == 3
+    again, prompts, asked = await interview(chain, {}, Reuse(recording(first), chain))
+    assert (prompts, asked) == ([], [])  # no model call, nobody asked
+    assert not [e for e in again if e.type == "input-required"]
+    assert all(ends(again).values())
+    assert again[-1].outputs == first[-1].outputs
+    # an edited final prompt: only it runs; the answers before it are reused
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(INTERVIEW.replace("judge {{", "judge fairly {{"), encoding="utf-8")
+    chain = load_chain(edited)
+    again, prompts, asked = await interview(chain, {}, Reuse(recording(first), chain))
+    assert (len(prompts), asked) == (1, [])
+    assert prompts[0].startswith("judge fairly ")

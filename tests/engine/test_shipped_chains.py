@@ -2,7 +2,8 @@
 
 Every shipped chain must start with the `$schema` comment, validate with no problem, and run to
 `run-end succeeded` offline on each of its sample inputs
-(chains/examples/<chain id>[.variant].json).
+(chains/examples/<chain id>[.variant].json), its input stages answered from
+chains/examples/<chain id>.answers.json.
 The docs test runs a chain written only from docs/authoring.md, and checks that the docs'
 complete examples validate and that every field of the chain format is documented.
 """
@@ -18,11 +19,12 @@ from typing import Any
 import anyio
 import pytest
 
+from stagecast.engine.asking import PendingInput
 from stagecast.engine.chain import Chain
 from stagecast.engine.events import event_to_dict
 from stagecast.engine.loading import load_chain, load_chain_text
 from stagecast.engine.model_config import load_models_config
-from stagecast.engine.orchestrator import run_chain
+from stagecast.engine.orchestrator import ChainRun
 from stagecast.engine.resources import SHIPPED_CHAINS as CHAINS_DIR
 from stagecast.engine.spec import (
     ChainSpec,
@@ -44,7 +46,7 @@ DOCS_CHAINS = Path(__file__).parent / "chains_from_docs"
 SCHEMA_COMMENT = "# yaml-language-server: $schema=./chain.schema.json"
 
 SHIPPED = sorted(CHAINS_DIR.glob("*.yaml"))
-EXAMPLES = sorted(EXAMPLES_DIR.glob("*.json"))
+EXAMPLES = sorted(p for p in EXAMPLES_DIR.glob("*.json") if not p.name.endswith(".answers.json"))
 
 
 @pytest.fixture
@@ -71,9 +73,49 @@ def read_inputs(example: Path) -> dict[str, Any]:
     return inputs
 
 
-async def run_offline(chain: Chain, inputs: dict[str, Any]) -> list[dict[str, Any]]:
+def example_answers(chain: Chain) -> dict[str, Any] | None:
+    path = EXAMPLES_DIR / f"{chain.id}.answers.json"
+    if not path.is_file():
+        return None
+    answers = json.loads(path.read_text(encoding="utf-8"))
+    assert isinstance(answers, dict)
+    return answers
+
+
+async def run_offline(
+    chain: Chain,
+    inputs: dict[str, Any],
+    answers: dict[str, Any] | None = None,
+    prompts: list[tuple[list[str | int], str]] | None = None,
+) -> list[dict[str, Any]]:
+    """The run's events (as wire dicts); input stages answered from ``answers`` (by the input
+    stage's id, a list for map items), as ``stagecast run --answers`` does."""
+    if answers is None:
+        answers = example_answers(chain)
+    events: list[dict[str, Any]] = []
+
+    def on_input(pending: PendingInput) -> None:
+        assert answers is not None, f"{pending.path} asks, and the test gave no answers"
+        key = [p for p in pending.path if isinstance(p, str)][-1]
+        items = [p for p in pending.path if isinstance(p, int)]
+        value = answers[key][items[-1]] if items else answers[key]
+        run.answer(pending.stage, pending.path, value)
+
+    def on_prompt(stage: str, path: list[str | int], messages: list[Any]) -> None:
+        if prompts is not None:
+            prompts.append((path, "\n".join(str(m.content) for m in messages)))
+
+    run = ChainRun(
+        chain,
+        inputs,
+        model="offline",
+        sink=lambda e: events.append(event_to_dict(e)),
+        on_input=on_input,
+        on_prompt=on_prompt,
+    )
     with anyio.fail_after(10):
-        return [event_to_dict(e) async for e in run_chain(chain, inputs, model="offline")]
+        await run.execute()
+    return events
 
 
 def check_protocol(chain: Chain, events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -130,7 +172,8 @@ def test_shipped_chain_loads_with_its_file_stem_as_id(path: Path) -> None:
     for stage in chain.spec.stages:
         assert stage.label, f"stage {stage.id} has no label"
         if isinstance(stage, MapStage):
-            assert stage.stage.label, f"the nested stage of {stage.id} has no label"
+            for inner in stage.item_stages:
+                assert inner.label, f"a nested stage of {stage.id} has no label"
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
@@ -200,37 +243,75 @@ async def test_advanced_summary_runs_on_the_plain_text_example() -> None:
 # -- mock_interview ----------------------------------------------------------------------------
 
 
-async def test_mock_interview_outputs_with_a_resume() -> None:
+async def test_mock_interview_asks_each_question_and_adapts_to_the_answers() -> None:
     chain = load(CHAINS_DIR / "mock_interview.yaml")
     inputs = read_inputs(EXAMPLES_DIR / "mock_interview.json")
-    assert inputs["resume"].strip()
-    events = await run_offline(chain, inputs)
+    answers = example_answers(chain)
+    assert answers is not None and inputs["resume"].strip()
+    prompts: list[tuple[list[str | int], str]] = []
+    events = await run_offline(chain, inputs, prompts=prompts)
     outputs = check_protocol(chain, events)["outputs"]
 
-    assert set(outputs) == {"role_analysis", "gap_analysis", "questions", "answer_guides", "brief"}
+    assert set(outputs) == {"role_analysis", "gap_analysis", "transcript", "scorecard", "report"}
     assert stage_end(events, "gaps")["status"] == "succeeded"
-    assert isinstance(outputs["gap_analysis"], str) and outputs["gap_analysis"]
-    questions = outputs["questions"]
-    assert isinstance(questions, list) and 1 <= len(questions) <= inputs["num_questions"]
-    for question in questions:
-        assert set(question) == {"question", "topic", "why_asked"}
-        assert all(isinstance(v, str) and v for v in question.values())
-    guides = outputs["answer_guides"]
-    assert len(guides) == len(questions)
-    for guide in guides:
-        assert set(guide) == {"key_points", "rubric", "pitfalls"}
-        assert len(guide["key_points"]) >= 2 and all(
-            isinstance(p, str) for p in guide["key_points"]
-        )
-        assert set(guide["rubric"]) == {"excellent", "adequate", "weak"}
-        assert guide["pitfalls"] and all(isinstance(p, str) for p in guide["pitfalls"])
-    item_starts = [
-        e for e in events if e["type"] == "stage-start" and e["stage"] == "answer_guides"
+    transcript = outputs["transcript"]
+    assert [turn["answer"] for turn in transcript] == answers["answer"]
+    assert len(transcript) == inputs["num_questions"] == 3
+    for turn in transcript:
+        assert set(turn) == {"question", "answer", "evaluation"}
+        assert set(turn["evaluation"]) == {"strong", "missing", "scores", "summary"}
+        assert all(1 <= v <= 5 for v in turn["evaluation"]["scores"].values())
+    # per question: the question streams, the run asks, then the evaluation streams
+    order = [
+        (e["type"], e["path"][2] if len(e["path"] or []) == 3 else None, e["path"][1])
+        for e in events
+        if e["type"] in ("stage-end", "input-required", "stage-start") and len(e["path"] or []) == 3
     ]
-    assert [(e["index"], e["total"]) for e in item_starts[1:]] == [
-        (i, len(questions)) for i in range(len(questions))
+    for i in range(3):
+        mine = [(t, sub) for t, sub, item in order if item == i]
+        assert mine == [
+            ("stage-start", "question"),
+            ("stage-end", "question"),
+            ("stage-start", "answer"),
+            ("input-required", "answer"),
+            ("stage-end", "answer"),
+            ("stage-start", "evaluation"),
+            ("stage-end", "evaluation"),
+        ]
+    asked = [e for e in events if e["type"] == "input-required"]
+    assert [e["prompt"] for e in asked] == [turn["question"] for turn in transcript]
+    assert asked[0]["schema"] == {
+        "type": "string",
+        "title": "Your answer",
+        "minLength": 1,
+        "maxLength": 20000,
+    }
+    # one question at a time: question 2 is written after answer 1 was evaluated, and reads it
+    ends = [e["path"] for e in events if e["type"] == "stage-end"]
+    assert ends.index(["interview", 0, "evaluation"]) < ends.index(["interview", 1, "question"])
+    second = next(text for path, text in prompts if path == ["interview", 1, "question"])
+    assert "The interview so far:" in second and answers["answer"][0] in second
+    assert transcript[0]["evaluation"]["summary"] in second
+    assert outputs["scorecard"].splitlines()[:3] == [
+        "| Competency | Average (1–5) | Per question |",
+        "|---|---|---|",
+        "| Technical depth | 1.0 | 1, 1, 1 |",
     ]
-    assert isinstance(outputs["brief"], str) and outputs["brief"]
+    assert len(outputs["scorecard"].splitlines()) == 7
+    assert isinstance(outputs["report"], str) and outputs["report"]
+    report_prompt = next(text for path, text in prompts if path == ["report"])
+    assert outputs["scorecard"] in report_prompt and answers["answer"][2] in report_prompt
+
+
+async def test_mock_interview_with_answers_as_an_input_never_pauses() -> None:
+    chain = load(CHAINS_DIR / "mock_interview.yaml")
+    inputs = read_inputs(EXAMPLES_DIR / "mock_interview.batch.json")
+    events = await run_offline(chain, inputs, answers={})
+    outputs = check_protocol(chain, events)["outputs"]
+    assert not [e for e in events if e["type"] == "input-required"]
+    skipped = [e["path"] for e in events if e["type"] == "stage-end" and e["status"] == "skipped"]
+    assert skipped == [["interview", i, "answer"] for i in range(len(inputs["answers"]))]
+    assert [turn["answer"] for turn in outputs["transcript"]] == [None] * len(inputs["answers"])
 
 
 async def test_mock_interview_skips_the_gap_analysis_without_a_resume() -> None:
@@ -243,17 +324,7 @@ async def test_mock_interview_skips_the_gap_analysis_without_a_resume() -> None:
     assert gaps["status"] == "skipped" and gaps["output"] is None
     assert not [e for e in events if e["type"] == "stage-start" and e["stage"] == "gaps"]
     assert outputs["gap_analysis"] is None
-    assert 1 <= len(outputs["questions"]) <= inputs["num_questions"]
-    assert len(outputs["answer_guides"]) == len(outputs["questions"])
-
-
-async def test_mock_interview_caps_questions_at_num_questions() -> None:
-    chain = load(CHAINS_DIR / "mock_interview.yaml")
-    inputs = {**read_inputs(EXAMPLES_DIR / "mock_interview.json"), "num_questions": 1}
-    events = await run_offline(chain, inputs)
-    outputs = check_protocol(chain, events)["outputs"]
-    assert len(stage_end(events, "questions")["output"]) > 1  # offline returns 3 …
-    assert len(outputs["questions"]) == len(outputs["answer_guides"]) == 1  # … one is kept
+    assert len(outputs["transcript"]) == inputs["num_questions"]
 
 
 async def test_mock_interview_sample_texts_match_the_json() -> None:

@@ -61,7 +61,8 @@ CASES: dict[str, list[str]] = {
     ],
     "undeclared": [
         "{f}:13:37: stages[each].stage.prompt.user: unknown variable 'sectoin'\n"
-        "  hint: did you mean 'section'? templates can read: inputs, stages, index, section",
+        "  hint: did you mean 'section'? templates can read: inputs, stages, earlier, index, "
+        "section",
     ],
     "jinja_syntax": [  # line 7 = the `|` line (4) + the template's own line (3)
         "{f}:7:7: stages[draft].prompt: template syntax error: unexpected '}}'",
@@ -73,12 +74,23 @@ CASES: dict[str, list[str]] = {
         "  hint: models are: default, gpt-4o",
     ],
     "map_without_stage": [
-        "{f}:5:5: stages[each]: a map needs a nested `stage` to run per item\n"
+        "{f}:5:5: stages[each]: a map needs a nested `stage` to run per item (or `stages`, a "
+        "sequence)\n"
         '  hint: add e.g. `stage: {{kind: llm, prompt: "{{{{ item }}}}"}}`',
     ],
-    "not_available": [
-        "{f}:3:11: stages[ask].kind: stage kind 'input' is not available yet\n"
-        "  hint: kinds available now: llm, map, split, template, retrieve",
+    "map_stages": [
+        "{f}:9:5: stages[interview].stages: a map has either `stage` or `stages`, not both\n"
+        "  hint: keep `stages` (run one after another per item) or `stage`",
+        "{f}:12:49: stages[interview].stages[0].prompt: no stage 'judge'; stages are: topics, "
+        "interview\n"
+        "  hint: 'judge' comes later in map 'interview': a stage of a map's `stages` reads only "
+        "the stages before it",
+        "{f}:14:18: stages[interview].stages[0].default: the default does not match `schema`: "
+        "'three' is not of type 'integer'",
+        "{f}:15:9: stages[interview].stages[1]: a stage in a map's `stages` needs an id\n"
+        "  hint: the stages after it read its output as `stages.<id>.output`",
+        "{f}:17:13: stages[interview].stages[2].id: 'topics' is already a top-level stage id\n"
+        "  hint: ids in a map's `stages` must differ from the top-level ones",
     ],
     "unknown_collection": [
         "{f}:5:17: stages[by_name].collection: unknown collection 'smaple': not a name in "

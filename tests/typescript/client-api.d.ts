@@ -78,7 +78,7 @@ export declare function answerInput(
   runId: string,
   answer: unknown,
   options?: ClientOptions,
-): Promise<unknown>;
+): Promise<AnswerAccepted>;
 export declare function listModels(baseUrl: string, options?: ClientOptions): Promise<ModelInfo[]>;
 export declare function listRecordings(
   baseUrl: string,
