@@ -24,6 +24,7 @@ from rich.rule import Rule
 from rich.text import Text
 
 from stagecast.engine.asking import path_text
+from stagecast.engine.resources import data_path
 
 __all__ = ["Answerer", "AnswersFile", "Ask", "NoAnswer", "TerminalAsker", "describe_schema"]
 
@@ -66,7 +67,7 @@ class AnswersFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(data_path(str(path)).read_text(encoding="utf-8"))
         except OSError as exc:
             raise NoAnswer(f"--answers {path}: cannot read it ({exc.strerror or exc})") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -573,6 +573,14 @@ def _exit_for(end: RunEnded | None, view: View, events: bool) -> NoReturn:
     raise typer.Exit(EXIT_FAILED)
 
 
+def _chain_file_given(name: str) -> Path | None:
+    """The chain file ``name`` names when it is a path (not a chain id), else None."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    return None
+
+
 def _run_remote(
     server: str,
     chain_name: str,
@@ -589,11 +597,17 @@ def _run_remote(
     from stagecast.api.client import AsyncClient, StagecastError
 
     declared: Mapping[str, InputSpec] = {}
-    chain_id = chain_name
+    given_file = _chain_file_given(chain_name)
+    chain_id = given_file.stem if given_file is not None else chain_name
     with contextlib.suppress(ChainSpecError):
         local = load_chain(find_chain(chain_name))
         declared, chain_id = local.spec.inputs, local.id
     values = collect_inputs(declared, pairs, inputs_file)
+    if given_file is not None:  # the server runs its own chains: say which, never upload
+        _err(
+            f"note: {server} runs its own chain {chain_id!r} (by id); the file {given_file} "
+            "is not sent"
+        )
     view = _make_view(events)
     show = _recording_sink(view.handle, record)
     answerer = _answerer(answers_file, events, view)
@@ -662,6 +676,15 @@ def _run_remote(
         if isinstance(fields, dict) and fields:
             for key, problem in fields.items():
                 _err(f"error: {key}: {problem}")
+        elif exc.code == "unknown_chain" and given_file is not None:
+            _err(
+                f"error: {server}: the server has no chain {chain_id!r} ({exc.message})\n"
+                f"  hint: --server runs a chain of the server's chains folder by its id and "
+                f"does not upload {given_file}: copy it into that folder (the server reads "
+                "new files without a restart), or start the server on its folder with "
+                f"`stagecast serve --chains {given_file.parent}`, or run it here without "
+                "--server"
+            )
         else:
             _err(f"error: {server}: {exc.message} ({exc.status} {exc.code})")
         raise typer.Exit(
@@ -900,6 +923,24 @@ def models() -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    chains: Annotated[
+        Path | None,
+        typer.Option(
+            "--chains",
+            metavar="DIR",
+            help="Serve the chains of this folder (instead of ./chains and the shipped ones); "
+            "the setting chains_dir, $STAGECAST_CHAINS_DIR.",
+        ),
+    ] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option(
+            "--models",
+            metavar="FILE",
+            help="The models file (instead of configs/models.yaml); the setting models_file, "
+            "$STAGECAST_MODELS_FILE.",
+        ),
+    ] = None,
     recordings: Annotated[
         Path | None,
         typer.Option(
@@ -911,11 +952,26 @@ def serve(
 ) -> None:
     """Serve the HTTP API (runs as Server-Sent Event streams)."""
     from stagecast.api.server import serve as start_server
+    from stagecast.api.settings import SettingsError, load_settings
 
+    if chains is not None and not chains.is_dir():
+        _fail(f"--chains {chains}: no such folder")
+    if models is not None and not models.is_file():
+        _fail(f"--models {models}: no such file")
     if recordings is not None and not recordings.is_dir():
-        _fail(f"--recordings: {recordings}: not a directory")
+        _fail(f"--recordings {recordings}: no such folder")
     try:
-        start_server(host=host, port=port, recordings_dir=recordings)
+        settings = load_settings(
+            chains_dir=chains.resolve() if chains is not None else None,
+            models_file=models.resolve() if models is not None else None,
+            recordings_dir=recordings.resolve() if recordings is not None else None,
+        )
+    except SettingsError as exc:
+        _fail(str(exc))
+    if settings.chains_dir is not None:
+        _err(f"serving the chains in {settings.chains_dir}")
+    try:
+        start_server(host=host, port=port, settings=settings)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_OK) from None
 

@@ -109,10 +109,23 @@ def citations_line(citations: list[Citation]) -> str:
 
 
 def usage_line(usage: Usage) -> str:
-    text = f"{usage.input_tokens} in / {usage.output_tokens} out tokens"
-    if usage.cost is not None:
+    """``46 in / 44 out tokens · $0.0012``; usage the provider did not report is unknown, and
+    so is the cost then (never shown as 0 or $0)."""
+    used_in, used_out = usage.input_tokens, usage.output_tokens
+    if not usage.reported and not used_in and not used_out:
+        return "usage unknown (the provider reported none)"
+    text = f"{used_in} in / {used_out} out tokens"
+    if not usage.reported:
+        text += " and more not reported · cost unknown"
+    elif usage.cost is not None:
         text += f" · ${usage.cost:.4f}"
     return text
+
+
+def usage_summary(usage: Usage) -> str:
+    """``usage: 46 in / 44 out tokens``, or ``usage unknown (…)`` (the end of a run)."""
+    line = usage_line(usage)
+    return line if line.startswith("usage unknown") else f"usage: {line}"
 
 
 @dataclass
@@ -359,7 +372,7 @@ class PlainView(View):
             detail = ""
             if event.status in ("succeeded", "failed", "cancelled"):
                 detail = f" in {event.duration_ms} ms"
-            if event.usage.output_tokens:
+            if event.usage.output_tokens or not event.usage.reported:  # a model answered
                 detail += f" · {usage_line(event.usage)}"
             if event.error is not None:
                 detail += f": {event.error.message}"
@@ -382,7 +395,7 @@ class PlainView(View):
             stage = f"{end.error.stage}: " if end.error.stage else ""
             summary += f": {stage}{end.error.message}"
         self._print(summary)
-        self._print(f"usage: {usage_line(end.usage)}")
+        self._print(usage_summary(end.usage))
         self._print(f"model: {self.state.model}")
         if end.status == "succeeded":
             self._print()
@@ -536,6 +549,8 @@ class LiveView(View):
             detail.append(Text(f" {line.status}", style="dim"))
         if line.usage.output_tokens and line.status == "succeeded":
             detail.append(Text(f" {line.usage.output_tokens} tokens", style="dim"))
+        elif not line.usage.reported and line.status == "succeeded":
+            detail.append(Text(" tokens unknown", style="dim"))
         if line.reused or line.reused_items:
             detail.append(Text(_reused_note(line).replace(" · ", " ", 1), style="magenta"))
         if line.citations is not None:
@@ -574,7 +589,7 @@ class LiveView(View):
         char, style = _SYMBOLS.get(end.status, ("?", ""))
         summary = Text.assemble(
             (f"{char} {end.status}", f"bold {style}"),
-            f" in {end.duration_ms / 1000:.2f}s · usage: {usage_line(end.usage)}",
+            f" in {end.duration_ms / 1000:.2f}s · {usage_summary(end.usage)}",
             f" · model: {self.state.model}",
         )
         console.print(summary)

@@ -68,21 +68,35 @@ StageStatus = Literal["succeeded", "failed", "skipped", "cancelled"]
 
 @dataclass(slots=True, kw_only=True)
 class Usage:
-    """Token usage of a stage or a run."""
+    """Token usage of a stage or a run.
+
+    A stage that called no model uses 0 tokens. A run's (and a map's) usage is the sum over its
+    stages (items). ``reported`` is false when a model call counted here did not report its
+    usage (some OpenAI-compatible servers never do): the counts then hold only what was
+    reported (0 when nothing was), so they are not the usage: show "unknown", not 0.
+    """
 
     __pydantic_config__ = _CONFIG
 
     input_tokens: int = 0
-    """Tokens sent to the model (prompt)."""
+    """Tokens sent to the model (prompt), as reported."""
     output_tokens: int = 0
-    """Tokens the model produced."""
+    """Tokens the model produced, as reported."""
     cost: float | None = None
-    """Cost in USD when the model entry has prices, else null."""
+    """Cost in USD when the model entry has prices and the usage was reported, else null."""
+    reported: bool = True
+    """False when a model call counted here did not report its usage: the counts are then
+    incomplete (0 when nothing was reported) and the cost is null."""
 
     def add(self, other: Usage) -> None:
+        """Add ``other`` to this total; an unreported part makes the total unreported (and its
+        cost unknown)."""
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
-        if other.cost is not None:
+        self.reported = self.reported and other.reported
+        if not self.reported:
+            self.cost = None
+        elif other.cost is not None:
             self.cost = (self.cost or 0.0) + other.cost
 
 

@@ -17,16 +17,50 @@ from typing import Any
 
 from stagecast.engine.errors import StageError, TransientError
 
-__all__ = ["classify_error", "scrub"]
+__all__ = ["EXCERPT_CHARS", "body_excerpt", "classify_error", "excerpt", "scrub"]
+
+EXCERPT_CHARS = 300
+"""The most characters of a server's error body that a message quotes."""
 
 _KEYLIKE = re.compile(r"\b(?:sk|rk|pk|key)-[A-Za-z0-9_\-*]{6,}")
+_LABELLED = re.compile(
+    r"(?i)\b(bearer|authorization|api[_-]?key|access[_-]?token|token|secret|password)"
+    r"(\\?[\"']?\s*[:=]\s*\\?[\"']?\s*|\s+)(?:bearer\s+)?[^\s\"'\\&,;<>]{6,}"
+)
+_HTML_DROP = re.compile(r"(?is)<(head|script|style)\b.*?</\1\s*>|<!--.*?-->")
+_HTML_TAG = re.compile(r"<[^>]*>")
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` without the given secrets, anything shaped like an API key, and the value of
+    anything labelled as a credential (``Bearer …``, ``api_key=…``, ``"token": "…"``)."""
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
-    return _KEYLIKE.sub("***", text)
+    text = _KEYLIKE.sub("***", text)
+    return _LABELLED.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """``text`` on one line (runs of white space as one space), cut to ``limit`` characters
+    with ``…`` when longer."""
+    flat = " ".join(text[: limit * 8].split())
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
+def body_excerpt(body: Any, secrets: Iterable[str] = ()) -> str:
+    """What a server's error body says, scrubbed and bounded: the text of an HTML page, a JSON
+    body compactly, plain text as is; ``(empty body)`` for nothing."""
+    if body is None or body == "":
+        return "(empty body)"
+    if isinstance(body, (dict, list)):
+        text = json.dumps(body, ensure_ascii=False, separators=(", ", ": "), default=str)
+    else:
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+        if "<" in text[:200] and _HTML_TAG.search(text[:2000]):
+            text = _HTML_TAG.sub(" ", _HTML_DROP.sub(" ", text[:50_000]))
+    text = scrub(text[:50_000], secrets)  # before the cut: a secret is never half-quoted
+    return excerpt(text) or "(empty body)"
 
 
 def _causes(exc: BaseException) -> list[str]:
@@ -46,6 +80,7 @@ def classify_error(
     *,
     model: str | None = None,
     secrets: Iterable[str] = (),
+    models_file: str = "configs/models.yaml",
 ) -> StageError:
     """A provider exception as a StageError: TransientError when worth retrying.
 
@@ -54,13 +89,14 @@ def classify_error(
         model_name: the configs/models.yaml entry, named in the message.
         model: the provider's model name (``model:`` of the entry), named for a 404.
         secrets: strings scrubbed from any text the server sent back (the API key).
+        models_file: the models file the entry is in (``ModelsConfig.source``), named in fixes.
     """
     if isinstance(exc, StageError):
         return exc
     secrets = list(secrets)
     entry = f"model {model_name!r}" if model_name else "the model"
     where = f"{entry}: "
-    fix_in = f" of {model_name!r} in configs/models.yaml" if model_name else ""
+    fix_in = f" of {model_name!r} in {models_file}" if model_name else ""
     causes = _causes(exc)
     try:
         import openai
@@ -98,7 +134,7 @@ def classify_error(
                 type="max_tokens",
             )
         if isinstance(exc, openai.APIError):  # an error event inside the stream
-            detail = scrub(str(exc.message), secrets)
+            detail = excerpt(scrub(str(exc.message), secrets))
             return TransientError(
                 f"{where}the server reported an error: {detail}", type="server_error"
             )
@@ -110,7 +146,7 @@ def classify_error(
         return TransientError(f"{where}timed out waiting for the next chunk", type="timeout")
     if isinstance(exc, ConnectionError):
         return TransientError(f"{where}{type(exc).__name__}", type="connection_error")
-    detail = scrub(str(exc), secrets)
+    detail = excerpt(scrub(str(exc), secrets))
     return StageError(f"{where}{type(exc).__name__}: {detail}", type="model_error")
 
 
@@ -121,11 +157,11 @@ def _status_error(
     body = exc.body if isinstance(exc.body, dict) else {}
     error = body.get("error") if isinstance(body.get("error"), dict) else body
     code = str(error.get("code") or "") if isinstance(error, dict) else ""
-    message = (
-        scrub(str(error.get("message") or exc.message), secrets)
-        if isinstance(error, dict)
-        else scrub(str(exc.message), secrets)
-    )
+    said = error.get("message") if isinstance(error, dict) else None
+    if isinstance(said, str) and said.strip():
+        message = excerpt(scrub(said, secrets))
+    else:  # no message field (a proxy's HTML page, plain text, other JSON): quote the body
+        message = f"the body says: {body_excerpt(exc.body, secrets)}"
     if status == 401:
         return StageError(
             f"{where}the server refused the API key (401): check the key in the variable "

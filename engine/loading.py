@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Collection, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -32,7 +33,7 @@ from stagecast.engine.spec import (
     ChainSpec,
     StageSpec,
 )
-from stagecast.engine.spec_problems import partial_spec, pydantic_problems
+from stagecast.engine.spec_problems import partial_spec, pydantic_problems, with_guessed_kinds
 from stagecast.engine.validation import check_chain
 
 __all__ = [
@@ -199,7 +200,19 @@ def parse_chain_text(
         spec = ChainSpec.model_validate(source.data)
     except ValidationError as exc:
         problems.extend(pydantic_problems(exc, source))
-        spec = partial_spec(source.data, broken)
+        data = source.data
+        for _ in range(8):  # a bad `kind:` must not hide the rest of its stage: guess, recheck
+            guessed = with_guessed_kinds(data)
+            if guessed is None:
+                break
+            data = guessed
+            try:
+                ChainSpec.model_validate(guessed)
+            except ValidationError as again:
+                problems.extend(pydantic_problems(again, replace(source, data=guessed)))
+            else:
+                break
+        spec = partial_spec(data, broken)
     else:
         if spec.id is None and not re.match(ID_PATTERN, _default_id(filename) or "chain"):
             problems.append(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from stagecast.engine.errors import ModelConfigError
 from stagecast.engine.resources import config_file
@@ -19,6 +20,7 @@ __all__ = [
     "MODELS_FILE_ENV",
     "JsonMode",
     "ModelEntry",
+    "ModelNames",
     "ModelsConfig",
     "load_models_config",
 ]
@@ -91,6 +93,25 @@ class ModelsConfig(BaseModel):
 
     default: str = Field("auto", description="The model used when a chain names none.")
     models: dict[str, ModelEntry] = Field(default_factory=dict)
+    _source: str | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> str:
+        """Where these entries come from, for messages: the file's path as read, the built-ins,
+        or ``configs/models.yaml`` for a config built in Python."""
+        return self._source or "configs/models.yaml"
+
+
+class ModelNames(frozenset[str]):
+    """The model names a chain may use, and the models file they come from (``source``), so
+    an unknown-model problem can say which file it looked in."""
+
+    source: str | None
+
+    def __new__(cls, names: Iterable[str], source: str | None = None) -> ModelNames:
+        made = super().__new__(cls, names)
+        made.source = source
+        return made
 
 
 BUILTIN_MODELS = ModelsConfig(
@@ -101,6 +122,7 @@ BUILTIN_MODELS = ModelsConfig(
         "gpt-4o-mini": ModelEntry(provider="openai", model="gpt-4o-mini"),
     }
 )
+BUILTIN_MODELS._source = "the built-in models (no configs/models.yaml found)"
 
 
 MODELS_FILE_ENV = "STAGECAST_MODELS"
@@ -125,7 +147,7 @@ def _parse_models_file(file: Path, mtime_ns: int, size: int) -> ModelsConfig:
     """Parsed once per version of the file (a registry is built per run); treat as read-only."""
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        return ModelsConfig.model_validate(data)
+        config = ModelsConfig.model_validate(data)
     except yaml.YAMLError as exc:
         raise ModelConfigError(f"{file}: not valid YAML: {exc}") from None
     except ValidationError as exc:
@@ -133,3 +155,5 @@ def _parse_models_file(file: Path, mtime_ns: int, size: int) -> ModelsConfig:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         raise ModelConfigError(f"{file}: {problems}") from None
+    config._source = str(file)
+    return config

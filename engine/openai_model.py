@@ -41,6 +41,8 @@ def openai_model_class() -> type[BaseChatModel]:
 
         entry_name: str = ""
         """The configs/models.yaml entry this model was built from."""
+        models_file: str = "configs/models.yaml"
+        """The models file that entry is in (named in error messages)."""
         json_mode: JsonMode | None = None
         """How output: json stages ask for JSON (see ModelEntry.json_mode)."""
         fast_stream: bool = False
@@ -79,7 +81,11 @@ def openai_model_class() -> type[BaseChatModel]:
                 raise
             except Exception as exc:
                 raise classify_error(
-                    exc, self.entry_name, model=self.model_name, secrets=self._secrets()
+                    exc,
+                    self.entry_name,
+                    model=self.model_name,
+                    secrets=self._secrets(),
+                    models_file=self.models_file,
                 ) from exc
             finally:
                 await inner.aclose()  # closes the HTTP response if we stop early

@@ -85,7 +85,11 @@ async def stream_pieces(
         raise
     except Exception as exc:
         raise classify_error(
-            exc, model.entry_name, model=model.model_name, secrets=model._secrets()
+            exc,
+            model.entry_name,
+            model=model.model_name,
+            secrets=model._secrets(),
+            models_file=model.models_file,
         ) from exc
     if not finished:
         raise stream_cut_error(model.entry_name)

@@ -65,7 +65,7 @@ from stagecast.engine.events import (
     Token,
     Usage,
 )
-from stagecast.engine.faults import classify_error
+from stagecast.engine.faults import classify_error, excerpt
 from stagecast.engine.inputs import validate_inputs
 from stagecast.engine.offline import OfflineChatModel
 from stagecast.engine.openai_model import prepare_json_model
@@ -185,7 +185,10 @@ def parse_json_output(
     try:
         value = json.loads(body)
     except json.JSONDecodeError as exc:
-        raise TransientError(f"the answer is not valid JSON: {exc}", type="invalid_json") from None
+        raise TransientError(
+            f"the answer is not valid JSON: {exc}; {_json_break(body, exc.pos)}",
+            type="invalid_json",
+        ) from None
     if unwrap is not None:
         value = unwrap(value)
     if schema is not None:
@@ -195,10 +198,29 @@ def parse_json_output(
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(top)"
             raise TransientError(
-                f"the JSON answer does not match the schema at {where}: {error.message}",
+                f"the JSON answer does not match the schema at {where}: {excerpt(error.message)}",
                 type="invalid_json",
             )
     return value
+
+
+_START_CHARS, _AROUND_CHARS = 120, 60
+
+
+def _json_break(text: str, pos: int) -> str:
+    """Where a JSON answer broke, quoted: its start, and the text around the break."""
+    if not text.strip():
+        return "the answer is empty"
+    size = f"the answer ({len(text):,} chars)"
+    if len(text) <= _START_CHARS:
+        return f"{size}: {text!r}"
+    start = f"{size} starts {text[:_START_CHARS]!r}…"
+    if pos < _START_CHARS - 20:
+        return start
+    before = text[max(0, pos - _AROUND_CHARS) : pos]
+    after = text[pos : pos + _AROUND_CHARS // 2]
+    more = "…" if pos + _AROUND_CHARS // 2 < len(text) else ""
+    return f"{start}; it breaks at char {pos:,}: …{before!r} ⟵ here {after!r}{more}"
 
 
 class ChainRun:
@@ -703,7 +725,7 @@ class ChainRun:
         if isinstance(exc, StageError):
             return exc
         name = self._resolve(unit.spec).name if isinstance(unit.spec, LlmStage) else ""
-        return classify_error(exc, name)
+        return classify_error(exc, name, models_file=self.registry.config.source)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -941,30 +963,28 @@ class ChainRun:
         parts: list[str] = []
         stage_id, path, emit = unit.stage_id, unit.path, self.emit_token
         stream = spec.stream
-        input_tokens = output_tokens = 0
+        reported = _Reported()
         if isinstance(runnable, OfflineChatModel):
             source: AsyncGenerator[Any, None] = runnable.stream_pieces(messages)
         else:  # a registry-built OpenAI model streams straight into the stage too
             fast = fast_stream(runnable, messages, kwargs)
             source = runnable.astream(messages, **kwargs) if fast is None else fast
-        async with contextlib.aclosing(source) as chunks:
-            async for chunk in chunks:
-                text = chunk.content
-                if text:
-                    if not isinstance(text, str):
-                        text = _content_text(text)
-                    parts.append(text)
-                    if stream:
-                        emit(stage_id, path, attempt, text)
-                meta = chunk.usage_metadata
-                if meta:
-                    input_tokens += meta.get("input_tokens", 0)
-                    output_tokens += meta.get("output_tokens", 0)
-        usage.input_tokens += input_tokens
-        usage.output_tokens += output_tokens
-        cost = resolved.cost(input_tokens, output_tokens)
-        if cost is not None:
-            usage.cost = (usage.cost or 0.0) + cost
+        try:
+            async with contextlib.aclosing(source) as chunks:
+                async for chunk in chunks:
+                    reported.answered = True
+                    text = chunk.content
+                    if text:
+                        if not isinstance(text, str):
+                            text = _content_text(text)
+                        parts.append(text)
+                        if stream:
+                            emit(stage_id, path, attempt, text)
+                    meta = chunk.usage_metadata
+                    if meta:
+                        reported.count(meta)
+        finally:  # a failed or cancelled attempt counts too: what it reported, else unknown
+            usage.add(reported.usage(resolved.cost))
         text_out = "".join(parts)
         if spec.output == "json":
             return parse_json_output(text_out, spec.schema_, unwrap)
@@ -1123,6 +1143,32 @@ def _flat_hits(output: Any) -> list[dict[str, Any]]:
     if isinstance(output, list):
         return [hit for item in output for hit in _flat_hits(item)]
     return []
+
+
+class _Reported:
+    """The usage one model call reported, as its chunks arrive."""
+
+    __slots__ = ("answered", "input_tokens", "output_tokens")
+
+    def __init__(self) -> None:
+        self.answered = False
+        """The model sent something (a call refused before any answer counts nothing)."""
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+
+    def count(self, meta: Mapping[str, Any]) -> None:
+        for name in ("input_tokens", "output_tokens"):
+            value = meta.get(name)
+            if isinstance(value, int):
+                setattr(self, name, (getattr(self, name) or 0) + value)
+
+    def usage(self, price: Callable[[int, int], float | None]) -> Usage:
+        if not self.answered:
+            return Usage()
+        used_in, used_out = self.input_tokens, self.output_tokens
+        if used_in is None or used_out is None:
+            return Usage(input_tokens=used_in or 0, output_tokens=used_out or 0, reported=False)
+        return Usage(input_tokens=used_in, output_tokens=used_out, cost=price(used_in, used_out))
 
 
 def _sum_usage(units: list[_Unit]) -> Usage:

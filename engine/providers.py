@@ -21,6 +21,7 @@ from stagecast.engine.errors import ModelConfigError
 from stagecast.engine.model_config import (
     DEFAULT_OPENAI_RETRIES,
     ModelEntry,
+    ModelNames,
     ModelsConfig,
     load_models_config,
 )
@@ -81,9 +82,10 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted({*self.config.models, *self.overrides})
 
-    def known_names(self) -> list[str]:
-        """Every name a chain may use: the entries, plus ``default`` (the configured default)."""
-        return sorted({*self.names(), "default"})
+    def known_names(self) -> ModelNames:
+        """Every name a chain may use: the entries, plus ``default`` (the configured default);
+        ``source`` names the models file."""
+        return ModelNames({*self.names(), "default"}, self.config.source)
 
     def resolve(self, name: str | None = None) -> ResolvedModel:
         if not name or (name == "default" and name not in self.config.models):
@@ -121,7 +123,7 @@ class ModelRegistry:
         if entry is None:
             raise ModelConfigError(
                 f"unknown model {name!r}; models are: {', '.join(self.names())} "
-                "(configs/models.yaml)"
+                f"(in {self.config.source})"
             )
         if entry.provider == "auto":
             target = self._auto_target(entry)
@@ -149,7 +151,7 @@ class ModelRegistry:
             if entry.key_required:
                 raise ModelConfigError(
                     f"model {name!r} needs an API key: set {entry.api_key_env} "
-                    f"(api_key_env of {name!r} in configs/models.yaml; key_required: false "
+                    f"(api_key_env of {name!r} in {self.config.source}; key_required: false "
                     "for a local server that needs none)"
                 )
             key = "not-needed"  # the client insists on a key; a keyless server ignores it
@@ -162,6 +164,7 @@ class ModelRegistry:
             "max_retries": 0,
             "stream_chunk_timeout": None,
             "entry_name": name,
+            "models_file": self.config.source,
             "json_mode": entry.json_mode,
             "fast_stream": entry.fast_stream,
         }

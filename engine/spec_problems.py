@@ -30,9 +30,62 @@ from stagecast.engine.spec import (
     TemplateStage,
 )
 
-__all__ = ["partial_spec", "pydantic_problems"]
+__all__ = ["guess_kind", "partial_spec", "pydantic_problems", "with_guessed_kinds"]
 
 _STAGE_ADAPTER: TypeAdapter[StageSpec] = TypeAdapter(StageSpec)
+_KIND_MODELS: dict[str, type[BaseModel]] = {
+    get_args(member.model_fields["kind"].annotation)[0]: member
+    for member in get_args(get_args(StageSpec)[0])
+}
+_COMMON_KEYS = frozenset.intersection(
+    *(frozenset(f.alias or n for n, f in m.model_fields.items()) for m in _KIND_MODELS.values())
+)
+
+
+def guess_kind(stage: Any) -> str | None:
+    """For a stage mapping whose ``kind`` is unknown: the kind it most likely means — the close
+    spelling (``lml`` → ``llm``), else the one kind whose own keys it uses (``prompt`` → llm,
+    ``over`` → map); None when it cannot tell."""
+    if not isinstance(stage, dict) or stage.get("kind") in _KIND_MODELS:
+        return None
+    tag = stage.get("kind")
+    if isinstance(tag, str):
+        close = difflib.get_close_matches(tag, STAGE_KINDS, n=1)
+        if close:
+            return close[0]
+    keys = {k for k in stage if isinstance(k, str)} - _COMMON_KEYS
+    fits = {
+        kind: len(keys & {f.alias or n for n, f in model.model_fields.items()})
+        for kind, model in _KIND_MODELS.items()
+    }
+    best = max(fits.values(), default=0)
+    winners = [kind for kind, fit in fits.items() if fit == best]
+    return winners[0] if best > 0 and len(winners) == 1 else None
+
+
+def with_guessed_kinds(data: Any) -> Any | None:
+    """A copy of the document with each outermost unknown stage ``kind`` replaced by
+    ``guess_kind`` (so the stage's other keys can be checked too), or None when no kind was
+    guessed. A map's nested stage is only looked at once the map's own kind is known: validate
+    the copy, then call this again on it (each round reports the next level's kind)."""
+
+    def fix(stage: Any) -> Any:
+        if not isinstance(stage, dict):
+            return stage
+        guess = guess_kind(stage)
+        if guess is not None:  # the nested stage of a guessed map is for the next round
+            return {**stage, "kind": guess}
+        if stage.get("kind") == "map":
+            if "stage" in stage:
+                stage = {**stage, "stage": fix(stage["stage"])}
+            if isinstance(stage.get("stages"), list):
+                stage = {**stage, "stages": [fix(inner) for inner in stage["stages"]]}
+        return stage
+
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+        return None
+    fixed = {**data, "stages": [fix(stage) for stage in data["stages"]]}
+    return None if fixed == data else fixed
 
 
 def partial_spec(data: Any, broken: set[int]) -> ChainSpec:
@@ -276,9 +329,13 @@ def _translate(loc: _Loc, error: Any, source: SourceMap) -> Problem:
     if kind == "union_tag_invalid":
         tag = str(error.get("ctx", {}).get("tag", value.get("kind") if value else ""))
         close = difflib.get_close_matches(tag, STAGE_KINDS, n=1)
+        guess = guess_kind(value)
+        checked = f"its other keys were checked as {guess}; " if guess else ""
         hint = (
-            f"did you mean '{close[0]}'? " if close else ""
-        ) + f"kinds are: {', '.join(STAGE_KINDS)}"
+            (f"did you mean '{close[0]}'? " if close else "")
+            + checked
+            + f"kinds are: {', '.join(STAGE_KINDS)}"
+        )
         return source.problem((*path, "kind"), f"unknown stage kind '{tag}'", hint)
     if kind in ("model_attributes_type", "model_type", "dict_type"):
         return source.problem(path, f"expected a mapping, got {_describe(value)}")

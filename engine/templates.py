@@ -312,7 +312,10 @@ class _Environment(ImmutableSandboxedEnvironment):
 
 
 def _finalize(value: Any) -> Any:
-    """Every ``{{ value }}`` of a text template: checked before it becomes text."""
+    """Every ``{{ value }}`` of a text template: checked before it becomes text; null (an
+    input given as null, a skipped stage's output) becomes empty text, never ``None``."""
+    if value is None:
+        return ""
     return _check(value)
 
 

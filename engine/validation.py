@@ -116,6 +116,7 @@ class _Checker:
         self.spec = spec
         self.source = source
         self.model_names = sorted(model_names) if model_names is not None else None
+        self.models_source: str | None = getattr(model_names, "source", None)
         self.broken = broken
         self.problems: list[Problem] = []
         self.ids = list(dict.fromkeys(s.id for s in spec.stages if s.id))
@@ -306,6 +307,8 @@ class _Checker:
         close = difflib.get_close_matches(name, self.model_names, n=1)
         known = ", ".join(self.model_names) if self.model_names else "(none configured)"
         hint = (f"did you mean '{close[0]}'? " if close else "") + f"models are: {known}"
+        if self.models_source:
+            hint += f" (in {self.models_source})"
         self.add(path, f"unknown model '{name}'", hint)
 
     def check_json_schema(self, path: KeyPath, schema: dict[str, Any]) -> None:

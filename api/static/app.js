@@ -2,7 +2,8 @@
 //
 //   GET  /v1/chains, /v1/chains/{id}   the chain picker and the generated input form
 //   POST /v1/runs                      start a run; its id goes into the URL (/?run=<id>)
-//   GET  /v1/runs/{id}/events          followed with EventSource (replay, then live)
+//   GET  /v1/runs/{id}/events          followed with EventSource (replay, then live; resumes
+//                                      by itself after a cut, shown as the connection state)
 //   POST /v1/runs/{id}/cancel | /input the cancel button and input-required forms
 //   GET /v1/recordings, POST /v1/replays  "play a recording" (recordings.js), when there are any
 //
@@ -42,11 +43,7 @@ const state = {
 
 const view = new RunView($("#run"), {
   onCancel: () => cancelRun("", state.runId),
-  onAnswer: (answer) =>
-    answerInput(state.runId, answer).catch((err) => {
-      err.fields = fieldProblems(err);
-      throw err;
-    }),
+  onAnswer: (value, event) => answerInput(state.runId, event, value),
 });
 
 async function main() {
@@ -180,9 +177,9 @@ async function onSubmit(event) {
 function watch(runId, { replay }) {
   state.follower?.close();
   state.runId = runId;
-  view.reset(runId);
-  $("#run").scrollIntoView({ behavior: replay ? "auto" : "smooth", block: "start" });
+  view.reset(runId); // the view follows the run from here (until the reader scrolls away)
   state.follower = followRun(runId, {
+    onConnection: (connection) => view.setConnection(connection),
     onEvent: (e) => {
       view.apply(e);
       if (e.type === "run-start") preselectChain(e.chain?.id);

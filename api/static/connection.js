@@ -9,14 +9,22 @@ export const { listChains, getChain, startRun, cancelRun, getRun, StagecastError
 
 /**
  * Follow a run from its first event (replay, then live) until `run-end`.
+ * `onConnection(state)`: "connecting", "connected", "reconnecting" (the stream was cut;
+ * EventSource resumes by itself after the last event it saw), "ended" (after run-end),
+ * "lost" (it gave up: the run is unknown or expired).
  * @returns {{close: () => void}}
  */
-export function followRun(runId, { onEvent, onError }) {
+export function followRun(runId, { onEvent, onError, onConnection }) {
   let sawEvent = false;
+  onConnection?.("connecting");
   return client.followRun("", runId, {
     onEvent: (event) => {
       sawEvent = true;
       onEvent(event);
+    },
+    onStatus: (status) => {
+      const state = { open: "connected", reconnecting: "reconnecting", ended: "ended" }[status];
+      onConnection?.(state || "lost");
     },
     onError: async () => {
       if (!sawEvent) onError(await explain(runId));
@@ -24,9 +32,18 @@ export function followRun(runId, { onEvent, onError }) {
   });
 }
 
-/** Answer a pending `input-required` (202), or throw with the reason (422). */
-export function answerInput(runId, answer) {
-  return client.answerInput("", runId, answer);
+/**
+ * Answer the `input-required` event `event` with `value` (202), or throw: the error's
+ * `fields` maps an answer field to its problem ("" for the answer as a whole), from a 422
+ * `invalid_answer`; a 409 `not_waiting_input` has only its message.
+ */
+export async function answerInput(runId, event, value) {
+  try {
+    return await client.answerInput("", runId, { stage: event.stage, path: event.path, value });
+  } catch (err) {
+    err.fields = client.answerProblems(err);
+    throw err;
+  }
 }
 
 /** Models the server offers, or null when it cannot say (older server, error). */
@@ -39,13 +56,13 @@ export async function listModels() {
   }
 }
 
-/** Field problems of a 422 answer, keyed by input name (`inputs.document` -> `document`). */
+/** Field problems of a 422 to POST /v1/runs, keyed by input name (`inputs.document` -> `document`). */
 export function fieldProblems(err) {
   const fields = err?.details?.fields;
   if (!fields || typeof fields !== "object") return null;
   const out = {};
   for (const [path, problem] of Object.entries(fields)) {
-    out[path.replace(/^(body\.)?(inputs|answer)\.?/, "") || "answer"] = problem;
+    out[path.replace(/^(body\.)?inputs\.?/, "")] = problem;
   }
   return out;
 }

@@ -7,7 +7,13 @@
 //
 // Hooks for tests and assistive technology: the root carries `data-run-status`; every stage row
 // `data-stage` and `data-status`; every map item `data-path` and `data-status`; progress bars
-// are `role="progressbar"` with `aria-valuenow/min/max`; streamed text lives in `.stream`.
+// are `role="progressbar"` with `aria-valuenow/min/max`; streamed text lives in `.stream`; the
+// root carries `data-connection` (connecting, connected, reconnecting, ended, lost),
+// `data-following` and `data-last-seq`.
+//
+// Following: the page keeps the active stage (a waiting question, at the end the result) in the
+// viewport, below the sticky run bar, until the reader scrolls the page; then it stops and
+// offers a "Follow the run" button that takes up following again.
 
 import { renderMarkdown } from "./markdown.js";
 import { buildFields, humanize, readValues, showProblems } from "./schema-form.js";
@@ -20,6 +26,17 @@ const STATUS_TEXT = {
   skipped: "Skipped",
   cancelled: "Cancelled",
 };
+
+const CONNECTION_TEXT = {
+  connecting: "Connecting…",
+  connected: "Connected",
+  reconnecting: "Reconnecting…",
+  ended: "Ended",
+  lost: "Disconnected",
+};
+
+const LIVE = ["connecting", "running", "waiting_input"];
+const ITEM_LABEL_MAX = 60;
 
 const RUN_STATUS_TEXT = {
   connecting: "Connecting…",
@@ -39,6 +56,34 @@ export class RunView {
     this.root = root;
     this.hooks = hooks;
     this.timer = null;
+    this.following = true;
+    this.followQueued = false;
+    this.userScrollAt = -Infinity;
+    this.ownScrollY = null; // where the page's own last scroll put the window
+    // What the reader does to scroll the page; a window scroll soon after one stops following
+    // (the page's own scrolls come with none of these).
+    const intent = () => {
+      this.userScrollAt = performance.now();
+    };
+    addEventListener("wheel", intent, { passive: true });
+    addEventListener("touchmove", intent, { passive: true });
+    addEventListener("mousedown", (ev) => {
+      if (ev.clientX >= document.documentElement.clientWidth) intent(); // the scrollbar
+    });
+    addEventListener("keydown", (ev) => {
+      const keys = ["ArrowUp", "ArrowDown", "PageUp", "PageDown", "Home", "End", " "];
+      const inField = ev.target instanceof Element && ev.target.closest("input, textarea, select");
+      if (keys.includes(ev.key) && !inField) intent();
+    });
+    addEventListener(
+      "scroll",
+      () => {
+        if (!this.following || Math.abs(scrollY - this.ownScrollY) < 2) return; // our own scroll
+        if (performance.now() - this.userScrollAt < 1000) this.#setFollowing(false);
+      },
+      { passive: true },
+    );
+    addEventListener("resize", () => this.#queueFollow());
   }
 
   /** Start over for `runId` (a new run, or a replay after a reload). */
@@ -51,35 +96,47 @@ export class RunView {
     this.sourceCards = new Map(); // "stage\u0000source id" -> its card
     this.sourceSerial = 0;
     this.citations = null; // the last llm stage-end citations, to link [n] in the result
-    this.items = new Map(); // path key -> item parts
+    this.items = new Map(); // "map/index" -> the item's parts
+    this.parts = new Map(); // path key of a stage inside a map item ("map/index/stage") -> its place
     this.inputs = new Map(); // path key -> input box
     this.progress = 0;
     this.runStartTs = null;
     this.runEndMs = null;
     this.status = "connecting";
+    this.outputs = new Map(); // top-level stage id -> its output (to name map items)
+    this.deadlines = new Map(); // path key -> {at, node} of an input with expires_at
+    this.seqGaps = 0;
+    this.target = null; // what following keeps in view
 
     const r = this.root;
     r.replaceChildren();
     r.hidden = false;
     r.dataset.runId = runId;
+    r.dataset.lastSeq = "0";
 
+    // The run bar sticks to the top of the viewport: status, connection and progress stay in
+    // sight while the page follows the stages below it.
+    this.barWrap = div("run-bar");
     const head = div("run-head");
     const titles = div("run-titles");
     this.titleEl = el("h2", "run-title");
     this.titleEl.textContent = "Run";
-    this.metaEl = el("p", "run-meta");
-    this.metaEl.textContent = runId;
-    titles.append(this.titleEl, this.metaEl);
+    titles.append(this.titleEl);
     const actions = div("run-actions");
     this.pillEl = el("span", "pill");
     this.pillEl.setAttribute("role", "status");
-    this.cancelEl = el("button", "button button-quiet");
+    this.connEl = el("span", "connection");
+    this.connEl.setAttribute("role", "status");
+    this.connEl.setAttribute("aria-live", "polite");
+    this.cancelEl = el("button", "button button-quiet button-small");
     this.cancelEl.type = "button";
     this.cancelEl.dataset.action = "cancel";
     this.cancelEl.textContent = "Cancel run";
     this.cancelEl.addEventListener("click", () => this.#cancel());
-    actions.append(this.pillEl, this.cancelEl);
+    actions.append(this.pillEl, this.connEl, this.cancelEl);
     head.append(titles, actions);
+    this.metaEl = el("p", "run-meta");
+    this.metaEl.textContent = runId;
 
     const overall = div("overall");
     const overallHead = div("overall-head");
@@ -93,6 +150,7 @@ export class RunView {
     this.barEl.dataset.progress = "overall";
     this.barEl.classList.add("bar-large");
     overall.append(overallHead, this.barEl);
+    this.barWrap.append(head, overall);
 
     this.errorEl = el("p", "notice notice-error");
     this.errorEl.hidden = true;
@@ -105,9 +163,28 @@ export class RunView {
     this.outputsEl.hidden = true;
     this.outputsEl.setAttribute("aria-label", "Result");
 
-    r.append(head, overall, this.errorEl, this.stagesEl, this.outputsEl);
+    this.followEl = el("button", "button button-primary follow");
+    this.followEl.type = "button";
+    this.followEl.dataset.action = "follow";
+    this.followEl.textContent = "Follow the run";
+    this.followEl.addEventListener("click", () => this.#setFollowing(true));
+
+    r.append(this.barWrap, this.metaEl, this.errorEl, this.stagesEl, this.outputsEl, this.followEl);
     this.#setRunStatus("connecting");
+    this.setConnection("connecting");
     this.#setProgress(0);
+    this.#setFollowing(true);
+  }
+
+  /** The state of the event stream: connecting, connected, reconnecting, ended or lost. */
+  setConnection(state) {
+    this.root.dataset.connection = state;
+    this.connEl.dataset.connection = state;
+    this.connEl.textContent = CONNECTION_TEXT[state] || state;
+    this.connEl.title =
+      state === "reconnecting"
+        ? "The connection was cut; resuming after the last event received (nothing is lost)."
+        : "";
   }
 
   /** Show a problem that is not part of the run (a failed request, an unknown run). */
@@ -120,8 +197,11 @@ export class RunView {
     if (!event || typeof event !== "object") return;
     if (typeof event.seq === "number") {
       if (event.seq <= this.lastSeq) return; // a replayed duplicate
+      if (event.seq !== this.lastSeq + 1) this.root.dataset.seqGaps = String(++this.seqGaps);
       this.lastSeq = event.seq;
+      this.root.dataset.lastSeq = String(event.seq);
     }
+    this.#queueFollow();
     switch (event.type) {
       case "run-start":
         return this.#runStart(event);
@@ -168,14 +248,22 @@ export class RunView {
     this.#resumeIfWaiting(e);
     if (isTop(e)) {
       row.startTs = e.ts;
+      row.startSeq = e.seq ?? 0;
       this.#setStatus(row, "running");
       if (row.plan.fan_out) return; // items get their own places
       this.#stream(e, row);
     } else {
       const item = this.#item(e, row);
-      item.startTs = e.ts;
+      item.startTs ??= e.ts;
+      item.startSeq = e.seq ?? 0;
       setStatus(item.root, "running", item.statusEl);
       if (typeof e.total === "number" && row.total == null) this.#setCount(row, 0, e.total);
+      if (isPart(e)) {
+        const part = this.#part(e, item);
+        part.startTs = e.ts;
+        part.startSeq = e.seq ?? 0;
+        setStatus(part.root, "running", part.statusEl);
+      }
       this.#stream(e, row);
     }
   }
@@ -231,13 +319,15 @@ export class RunView {
     card.append(head, snippet);
     row.sourcesEl.hidden = false;
     row.sourcesEl.append(card);
-    row.sourcesCount.textContent = `${row.sourcesEl.querySelectorAll(".source").length} sources`;
+    const count = row.sourcesEl.querySelectorAll(".source").length;
+    row.sourcesCount.textContent = `${count} ${count === 1 ? "source" : "sources"}`;
   }
 
   #stageProgress(e) {
     const row = this.#row(e);
     if (!row) return;
     this.#setCount(row, e.completed, e.total);
+    this.#settleItems(row, e, "succeeded");
   }
 
   #stageRetry(e) {
@@ -269,7 +359,8 @@ export class RunView {
     const prompt = div("input-prompt md");
     prompt.append(renderMarkdown(e.prompt || "Your answer:"));
     const fieldsEl = div("fields");
-    const form = buildFields(fieldsEl, e.schema, { idPrefix: `in-${k.replace(/\W+/g, "-")}` });
+    const schema = e.schema && typeof e.schema === "object" ? e.schema : { type: "string" };
+    const form = buildFields(fieldsEl, schema, { idPrefix: `in-${k.replace(/\W+/g, "-")}` });
     const actions = div("input-actions");
     const send = el("button", "button button-primary");
     send.type = "submit";
@@ -278,6 +369,13 @@ export class RunView {
     status.setAttribute("aria-live", "polite");
     actions.append(send, status);
     box.append(prompt, fieldsEl, actions);
+    if (typeof e.expires_at === "number") {
+      const deadline = el("p", "input-deadline");
+      deadline.setAttribute("aria-live", "off");
+      box.insertBefore(deadline, actions);
+      this.deadlines.set(k, { at: e.expires_at, node: deadline });
+      this.#showDeadline(this.deadlines.get(k));
+    }
     box.addEventListener("submit", async (ev) => {
       ev.preventDefault();
       const { values, problems } = readValues(form);
@@ -286,16 +384,33 @@ export class RunView {
       send.disabled = true;
       status.textContent = "Sending…";
       try {
-        await this.hooks.onAnswer?.(values);
+        await this.hooks.onAnswer?.(values, e);
         status.textContent = "Sent — the run continues.";
         box.classList.add("is-sent");
       } catch (err) {
-        send.disabled = false;
-        status.textContent = err.message || "Could not send the answer.";
-        if (err.fields) showProblems(form, form.single ? { answer: firstValue(err.fields) } : err.fields);
+        // 422 invalid_answer: the run keeps waiting, the problems go to their fields ("" is the
+        // answer as a whole). 409 not_waiting_input: the question is gone; say so.
+        const closed = err.code === "not_waiting_input";
+        send.disabled = closed;
+        const fields = err.fields || {};
+        let message = err.message || "Could not send the answer.";
+        if (form.single) {
+          showProblems(form, { answer: fields[""] ?? firstValue(fields) ?? "" });
+        } else {
+          // a problem at a field of the form goes there; the others (the answer as a whole, a
+          // nested field) are said next to the button
+          const at = Object.entries(fields).filter(([name]) => form.fields.has(name));
+          showProblems(form, Object.fromEntries(at));
+          const rest = Object.entries(fields).filter(([name]) => !form.fields.has(name));
+          if (rest.length) message += ` (${rest.map(([n, p]) => (n ? `${n}: ${p}` : p)).join("; ")})`;
+        }
+        status.textContent = message;
+        box.classList.toggle("is-closed", closed);
       }
     });
-    row.inputEl.append(box);
+    const place = this.#place(e, row);
+    place.inputEl.append(box); // in place: in the map item (and its stage) that asks
+    if (place.statusEl) place.statusEl.textContent = "Waiting for you";
     this.inputs.set(k, box);
     row.root.dataset.awaiting = "input";
     this.#setRunStatus("waiting_input");
@@ -310,19 +425,35 @@ export class RunView {
       row.durationMs = e.duration_ms;
       this.#setStatus(row, e.status);
       row.timeEl.textContent = seconds(e.duration_ms);
+      if (e.status === "succeeded") this.outputs.set(e.stage, e.output);
+      showUsage(row.usageEl, e.usage, row.plan.kind);
       if (row.plan.fan_out && row.total != null && e.status === "succeeded") {
         this.#setCount(row, row.total, row.total);
       }
+      if (row.plan.fan_out) this.#settleItems(row, e, e.status === "succeeded" ? "succeeded" : e.status, true);
       if (!row.plan.fan_out) this.#showOutput(e, row);
       if (Array.isArray(e.citations)) {
         this.citations = e.citations;
         const box = this.streams.get(key(e.path))?.box ?? row.bodyEl;
         this.#linkCitations(box, e.citations);
       }
+    } else if (isPart(e)) {
+      // a stage inside a map item that runs several: the item is done when the map says so
+      if (!this.parts.has(key(e.path)) && e.status === "skipped") return; // never started: no place
+      const item = this.#item(e, row);
+      const part = this.#part(e, item);
+      setStatus(part.root, e.status, part.statusEl);
+      part.timeEl.textContent = seconds(e.duration_ms);
+      part.usage = e.usage;
+      showUsage(part.usageEl, e.usage, e.kind ?? "llm");
+      showUsage(item.usageEl, sumUsage([...item.parts.values()].map((x) => x.usage)), "llm");
+      if (e.status === "failed" || e.status === "cancelled") setStatus(item.root, e.status, item.statusEl);
+      this.#showOutput(e, row);
     } else {
       const item = this.#item(e, row);
       setStatus(item.root, e.status, item.statusEl);
       item.timeEl.textContent = seconds(e.duration_ms);
+      showUsage(item.usageEl, e.usage, e.kind ?? "llm");
       item.durationMs = e.duration_ms;
       this.#showOutput(e, row);
     }
@@ -351,14 +482,13 @@ export class RunView {
     this.elapsedEl.textContent = seconds(e.duration_ms);
     this.cancelEl.hidden = true;
     if (e.error) this.showError(`The run failed${e.error.stage ? ` in “${e.error.stage}”` : ""}: ${e.error.message}`);
-    const usage = e.usage || {};
     const parts = [`${seconds(e.duration_ms)}`];
-    if (usage.input_tokens || usage.output_tokens) {
-      parts.push(`${(usage.input_tokens || 0).toLocaleString()} tokens in, ${(usage.output_tokens || 0).toLocaleString()} out`);
-    }
-    if (typeof usage.cost === "number") parts.push(`$${usage.cost.toFixed(4)}`);
+    const usage = usageText(e.usage, "llm");
+    if (usage) parts.push(usage);
     this.metaEl.append(meta("Took", parts.join(" · ")));
     if (e.status === "succeeded") this.#renderOutputs(e.outputs);
+    this.deadlines.clear();
+    this.#setFollowing(this.following); // the button now offers the result
   }
 
   // -- parts -------------------------------------------------------------------------------
@@ -380,12 +510,13 @@ export class RunView {
     const metaEl = div("stage-meta");
     const countEl = el("span", "stage-count");
     const statusEl = el("span", "stage-status");
+    const usageEl = el("span", "stage-usage");
     const timeEl = el("span", "stage-time");
-    metaEl.append(countEl, statusEl, timeEl);
+    metaEl.append(countEl, statusEl, usageEl, timeEl);
     head.append(icon, titles, metaEl);
     root.append(head);
 
-    const row = { root, plan: step, statusEl, timeEl, countEl, total: null, startTs: null, durationMs: null };
+    const row = { root, plan: step, statusEl, timeEl, countEl, usageEl, total: null, startTs: null, durationMs: null };
     if (step.fan_out) {
       row.barEl = progressbar(null, `${step.label || step.stage}: items done`);
       row.barEl.classList.add("bar-small");
@@ -398,11 +529,15 @@ export class RunView {
       row.itemsEl = el("ol", "items");
       row.bodyEl.append(row.itemsEl);
     }
+    // Sources are folded to their count (they would fill the viewport); a click, or following
+    // a citation, unfolds them.
     row.sourcesEl = el("details", "sources");
     row.sourcesEl.hidden = true;
-    row.sourcesEl.open = true;
-    row.sourcesCount = el("summary");
-    row.sourcesEl.append(row.sourcesCount);
+    row.sourcesEl.open = false;
+    const summary = el("summary");
+    row.sourcesCount = el("span", "sources-count");
+    summary.append(row.sourcesCount);
+    row.sourcesEl.append(summary);
     row.outputEl = div("stage-output");
     root.append(row.notesEl, row.inputEl, row.bodyEl, row.sourcesEl, row.outputEl);
     this.stages.set(step.stage, row);
@@ -421,20 +556,36 @@ export class RunView {
   }
 
   #item(e, row) {
-    const k = key(e.path);
+    const k = key(e.path.slice(0, 2));
     let item = this.items.get(k);
     if (item) return item;
     const root = el("li", "item");
     root.dataset.path = k;
     const head = div("item-head");
     const name = el("span", "item-name");
-    const index = Number(e.path[e.path.length - 1]);
+    const index = Number(e.path[1]);
     name.textContent = `#${index + 1}`;
+    head.append(name);
+    // Named by its item (the value the map gave it), when the page has seen that value.
+    const value = this.#mapItems(row, e.total)?.[index];
+    // a number that is only the item's position (a map over range(n)) names nothing
+    const full = typeof value === "number" && (value === index || value === index + 1) ? "" : describeItem(value);
+    if (full) {
+      const title = el("span", "item-title");
+      title.textContent = full.length > ITEM_LABEL_MAX ? `${full.slice(0, ITEM_LABEL_MAX - 1)}…` : full;
+      title.title = full;
+      head.append(title);
+      root.dataset.label = title.textContent;
+    }
     const statusEl = el("span", "item-status");
+    const usageEl = el("span", "item-usage");
     const timeEl = el("span", "item-time");
-    head.append(name, statusEl, timeEl);
-    root.append(head);
-    item = { root, statusEl, timeEl, index, startTs: null, durationMs: null };
+    const metaEl = div("item-meta");
+    metaEl.append(statusEl, usageEl, timeEl);
+    head.append(metaEl);
+    const inputEl = div("stage-input");
+    root.append(head, inputEl);
+    item = { root, statusEl, timeEl, usageEl, inputEl, index, parts: new Map(), startTs: null, durationMs: null, startSeq: e.seq ?? 0 };
     setStatus(root, "waiting", statusEl);
     // keep items in index order even when they start out of order
     const after = [...row.itemsEl.children].find((c) => Number(c.dataset.index) > index);
@@ -442,6 +593,59 @@ export class RunView {
     row.itemsEl.insertBefore(root, after || null);
     this.items.set(k, item);
     return item;
+  }
+
+  /** The place of a stage inside a map item that runs several stages: a labelled part. */
+  #part(e, item) {
+    const k = key(e.path);
+    let part = this.parts.get(k);
+    if (part) return part;
+    const root = div("part");
+    root.dataset.path = k;
+    root.dataset.stagePart = String(e.path.slice(2).join("/"));
+    const head = div("part-head");
+    const label = el("span", "part-label");
+    label.textContent = e.label || String(e.path[e.path.length - 1]);
+    const statusEl = el("span", "part-status");
+    const usageEl = el("span", "item-usage");
+    const timeEl = el("span", "item-time");
+    const metaEl = div("item-meta");
+    metaEl.append(statusEl, usageEl, timeEl);
+    head.append(label, metaEl);
+    const inputEl = div("stage-input");
+    const bodyEl = div("part-body");
+    root.append(head, inputEl, bodyEl);
+    item.root.append(root);
+    part = { root, statusEl, usageEl, timeEl, inputEl, bodyEl, startTs: null, startSeq: e.seq ?? 0, usage: null };
+    setStatus(root, "waiting", statusEl);
+    item.parts.set(k, part);
+    this.parts.set(k, part);
+    return part;
+  }
+
+  /** Where a path's text, output and questions go: the stage, its map item, or a part of it. */
+  #place(e, row) {
+    if (isTop(e)) return row;
+    const item = this.#item(e, row);
+    if (!isPart(e)) return { bodyEl: item.root, inputEl: item.inputEl };
+    return this.#part(e, item);
+  }
+
+  /**
+   * Items of a map whose stages (several per item) all ended well are done; at the map's end
+   * (`final`) every item still open takes the map's status.
+   */
+  #settleItems(row, e, status, final = false) {
+    for (const item of this.items.values()) {
+      if (item.root.parentElement !== row.itemsEl || !item.parts.size) continue;
+      const state = item.root.dataset.status;
+      if (state !== "running" && state !== "waiting") continue;
+      const open = [...item.parts.values()].some((p) => ["running", "waiting"].includes(p.root.dataset.status));
+      if (open && !final) continue;
+      if (this.inputs.size && [...this.inputs.keys()].some((k) => k.startsWith(`${item.root.dataset.path}/`))) continue;
+      setStatus(item.root, final ? status : "succeeded", item.statusEl);
+      if (item.startTs && typeof e.ts === "number") item.timeEl.textContent = seconds(e.ts - item.startTs);
+    }
   }
 
   #stream(e, row) {
@@ -454,8 +658,7 @@ export class RunView {
     const node = document.createTextNode("");
     box.append(node);
     stream = { box, node, attempt: e.attempt ?? 1 };
-    if (isTop(e)) row.bodyEl.append(box);
-    else this.#item(e, row).root.append(box);
+    this.#place(e, row).bodyEl.append(box);
     this.streams.set(k, stream);
     return stream;
   }
@@ -477,7 +680,7 @@ export class RunView {
     if (!box) {
       box = div("stream");
       box.dataset.path = k;
-      (isTop(e) ? row.bodyEl : this.#item(e, row).root).append(box);
+      this.#place(e, row).bodyEl.append(box);
     }
     box.classList.remove("is-empty");
     box.classList.add("is-final");
@@ -486,9 +689,7 @@ export class RunView {
       box.replaceChildren(renderMarkdown(out));
     } else {
       box.classList.add("is-json");
-      const pre = el("pre", "json");
-      pre.textContent = JSON.stringify(out, null, 2);
-      box.replaceChildren(pre);
+      box.replaceChildren(jsonBlock(out));
     }
     box.scrollTop = 0; // the finished text is read from its start
   }
@@ -522,6 +723,7 @@ export class RunView {
             a.title = card.querySelector(".source-title")?.textContent || c.source_id;
             a.addEventListener("click", (ev) => {
               ev.preventDefault();
+              if (LIVE.includes(this.status)) this.#setFollowing(false); // the reader looks back
               const details = card.closest("details");
               if (details) details.open = true;
               card.scrollIntoView({ block: "nearest", behavior: "smooth" });
@@ -586,7 +788,7 @@ export class RunView {
     this.root.dataset.runStatus = status;
     this.pillEl.dataset.status = status;
     this.pillEl.textContent = RUN_STATUS_TEXT[status] || status;
-    this.cancelEl.hidden = !["connecting", "running", "waiting_input"].includes(status);
+    this.cancelEl.hidden = !LIVE.includes(status);
   }
 
   #resumeIfWaiting(e) {
@@ -595,8 +797,10 @@ export class RunView {
     if (box && (e.type !== "stage-start" || isTop(e))) {
       box.remove();
       this.inputs.delete(k);
+      this.deadlines.delete(k);
       const row = this.stages.get(e.stage);
-      if (row && !row.inputEl.children.length) delete row.root.dataset.awaiting;
+      const asking = [...this.inputs.keys()].some((other) => other.split("/")[0] === e.stage);
+      if (row && !asking) delete row.root.dataset.awaiting;
     }
     if (this.status === "waiting_input" && this.inputs.size === 0) this.#setRunStatus("running");
   }
@@ -609,6 +813,85 @@ export class RunView {
     }
     for (const item of this.items.values()) {
       if (item.root.dataset.status === "running" && item.startTs) item.timeEl.textContent = seconds(now - item.startTs);
+    }
+    for (const part of this.parts.values()) {
+      if (part.root.dataset.status === "running" && part.startTs) part.timeEl.textContent = seconds(now - part.startTs);
+    }
+    for (const d of this.deadlines.values()) this.#showDeadline(d, now);
+  }
+
+  #showDeadline(d, now = Date.now()) {
+    const left = Math.max(0, Math.ceil((d.at - now) / 1000));
+    d.node.dataset.secondsLeft = String(left);
+    d.node.textContent = left > 0 ? `Answer within ${clock(left)}` : "Time is up: the run goes on without your answer.";
+    d.node.classList.toggle("is-late", left <= 10);
+  }
+
+  /** The items a map stage iterates over, when one of the stages it needs gave a list. */
+  #mapItems(row, total) {
+    if (row.items !== undefined) return row.items;
+    const lists = (row.plan.needs || []).map((id) => this.outputs.get(id)).filter(Array.isArray);
+    row.items = lists.find((list) => list.length >= (total ?? 0)) ?? null;
+    return row.items;
+  }
+
+  // -- following ---------------------------------------------------------------------------
+
+  #setFollowing(on) {
+    this.following = on;
+    this.root.dataset.following = String(on);
+    this.followEl.hidden = on;
+    this.followEl.textContent = LIVE.includes(this.status) ? "Follow the run ↓" : "Show the result ↓";
+    if (on) {
+      this.userScrollAt = -Infinity; // the click that asked for it is no scroll away
+      this.#follow();
+    }
+  }
+
+  #queueFollow() {
+    if (!this.following || this.followQueued) return;
+    this.followQueued = true;
+    requestAnimationFrame(() => {
+      this.followQueued = false;
+      if (this.following) this.#follow();
+    });
+  }
+
+  /** What to keep in view: a question waiting, the stage that started last, the result. */
+  #followTarget() {
+    if (!this.outputsEl.hidden) return this.outputsEl;
+    const asking = [...this.inputs.values()].at(-1);
+    if (asking) return asking;
+    let row = null;
+    for (const r of this.stages.values()) {
+      if (r.root.dataset.status === "running" && (!row || (r.startSeq ?? 0) >= (row.startSeq ?? 0))) row = r;
+    }
+    if (!row) return this.target?.isConnected ? this.target : null;
+    if (!row.plan.fan_out) return row.root;
+    // a map: the whole stage when it fits, else its first running item
+    const room = innerHeight - this.barWrap.offsetHeight - 24;
+    if (row.root.offsetHeight <= room) return row.root;
+    const item = row.itemsEl.querySelector('.item[data-status="running"]');
+    if (!item) return row.root;
+    if (item.offsetHeight <= room) return item;
+    const parts = [...item.querySelectorAll(':scope > .part[data-status="running"]')];
+    return parts.at(-1) || item;
+  }
+
+  #follow() {
+    const target = this.#followTarget();
+    if (!target || this.root.hidden) return;
+    this.target = target;
+    const top = this.barWrap.offsetHeight + 12; // below the sticky run bar
+    const bottom = innerHeight - 12;
+    const r = target.getBoundingClientRect();
+    let dy = 0;
+    // the result is read from its start; a stage is only brought (wholly, if it fits) into view
+    if (target === this.outputsEl || r.top < top || r.height > bottom - top) dy = r.top - top;
+    else if (r.bottom > bottom) dy = r.bottom - bottom;
+    if (Math.abs(dy) >= 1) {
+      scrollBy({ top: dy, behavior: "instant" });
+      this.ownScrollY = scrollY;
     }
   }
 
@@ -652,9 +935,162 @@ function renderValue(value) {
     p.textContent = String(value);
     return p;
   }
-  const pre = el("pre", "json");
-  pre.textContent = JSON.stringify(value, null, 2);
-  return pre;
+  return jsonBlock(value);
+}
+
+/**
+ * A JSON value shown readably (objects as labelled fields, lists as lists, strings as safe
+ * Markdown), with a button that shows it raw (`pre.json`, always in the DOM) instead.
+ */
+function jsonBlock(value) {
+  const wrap = div("json-block");
+  const pretty = div("json-pretty");
+  pretty.append(renderData(value, 0));
+  const raw = el("pre", "json");
+  raw.textContent = JSON.stringify(value, null, 2);
+  raw.hidden = true;
+  const toggle = el("button", "button button-quiet button-small json-toggle");
+  toggle.type = "button";
+  toggle.dataset.action = "raw";
+  toggle.textContent = "Raw JSON";
+  toggle.setAttribute("aria-pressed", "false");
+  toggle.addEventListener("click", () => {
+    const showRaw = raw.hidden;
+    raw.hidden = !showRaw;
+    pretty.hidden = showRaw;
+    toggle.textContent = showRaw ? "Formatted" : "Raw JSON";
+    toggle.setAttribute("aria-pressed", String(showRaw));
+  });
+  wrap.append(toggle, pretty, raw);
+  return wrap;
+}
+
+function renderData(value, depth) {
+  if (value === null || value === undefined) {
+    const span = el("span", "json-null");
+    span.textContent = "none";
+    return span;
+  }
+  if (typeof value === "string") {
+    if (!value.includes("\n") && value.length <= 200) {
+      const span = el("span", "json-string");
+      span.textContent = value;
+      return span;
+    }
+    const box = div("md json-text");
+    box.append(renderMarkdown(value));
+    return box;
+  }
+  if (typeof value !== "object") {
+    const span = el("span", "json-scalar");
+    span.textContent = String(value);
+    return span;
+  }
+  if (depth >= 6) {
+    const pre = el("pre", "json json-deep");
+    pre.textContent = JSON.stringify(value, null, 2);
+    return pre;
+  }
+  if (Array.isArray(value)) {
+    if (!value.length) {
+      const span = el("span", "json-null");
+      span.textContent = "(empty list)";
+      return span;
+    }
+    const list = el(value.every((v) => v === null || typeof v !== "object") ? "ul" : "ol", "json-list");
+    for (const v of value) {
+      const li = el("li");
+      li.append(renderData(v, depth + 1));
+      list.append(li);
+    }
+    return list;
+  }
+  const entries = Object.entries(value);
+  if (!entries.length) {
+    const span = el("span", "json-null");
+    span.textContent = "(empty)";
+    return span;
+  }
+  const dl = el("dl", "json-object");
+  for (const [k, v] of entries) {
+    const dt = el("dt");
+    dt.textContent = humanize(k);
+    dt.title = k;
+    const dd = el("dd");
+    dd.append(renderData(v, depth + 1));
+    dl.append(dt, dd);
+  }
+  return dl;
+}
+
+/**
+ * `usage {input_tokens, output_tokens, cost, reported}` as text: "1,234 in · 56 out · $0.0012".
+ * `reported: false` means a model call did not report its usage: "usage unknown", never 0 (and
+ * no cost, which cannot be known then); a null cost means the model has no prices: no cost
+ * shown. Stages that called no model (0 and 0) show nothing. (A null count, which no server
+ * sends, is treated as unreported too.)
+ */
+function usageText(usage, kind) {
+  if (!usage || typeof usage !== "object") return "";
+  const { input_tokens: tin, output_tokens: tout, cost } = usage;
+  if (tin === undefined && tout === undefined) return "";
+  const count = (n) => (typeof n === "number" ? n.toLocaleString("en-US") : "?");
+  if (usage.reported === false || tin == null || tout == null) {
+    if (kind !== "llm" && kind !== "map") return "";
+    return !tin && !tout ? "usage unknown" : `${count(tin)} in · ${count(tout)} out · usage partly unknown`;
+  }
+  if (tin === 0 && tout === 0 && typeof cost !== "number") return "";
+  const parts = [`${count(tin)} in`, `${count(tout)} out`];
+  if (typeof cost === "number") parts.push(`$${cost.toFixed(4)}`);
+  return parts.join(" · ");
+}
+
+/** The usage of several stages: counts added up, unknown when any part is unknown. */
+function sumUsage(usages) {
+  const known = usages.filter((u) => u && typeof u === "object" && "input_tokens" in u);
+  if (!known.length) return null;
+  const total = { input_tokens: 0, output_tokens: 0, cost: null, reported: true };
+  for (const u of known) {
+    for (const name of ["input_tokens", "output_tokens"]) total[name] += u[name] ?? 0;
+    if (u.reported === false || u.input_tokens == null || u.output_tokens == null) total.reported = false;
+    if (typeof u.cost === "number") total.cost = (total.cost ?? 0) + u.cost;
+  }
+  if (!total.reported) total.cost = null;
+  return total;
+}
+
+function showUsage(node, usage, kind) {
+  const text = usageText(usage, kind);
+  node.textContent = text;
+  node.title = text ? "tokens in, tokens out (and cost, when the model has prices)" : "";
+  if (text === "usage unknown") node.title = "The provider did not report token usage.";
+  node.dataset.usage = text === "usage unknown" ? "unknown" : text ? "known" : "none";
+}
+
+/** A short name for a map item: a title-like field, the first heading or line of its text. */
+function describeItem(item) {
+  if (item === null || item === undefined) return "";
+  if (typeof item === "number" || typeof item === "boolean") return String(item);
+  if (typeof item === "string") return firstLine(item);
+  if (typeof item !== "object") return "";
+  if (Array.isArray(item)) return item.length ? describeItem(item[0]) : "";
+  for (const name of ["title", "name", "question", "heading", "label", "topic", "text", "content"]) {
+    if (typeof item[name] === "string" && item[name].trim()) return firstLine(item[name]);
+  }
+  const first = Object.values(item).find((v) => typeof v === "string" && v.trim());
+  return first ? firstLine(first) : "";
+}
+
+function firstLine(text) {
+  const heading = /^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$/m.exec(text);
+  const line = heading ? heading[1] : text.split("\n").find((l) => l.trim()) || "";
+  return line.replace(/[*_`]+/g, "").replace(/\s+/g, " ").trim();
+}
+
+function clock(totalSeconds) {
+  const m = Math.floor(totalSeconds / 60);
+  const s = totalSeconds % 60;
+  return m ? `${m}:${String(s).padStart(2, "0")}` : `${s} s`;
 }
 
 function progressbar(labelledBy, label) {
@@ -703,6 +1139,11 @@ function key(path) {
 
 function isTop(e) {
   return !Array.isArray(e.path) || e.path.length <= 1;
+}
+
+/** A stage inside a map item that runs several stages: `["interview", 0, "question"]`. */
+function isPart(e) {
+  return Array.isArray(e.path) && e.path.length > 2;
 }
 
 function firstValue(obj) {

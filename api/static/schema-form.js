@@ -2,7 +2,7 @@
 // and the `schema` of an `input-required` event.
 //
 // An object schema gives one field per property; any other schema gives a single field named
-// `answer`. Long strings (`x-multiline: true`, or a maxLength over 500) get a text area and a
+// `answer` (a text area for a string). Long strings (`x-multiline: true`, or a maxLength over 500) get a text area and a
 // file picker that loads a text file into it. Defaults are filled in and shown; descriptions
 // become hints. `readValues` turns the fields back into typed JSON values.
 
@@ -17,7 +17,10 @@ export function buildFields(container, schema, { idPrefix = "f", focus = false }
   const fields = new Map();
   const isObject = schema && (schema.type === "object" || schema.properties);
   const single = !isObject;
-  const props = isObject ? schema.properties || {} : { answer: schema || { type: "string", "x-multiline": true } };
+  // A question's answer that is a string (the `input` stage's default schema) gets a text area.
+  const answer = { type: "string", ...(schema || {}) };
+  if (answer.type === "string" && !answer.enum) answer["x-multiline"] ??= true;
+  const props = isObject ? schema.properties || {} : { answer };
   const required = new Set(isObject ? schema.required || [] : ["answer"]);
   for (const [name, prop] of Object.entries(props)) {
     const field = buildField(name, prop || {}, required.has(name), `${idPrefix}-${name}`, single);

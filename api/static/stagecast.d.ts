@@ -447,20 +447,30 @@ export interface StageEnded {
 }
 /**
  * Token usage of a stage or a run.
+ *
+ * A stage that called no model uses 0 tokens. A run's (and a map's) usage is the sum over its
+ * stages (items). ``reported`` is false when a model call counted here did not report its
+ * usage (some OpenAI-compatible servers never do): the counts then hold only what was
+ * reported (0 when nothing was), so they are not the usage: show "unknown", not 0.
  */
 export interface Usage {
   /**
-   * Tokens sent to the model (prompt).
+   * Tokens sent to the model (prompt), as reported.
    */
   input_tokens: number;
   /**
-   * Tokens the model produced.
+   * Tokens the model produced, as reported.
    */
   output_tokens: number;
   /**
-   * Cost in USD when the model entry has prices, else null.
+   * Cost in USD when the model entry has prices and the usage was reported, else null.
    */
   cost: number | null;
+  /**
+   * False when a model call counted here did not report its usage: the counts are then
+   * incomplete (0 when nothing was reported) and the cost is null.
+   */
+  reported: boolean;
 }
 /**
  * A citation marker of an llm stage's answer and the source it points at.
@@ -881,7 +891,7 @@ export interface FollowOptions extends ClientOptions {
   onEvent?: (event: RunEvent) => void;
   onEnd?: (event: RunEnded) => void;
   onError?: (error: StagecastError) => void;
-  onStatus?: (status: "open" | "reconnecting" | "closed") => void;
+  onStatus?: (status: "open" | "reconnecting" | "closed" | "ended") => void;
   /** Start after this seq. */
   after?: number;
 }
@@ -931,9 +941,11 @@ export declare function cancelRun(
 export declare function answerInput(
   baseUrl: string,
   runId: string,
-  answer: unknown,
+  answer: InputAnswer,
   options?: ClientOptions,
 ): Promise<AnswerAccepted>;
+/** A refused answer's problems by answer field (`""`: the answer as a whole), or null. */
+export declare function answerProblems(error: unknown): Record<string, string> | null;
 export declare function listModels(baseUrl: string, options?: ClientOptions): Promise<ModelInfo[]>;
 export declare function listRecordings(
   baseUrl: string,

@@ -17,10 +17,13 @@
 //     onEvent: (e) => log(e),            // every known event, before its typed handler
 //     onEnd: (runEnd) => done(runEnd),   // after run-end; the stream is closed by then
 //     onError: (err) => warn(err),       // the run is unknown/expired, or the stream failed
-//     onStatus: (s) => show(s),          // "open", "reconnecting" (resuming by itself), "closed"
+//     onStatus: (s) => show(s),          // "open", "reconnecting" (resuming by itself),
+//                                        // "ended" (after run-end), "closed" (gave up)
 //   });
 //   stream.close();                      // stop watching (the run goes on)
 //   await cancelRun("", run.run_id);     // stop the run (it ends `cancelled`)
+//   // answer an input-required event e (202; 422 invalid_answer, see answerProblems; 409)
+//   await answerInput("", run.run_id, { stage: e.stage, path: e.path, value: answer });
 //
 // baseUrl is "" for the same origin, else e.g. "http://127.0.0.1:8000".
 // Resume: followRun uses EventSource, which reconnects by itself and sends Last-Event-ID, so
@@ -202,15 +205,34 @@ export async function cancelRun(baseUrl, runId, { apiKey } = {}) {
 }
 
 /**
- * Answer a run's pending `input-required` event: resolves on 202, throws the reason (422).
+ * Answer a run's pending `input-required` event: `POST /v1/runs/{id}/input` with
+ * `{stage, path, value}` (the event's `stage` and `path`, and the answer). Resolves on 202;
+ * throws StagecastError: 422 `invalid_answer` (the run keeps waiting; `details.fields` maps
+ * `value` or `value.<field>` to the problem, see answerProblems) or 409 `not_waiting_input`.
  * @param {string} baseUrl
  * @param {string} runId
- * @param {unknown} answer
+ * @param {{stage: string, path?: (string | number)[] | null, value: unknown}} answer
  * @param {ClientOptions} [options]
  */
-export async function answerInput(baseUrl, runId, answer, { apiKey } = {}) {
-  const path = `/v1/runs/${encodeURIComponent(runId)}/input`;
-  return request(baseUrl, "POST", path, { answer }, apiKey);
+export async function answerInput(baseUrl, runId, { stage, path, value }, { apiKey } = {}) {
+  const url_ = `/v1/runs/${encodeURIComponent(runId)}/input`;
+  return request(baseUrl, "POST", url_, { stage, path: path ?? null, value }, apiKey);
+}
+
+/**
+ * The problems of a refused answer by answer field: `{"value.count": "required"}` ->
+ * `{count: "required"}`, a bare `value` (the answer as a whole) -> `{"": problem}`.
+ * Returns null when the error names no fields.
+ */
+export function answerProblems(err) {
+  const fields = err && err.details && err.details.fields;
+  if (!fields || typeof fields !== "object") return null;
+  const out = {};
+  for (const [where, problem] of Object.entries(fields)) {
+    const m = /^(?:body\.)?value(?:\.(.+))?$/.exec(where);
+    if (m) out[m[1] ?? ""] = problem;
+  }
+  return Object.keys(out).length ? out : null;
 }
 
 /**
@@ -263,6 +285,7 @@ export function followRun(baseUrl, runId, options = {}) {
     if (typed) typed(event);
     if (event.type === "run-end") {
       close(); // without this EventSource would reconnect after the server ends the stream
+      if (onStatus) onStatus("ended");
       if (onEnd) onEnd(event);
     }
   }

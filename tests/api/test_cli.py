@@ -564,3 +564,148 @@ def test_version_prints_package_protocol_and_api_versions() -> None:
     result = cli("--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"stagecast {version('stagecast')} (event protocol v1, HTTP API 1.2)\n"
+
+
+# -- usage the provider did not report ------------------------------------------------------
+
+SILENT_CHAIN = """
+id: silent
+defaults: {model: silent}
+stages:
+  - id: answer
+    kind: llm
+    label: Answering
+    prompt: Say hi.
+"""
+
+
+async def _views_of_a_run_without_usage() -> tuple[str, str]:
+    import yaml
+    from rich.console import Console
+
+    from stagecast.api.live import PlainView
+    from stagecast.engine.chain import Chain
+    from stagecast.engine.spec import ChainSpec
+    from tests.fakes import ScriptedChatModel
+
+    chain = Chain.from_spec(ChainSpec.model_validate(yaml.safe_load(SILENT_CHAIN)), id="silent")
+    plain_out, live_out = io.StringIO(), io.StringIO()
+    plain = PlainView(plain_out)
+    live = LiveView(Console(file=live_out, force_terminal=True, width=200, color_system=None))
+    model = ScriptedChatModel(scripts=[["hi"]])  # streams no usage
+
+    def sink(event: Any) -> None:
+        plain.handle(event)
+        live.handle(event)
+
+    run = ChainRun(chain, {}, models={"silent": model}, sink=sink, retry_backoff=0)
+    live.start()
+    with anyio.fail_after(5):
+        end = await run.execute()
+    plain.finish(end)
+    live.finish(end)
+    return plain_out.getvalue(), live_out.getvalue()
+
+
+@pytest.mark.anyio
+async def test_the_views_say_usage_unknown_not_zero_tokens_and_no_cost() -> None:
+    plain, live = await _views_of_a_run_without_usage()
+    lines = [line.strip() for line in plain.splitlines()]
+    ended = next(line for line in lines if " succeeded answer in " in line)
+    assert ended.endswith(" ms · usage unknown (the provider reported none)")
+    assert "usage unknown (the provider reported none)" in lines
+    for text in (plain, live):
+        assert "0 in / 0 out" not in text and "$0.0000" not in text
+    assert "· usage unknown (the provider reported none) · model: silent" in live
+    assert "tokens unknown" in live
+
+
+def test_usage_line_names_each_unknown_count_and_the_unknown_cost() -> None:
+    from stagecast.api.live import usage_line, usage_summary
+    from stagecast.engine.events import Usage
+
+    assert usage_line(Usage(input_tokens=46, output_tokens=44)) == "46 in / 44 out tokens"
+    assert usage_line(Usage(input_tokens=3, output_tokens=1, cost=0.5)) == (
+        "3 in / 1 out tokens · $0.5000"
+    )
+    assert usage_line(Usage(input_tokens=0, output_tokens=12, reported=False)) == (
+        "0 in / 12 out tokens and more not reported · cost unknown"
+    )
+    assert usage_line(Usage(reported=False)) == "usage unknown (the provider reported none)"
+    assert usage_summary(Usage(reported=False)) == "usage unknown (the provider reported none)"
+    assert usage_summary(Usage(input_tokens=2, output_tokens=1)) == "usage: 2 in / 1 out tokens"
+
+
+def test_serve_chains_from_another_folder_and_run_a_file_path_on_it(tmp_path: Path) -> None:
+    import httpx
+
+    folder = tmp_path / "team_chains"
+    folder.mkdir()
+    chain_text = (
+        "title: Greeting\ninputs:\n  who: {type: string}\nstages:\n"
+        '  - id: greet\n    kind: template\n    text: "hello {{ inputs.who }}"\n'
+    )
+    (folder / "greeting.yaml").write_text(chain_text)
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text(chain_text)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "stagecast.api.cli", "serve", "--port", str(port)]
+        + ["--chains", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "no server"
+            time.sleep(0.1)
+        listed = httpx.get(f"{url}/v1/chains", timeout=5).json()["chains"]
+        assert [c["id"] for c in listed] == ["greeting"]  # that folder only
+        result = cli("run", str(folder / "greeting.yaml"), "-i", "who=ana", "--server", url)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.rstrip().endswith("== output ==\nhello ana")
+        assert result.stderr == (
+            f"note: {url} runs its own chain 'greeting' (by id); the file "
+            f"{folder / 'greeting.yaml'} is not sent\n"
+        )
+        result = cli("run", str(elsewhere), "-i", "who=ana", "--server", url)
+        assert result.returncode == 2
+        lines = result.stderr.splitlines()
+        assert lines[1] == (
+            f"error: {url}: the server has no chain 'elsewhere' (no chain 'elsewhere'; "
+            "chains are: greeting)"
+        )
+        assert lines[2].startswith("  hint: --server runs a chain of the server's chains ")
+        assert f"`stagecast serve --chains {tmp_path}`" in lines[2]
+        assert "Traceback" not in result.stderr
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            _, err = server.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            _, err = server.communicate()
+    assert err.startswith(f"serving the chains in {folder}\n")
+
+
+def test_serve_names_a_missing_chains_folder_or_models_file(tmp_path: Path) -> None:
+    result = cli("serve", "--chains", str(tmp_path / "nope"))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"error: --chains {tmp_path / 'nope'}: no such folder\n",
+    )
+    result = cli("serve", "--models", str(tmp_path / "m.yaml"))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"error: --models {tmp_path / 'm.yaml'}: no such file\n",
+    )

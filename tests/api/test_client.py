@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -51,3 +53,30 @@ def test_a_4xx_is_an_error_at_once_and_endless_5xx_gives_up() -> None:
     with pytest.raises(StreamLost, match=r"the server answered 502 \(after event 0\)"):
         list(client.events("r"))
     assert len(seen) == 3
+
+
+def test_unreported_usage_reaches_a_client_and_the_status_as_reported_false(serve: Any) -> None:
+    # the test server's scripted models stream no usage, like a local server that reports none
+    url = serve()
+    with Client(url) as client:
+        handle = client.start_run("parallel", {"things": ["a", "b"]})
+        events = list(client.events(handle.run_id))
+        status = client.status(handle.run_id)
+    ends = {(e.stage, len(e.path or [])): e for e in events if e.type == "stage-end"}
+    assert (ends[("intro", 1)].usage.input_tokens, ends[("intro", 1)].usage.output_tokens) == (
+        0,
+        0,
+    )  # a template calls no model: known to be zero
+    assert ends[("intro", 1)].usage.reported
+    item = ends[("pieces", 2)].usage
+    assert (item.input_tokens, item.output_tokens, item.cost, item.reported) == (0, 0, None, False)
+    assert ends[("pieces", 1)].usage.reported is False  # the map's sum over its items
+    end = events[-1]
+    assert isinstance(end, RunEnded) and end.status == "succeeded"
+    assert end.usage.reported is False and end.usage.cost is None
+    assert status["usage"] == {
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cost": None,
+        "reported": False,
+    }

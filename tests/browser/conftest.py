@@ -9,6 +9,10 @@ shipped chains (plus one test chain, ``xss_echo``) with a test models file whose
 stream slowly enough to watch progress but keep the suite fast:
 
     fast  8 ms per token     slow  35 ms per token     echo  repeats its prompt, 4 ms per token
+    demo  25 ms per token (the built-in `demo` entry: what a person trying the page watches)
+
+``cut_page`` is a page loaded through ``streamcut.StreamCutter``, a proxy that cuts the event
+streams on demand.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ from stagecast.api.app import create_app
 from stagecast.api.settings import ServerSettings
 from stagecast.engine.offline import OfflineChatModel
 from stagecast.engine.resources import SHIPPED_CHAINS
+from tests.browser.streamcut import StreamCutter
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -51,6 +57,7 @@ default: fast
 models:
   fast: {provider: offline, delay_ms: 8}
   slow: {provider: offline, delay_ms: 35}
+  demo: {provider: offline, delay_ms: 25}
   offline: {provider: offline}
 """
 
@@ -136,7 +143,21 @@ def browser() -> Iterator[Any]:  # this thread, which would break later tests' a
 
 @pytest.fixture
 def page(browser: Any, server_url: str) -> Iterator[Any]:
-    context = browser.new_context(base_url=server_url, viewport={"width": 1280, "height": 900})
+    with _page(browser, server_url) as pg:
+        yield pg
+
+
+@pytest.fixture
+def cut_page(browser: Any, server_url: str) -> Iterator[tuple[Any, StreamCutter]]:
+    """A page whose requests (its event stream too) go through a proxy that cuts on demand."""
+    with StreamCutter(int(server_url.rsplit(":", 1)[1])) as cutter:
+        with _page(browser, f"http://127.0.0.1:{cutter.port}") as pg:
+            yield pg, cutter
+
+
+@contextmanager
+def _page(browser: Any, base_url: str) -> Iterator[Any]:
+    context = browser.new_context(base_url=base_url, viewport={"width": 1280, "height": 900})
     context.set_default_timeout(TIMEOUT_MS)
     context.set_default_navigation_timeout(TIMEOUT_MS)
     pg = context.new_page()

@@ -10,6 +10,8 @@ Screenshots go to test-artifacts/ (gitignored).
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,13 +126,45 @@ def test_advanced_summary_streams_and_finishes(page: Any, artifacts: Path) -> No
     paths = fan.locator(".item").evaluate_all("items => items.map(i => i.dataset.path)")
     assert paths == [f"section_summaries/{i}" for i in range(4)]
     assert fan.locator('.item[data-status="succeeded"] .stream').count() == 4
-    # The split's chunks are sources, shown as cards under their stage.
+    # Each item is named by its item (the section's first heading), after its number.
+    heads = fan.locator(".item-head").evaluate_all(
+        "hs => hs.map(h => [h.querySelector('.item-name').textContent,"
+        " h.querySelector('.item-title').textContent])"
+    )
+    assert heads == [
+        ["#1", "Larkspur Logistics — Engineering Report, Q3 2024"],
+        ["#2", "2. Reliability"],
+        ["#3", "3. Delivery"],
+        ["#4", "5. Security and compliance"],
+    ]
+    # Tokens per item and per stage; the offline model has no prices, so no cost at all.
+    usages = fan.locator(".item-usage").all_inner_texts()
+    assert len(usages) == 4 and all(re.fullmatch(r"[\d,]+ in · [\d,]+ out", u) for u in usages)
+    total = fan.locator(".stage-usage").inner_text()
+    assert re.fullmatch(r"[\d,]+ in · [\d,]+ out", total), total
+    assert sum(int(u.split(" in")[0].replace(",", "")) for u in usages) == int(
+        total.split(" in")[0].replace(",", "")
+    )
+    assert page.locator('[data-stage="sections"] .stage-usage').inner_text() == ""  # no model
+    # The split's chunks are sources, shown as cards under their stage, folded to their count.
+    sources = page.locator('[data-stage="sections"] details.sources')
+    assert sources.locator("summary").inner_text() == "4 sources"
+    assert sources.get_attribute("open") is None
     cards = page.locator('[data-stage="sections"] .source')
-    assert cards.count() == 4
+    assert cards.count() == 4 and not cards.first.is_visible()
+    sources.locator("summary").click()
     assert cards.first.locator(".source-title").inner_text() == "Section 1 of 4"
-    # The JSON stage is shown formatted, and the outputs are rendered.
-    polished = page.locator('[data-stage="polish"] pre.json').inner_text()
-    assert json.loads(polished)["key_points"]
+    # The JSON stage is shown readably (its fields by name), raw on demand.
+    polish = page.locator('[data-stage="polish"]')
+    fields = polish.locator(".json-object > dt").all_inner_texts()
+    assert fields == ["Title", "Key points", "Summary"], fields
+    raw = polish.locator("pre.json")
+    assert raw.is_hidden()
+    polish.locator('button[data-action="raw"]').click()
+    assert raw.is_visible() and polish.locator(".json-pretty").is_hidden()
+    polished = json.loads(raw.inner_text())
+    assert polished["key_points"]
+    assert polish.locator(".json-object li").all_inner_texts() == polished["key_points"]
     assert page.locator('#run .outputs [data-output="key_points"] li').count() >= 1
     assert page.locator('#run .outputs [data-output="title"]').inner_text().strip()
     page.screenshot(path=str(artifacts / "advanced_summary-desktop.png"), full_page=True)
@@ -150,8 +184,8 @@ def test_docs_qa_shows_source_cards_and_links_each_citation_to_its_card(
         "warranty.docx#2",
         "warranty.docx#1",
     ]
-    assert cards.first.locator(".source-number").inner_text() == "[1]"
-    assert cards.first.locator(".source-title").inner_text() == (
+    assert cards.first.locator(".source-number").text_content() == "[1]"
+    assert cards.first.locator(".source-title").text_content() == (
         "warranty: What the warranty does not cover"
     )
     # [1] and [2] in the answer (the stage's text and the result) link to the cards they cite
@@ -161,7 +195,8 @@ def test_docs_qa_shows_source_cards_and_links_each_citation_to_its_card(
             ["[1]", "#" + str(cards.nth(0).get_attribute("id"))],
             ["[2]", "#" + str(cards.nth(1).get_attribute("id"))],
         ]
-    page.locator('[data-stage="search"] details.sources > summary').click()  # fold the cards
+    # the cards are folded to their count; following a citation unfolds them
+    assert page.locator('[data-stage="search"] details.sources').get_attribute("open") is None
     page.locator('[data-stage="answer"] a.citation').nth(1).click()
     assert page.locator('[data-stage="search"] details.sources').get_attribute("open") == ""
     page.wait_for_selector('[data-stage="search"] .source.is-cited')
@@ -195,27 +230,49 @@ def test_an_unmatched_citation_is_marked_not_linked(page: Any) -> None:
     ]
 
 
-def test_mock_interview_streams_and_finishes_at_phone_width(page: Any, artifacts: Path) -> None:
+def test_mock_interview_with_answers_given_streams_and_finishes_at_phone_width(
+    page: Any, artifacts: Path
+) -> None:
     page.set_viewport_size({"width": 390, "height": 844})
     open_page(page)
     choose_chain(page, "mock_interview", "job_posting")
-    example = json.loads((EXAMPLES / "mock_interview.json").read_text(encoding="utf-8"))
+    # The answers come with the inputs (a batch run): the interview asks nothing.
+    example = json.loads((EXAMPLES / "mock_interview.batch.json").read_text(encoding="utf-8"))
     page.fill("[name=job_posting]", example["job_posting"])
     page.fill("[name=resume]", example["resume"])
-    page.fill("[name=num_questions]", "3")
+    page.fill("[name=answers]", json.dumps(example["answers"]))
     start(page, "fast")
 
     page.wait_for_selector(RUNNING_WITH_TEXT)
     wait_run_status(page, "succeeded")
     assert_all_succeeded(page)
 
-    guides = page.locator('[data-stage="answer_guides"]')
-    assert guides.locator(".stage-count").inner_text() == "3 / 3"
-    assert guides.locator(".item pre.json").count() == 3
-    questions = json.loads(page.locator('[data-stage="questions"] pre.json').inner_text())
-    assert isinstance(questions, list) and questions
-    # The brief (Markdown from the model) is rendered as DOM, not as markup text.
-    assert page.locator('#run .outputs [data-output="brief"]').inner_text().strip()
+    interview = page.locator('[data-stage="interview"]')
+    assert interview.locator(".stage-count").inner_text() == "3 / 3"
+    items = interview.locator(".item")
+    # A map over range(n) names its items by number only; each item shows its stages as parts
+    # (the answer stage, skipped with the answers given, has none).
+    assert items.evaluate_all("is => is.map(i => [i.dataset.path, i.dataset.status])") == [
+        [f"interview/{i}", "succeeded"] for i in range(3)
+    ]
+    assert items.locator(".item-name").all_inner_texts() == ["#1", "#2", "#3"]
+    assert items.locator(".item-title").count() == 0
+    parts = items.first.locator(".part").evaluate_all(
+        "ps => ps.map(p => [p.dataset.stagePart, p.querySelector('.part-label').textContent,"
+        " p.dataset.status])"
+    )
+    assert parts == [
+        ["question", "Question", "succeeded"],
+        ["evaluation", "Evaluating the answer", "succeeded"],
+    ]
+    evaluation = items.first.locator('.part[data-stage-part="evaluation"]')
+    assert evaluation.locator(".json-object > dt").first.inner_text() == "Strong"
+    assert json.loads(str(evaluation.locator("pre.json").text_content()))["scores"]
+    assert re.fullmatch(
+        r"[\d,]+ in · [\d,]+ out", items.first.locator(".item-usage").first.inner_text()
+    )
+    # The report (Markdown from the model) is rendered as DOM, not as markup text.
+    assert page.locator('#run .outputs [data-output="report"]').inner_text().strip()
     # Nothing is wider than the phone screen.
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, width
@@ -248,6 +305,7 @@ def test_reload_mid_run_resumes_the_same_run(page: Any) -> None:
     assert page.locator('[data-stage="sections"] .source').count() == 4
     paths = page.locator("#run .stream").evaluate_all("s => s.map(x => x.dataset.path)")
     assert len(paths) == len(set(paths)), paths
+    assert page.evaluate(MEASURE)["firstOutputInView"]  # the reloaded page followed to the result
 
 
 def test_cancel_ends_the_run_cancelled(page: Any) -> None:
@@ -455,7 +513,7 @@ def test_retry_and_input_required_from_synthetic_events(page: Any) -> None:
     )
     assert ask.locator("form").count() == 0
     assert root.get_attribute("data-run-status") == "running"
-    assert ask.locator("pre.json").inner_text() == '{\n  "count": 3\n}'
+    assert ask.locator("pre.json").text_content() == '{\n  "count": 3\n}'
 
 
 def test_invalid_inputs_are_shown_at_their_field(page: Any) -> None:
@@ -471,3 +529,403 @@ def test_invalid_inputs_are_shown_at_their_field(page: Any) -> None:
     problem = page.locator('[data-field="bullets"] .field-problem')
     assert "20" in problem.inner_text(), problem.inner_text()
     assert page.locator("#run").is_hidden()
+
+
+# -- what is in the viewport while a run is watched ----------------------------------------------
+
+# Measured in an animation frame (after the page's own follow-up of the last event): the
+# streaming stages and what of them is in the viewport below the sticky run bar, the source
+# cards in the viewport, the connection state's place. Up to three frames, for an event that
+# came in between the page's frame and this one.
+MEASURE = """async () => {
+  const frame = () => new Promise((resolve) => requestAnimationFrame(() => resolve()));
+  const measure = () => {
+    const vh = innerHeight, vw = innerWidth;
+    const run = document.querySelector("#run");
+    const bar = run.querySelector(".run-bar").getBoundingClientRect();
+    const seen = (node, atLeast) => {
+      const r = node.getBoundingClientRect();
+      const visible = Math.min(r.bottom, vh) - Math.max(r.top, bar.bottom);
+      return r.height > 0 && r.right > 0 && r.left < vw && visible >= Math.min(atLeast, r.height);
+    };
+    const streams = [...run.querySelectorAll(
+      '[data-stage][data-status="running"] .stream:not(.is-empty)')];
+    const cards = [...run.querySelectorAll(".source")].filter((c) => {
+      const r = c.getBoundingClientRect();  // cards in folded <details> are laid out, not shown
+      return c.checkVisibility() && r.height > 0 && r.bottom > 0 && r.top < vh;
+    });
+    const conn = run.querySelector(".connection").getBoundingClientRect();
+    const outputs = run.querySelector(".outputs");
+    return {
+      status: run.dataset.runStatus,
+      streaming: streams.map((s) => s.dataset.path),
+      streamingInView: streams.filter((s) => seen(s, 60)).map((s) => s.dataset.path),
+      cardsInView: cards.length,
+      connection: run.dataset.connection,
+      connectionInView: conn.height > 0 && conn.top >= 0 && conn.bottom <= vh,
+      resultTop: outputs.hidden ? null : outputs.getBoundingClientRect().top - bar.bottom,
+      firstOutputInView: outputs.hidden ? false : seen(outputs.querySelector(".output"), 40),
+      scrollY, viewport: [vw, vh], scrollWidth: document.documentElement.scrollWidth,
+      atPageEnd: scrollY + vh >= document.documentElement.scrollHeight - 2,
+    };
+  };
+  let m;
+  for (let i = 0; i < 3; i++) {
+    await frame();
+    m = measure();
+    if (!m.streaming.length || m.streamingInView.length) break;
+  }
+  return m;
+}"""
+
+VIEWPORTS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+
+
+@pytest.mark.parametrize("size", sorted(VIEWPORTS))
+def test_the_page_follows_the_run_in_the_viewport(page: Any, artifacts: Path, size: str) -> None:
+    page.set_viewport_size(VIEWPORTS[size])
+    open_page(page)
+    fill_advanced_summary(page)
+    start(page, "demo")  # ~25 ms per token: a run of a few seconds, as a person watches it
+    samples: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        m = page.evaluate(MEASURE)
+        if m["status"] not in ("connecting", "running"):
+            break
+        samples.append(m)
+        if len(samples) == 8:
+            page.screenshot(path=str(artifacts / f"follow-running-{size}.png"))
+        time.sleep(0.08)
+    streaming = [m for m in samples if m["streaming"]]
+    assert len(streaming) >= 8, f"too few samples while text streamed: {len(samples)}"
+    for m in streaming:
+        # what streams is in sight below the run bar, the whole run long
+        assert m["streamingInView"], m
+    for m in samples:
+        # the source cards are folded to their count: they never fill the viewport
+        assert m["cardsInView"] == 0, m
+        assert m["connectionInView"] and m["connection"] in ("connecting", "connected"), m
+    wait_run_status(page, "succeeded")
+    assert_all_succeeded(page)
+    end = page.evaluate(MEASURE)
+    # At the end the result is read from its start: right below the run bar, or as high as the
+    # page scrolls (the result is the end of the page).
+    assert end["resultTop"] is not None and 0 <= end["resultTop"] < end["viewport"][1] / 2, end
+    assert end["resultTop"] <= 40 or end["atPageEnd"], end
+    assert end["firstOutputInView"], end
+    assert end["connection"] == "ended" and end["connectionInView"], end
+    assert page.locator("#run .connection").inner_text() == "Ended"
+    assert end["scrollWidth"] <= VIEWPORTS[size]["width"], end
+    page.screenshot(path=str(artifacts / f"follow-end-{size}.png"))
+
+
+def test_scrolling_away_stops_following_until_asked(page: Any) -> None:
+    page.set_viewport_size(VIEWPORTS["desktop"])
+    open_page(page)
+    fill_advanced_summary(page)
+    start(page, "demo")
+    page.wait_for_selector('[data-stage="merge"][data-status="running"] .stream:not(.is-empty)')
+    assert page.evaluate("scrollY") > 0  # the page followed the run down
+    assert page.get_attribute("#run", "data-following") == "true"
+    follow = page.locator('#run [data-action="follow"]')
+    assert follow.is_hidden()
+
+    page.mouse.move(640, 400)
+    page.mouse.wheel(0, -5000)  # the reader goes back up to the form
+    page.wait_for_selector('#run[data-following="false"]')
+    page.wait_for_function("scrollY === 0")
+    # The page stays where the reader put it while the run goes on, and offers to follow again.
+    seq = int(page.get_attribute("#run", "data-last-seq") or 0)
+    page.wait_for_function(
+        f"Number(document.querySelector('#run').dataset.lastSeq) > {seq + 15}"
+        " || document.querySelector('#run').dataset.runStatus === 'succeeded'"
+    )
+    assert page.evaluate("scrollY") == 0
+    box = follow.bounding_box()
+    assert follow.is_visible() and box is not None
+    assert 0 <= box["y"] and box["y"] + box["height"] <= 800, box
+    assert follow.inner_text() in ("Follow the run ↓", "Show the result ↓")
+
+    follow.click()
+    assert page.get_attribute("#run", "data-following") == "true"
+    assert follow.is_hidden()
+    m = page.evaluate(MEASURE)
+    if m["status"] == "running" and m["streaming"]:
+        assert m["streamingInView"], m
+    else:
+        wait_run_status(page, "succeeded")
+        m = page.evaluate(MEASURE)
+        assert m["firstOutputInView"], m
+
+
+def test_a_cut_shows_reconnecting_and_the_run_resumes_without_loss(
+    cut_page: Any, artifacts: Path
+) -> None:
+    page, cutter = cut_page
+    page.set_viewport_size(VIEWPORTS["desktop"])
+    open_page(page)
+    fill_advanced_summary(page)
+    run_id = start(page, "slow")
+    page.wait_for_selector(RUNNING_WITH_TEXT)
+    page.wait_for_selector('#run[data-connection="connected"]')
+    connection = page.locator("#run .connection")
+    assert connection.inner_text() == "Connected"
+
+    assert cutter.cut(hold=True) == 1  # the page's one event stream, cut mid-run
+    page.wait_for_selector('#run[data-connection="reconnecting"]')
+    assert connection.inner_text() == "Reconnecting…"
+    assert page.evaluate(MEASURE)["connectionInView"]
+    # While the cut lasts the run goes on on the server; the page says it is reconnecting.
+    seen = int(page.get_attribute("#run", "data-last-seq") or 0)
+    for _ in range(100):  # bounded: 100 x 50 ms
+        status = page.request.get(f"/v1/runs/{run_id}").json()
+        if status["last_seq"] > seen + 10 or status["status"] != "running":
+            break
+        page.wait_for_timeout(50)
+    assert status["last_seq"] > seen + 10, status
+    assert page.get_attribute("#run", "data-connection") == "reconnecting"
+    assert int(page.get_attribute("#run", "data-last-seq") or 0) == seen
+    page.screenshot(path=str(artifacts / "cut-reconnecting-desktop.png"))
+
+    cutter.release()
+    page.wait_for_selector('#run[data-connection="connected"], #run[data-connection="ended"]')
+    wait_run_status(page, "succeeded")
+    assert_all_succeeded(page)
+    page.wait_for_selector('#run[data-connection="ended"]')
+    assert connection.inner_text() == "Ended"
+    # Resumed after the last event seen: every event once, none missing, nothing drawn twice.
+    assert cutter.event_requests == 2, cutter.event_requests
+    final = page.request.get(f"/v1/runs/{run_id}").json()
+    assert page.get_attribute("#run", "data-last-seq") == str(final["last_seq"])
+    assert page.get_attribute("#run", "data-seq-gaps") is None
+    assert page.locator('[data-stage="sections"] .source').count() == 4
+    paths = page.locator("#run .stream").evaluate_all("s => s.map(x => x.dataset.path)")
+    assert len(paths) == len(set(paths)), paths
+
+
+USAGE_PLAN = [
+    {"stage": "silent", "label": "Silent provider", "kind": "llm", "needs": [], "weight": 1,
+     "fan_out": False},
+    {"stage": "priced", "label": "Priced model", "kind": "llm", "needs": [], "weight": 1,
+     "fan_out": False},
+    {"stage": "chunks", "label": "Chunks", "kind": "split", "needs": [], "weight": 1,
+     "fan_out": False},
+]  # fmt: skip
+
+
+def _end(seq: int, stage: str, usage: dict[str, Any], output: Any = "ok") -> dict[str, Any]:
+    return _ev(seq, "stage-end", [stage], status="succeeded", output=output, usage=usage,
+               duration_ms=3, error=None, progress=seq / 10, citations=None)  # fmt: skip
+
+
+UNKNOWN = {"input_tokens": 0, "output_tokens": 0, "cost": None, "reported": False}
+USAGE_EVENTS = [
+    _ev(1, "run-start", chain={"id": "u", "title": "U", "version": 1}, plan=USAGE_PLAN, model="m"),
+    _ev(2, "stage-start", ["silent"], label="Silent provider", kind="llm"),
+    _end(3, "silent", UNKNOWN),
+    _ev(4, "stage-start", ["priced"], label="Priced model", kind="llm"),
+    _end(5, "priced", {"input_tokens": 1200, "output_tokens": 34, "cost": 0.0012}),
+    _ev(6, "stage-start", ["chunks"], label="Chunks", kind="split"),
+    _end(7, "chunks", {"input_tokens": 0, "output_tokens": 0, "cost": None}, output=[]),
+    _ev(8, "run-end", status="succeeded", outputs={"output": "ok"}, usage=UNKNOWN,
+        duration_ms=9, error=None),
+]  # fmt: skip
+
+
+def _synthetic(page: Any, events: list[dict[str, Any]], on_answer: str = "undefined") -> Any:
+    page.goto("/")
+    page.evaluate(
+        """async ([events, onAnswer]) => {
+            const { RunView } = await import("/static/run-view.js");
+            const connection = await import("/static/connection.js");
+            const root = document.createElement("section");
+            root.id = "synthetic";
+            document.body.append(root);
+            const view = new RunView(root, { onAnswer: eval(onAnswer) });
+            view.reset("run_x");
+            for (const e of events) view.apply(e);
+            window.__view = view;
+        }""",
+        [events, on_answer],
+    )
+    return page.locator("#synthetic")
+
+
+def test_per_stage_usage_and_unknown_usage_is_never_zero(page: Any) -> None:
+    root = _synthetic(page, USAGE_EVENTS)
+    usage = {
+        stage: root.locator(f'[data-stage="{stage}"] .stage-usage').inner_text()
+        for stage in ("silent", "priced", "chunks")
+    }
+    assert usage == {
+        "silent": "usage unknown",  # the provider reported none: not 0, not $0
+        "priced": "1,200 in · 34 out · $0.0012",
+        "chunks": "",  # no model was called
+    }
+    took = root.locator(".run-meta .meta").last.inner_text()
+    assert took == "Took 0.0 s · usage unknown", took
+    text = root.inner_text()
+    assert not re.search(r"\$0(\.0+)?(?![\d.])|(?<![\d,])0 (in|out)", text), text
+
+
+def test_answers_post_stage_path_value_and_refusals_show_at_their_field(page: Any) -> None:
+    posted: list[Any] = []
+    replies = [
+        (422, {"code": "invalid_answer", "message": "The answer does not fit the question.",
+               "details": {"fields": {"value.count": "must be at least 1"}}}),
+        (409, {"code": "not_waiting_input", "message": "Run run_x is not waiting for input."}),
+        (422, {"code": "invalid_answer", "message": "The answer does not fit the question.",
+               "details": {"fields": {"value": "must be at least 3 characters"}}}),
+        (202, None),
+    ]  # fmt: skip
+
+    def reply(route: Any) -> None:
+        posted.append(route.request.post_data_json)
+        status, error = replies[len(posted) - 1]
+        body = {"error": error} if error else {"status": "accepted"}
+        route.fulfill(status=status, content_type="application/json", body=json.dumps(body))
+
+    page.route("**/v1/runs/run_x/input", reply)
+    expires = int(time.time() * 1000) + 90_000
+    events = [
+        *SYNTHETIC[:8],
+        _ev(9, "input-required", ["ask"], prompt="How many?", expires_at=expires,
+            schema=SYNTHETIC[9]["schema"]),
+    ]  # fmt: skip
+    root = _synthetic(page, events, "(value, e) => connection.answerInput('run_x', e, value)")
+    ask = root.locator('[data-stage="ask"]')
+    deadline = ask.locator(".input-deadline")
+    assert re.fullmatch(r"Answer within 1:(2\d|30)", deadline.inner_text()), deadline.inner_text()
+    assert 80 <= int(deadline.get_attribute("data-seconds-left") or 0) <= 90
+
+    ask.locator("[name=count]").fill("0")
+    ask.locator("button[type=submit]").click()
+    problem = ask.locator('[data-field="count"] .field-problem')
+    page.wait_for_function("document.querySelector('#synthetic [data-field=count] .field-problem')"
+                           ".textContent !== ''")  # fmt: skip
+    assert problem.inner_text() == "must be at least 1"
+    assert ask.locator(".input-status").inner_text() == "The answer does not fit the question."
+    assert ask.locator("button[type=submit]").is_enabled()  # the run still waits: try again
+
+    ask.locator("[name=count]").fill("2")
+    ask.locator("button[type=submit]").click()
+    status = ask.locator(".input-status")
+    page.wait_for_function("document.querySelector('#synthetic .input-status').textContent"
+                           ".startsWith('Run run_x')")  # fmt: skip
+    assert status.inner_text() == "Run run_x is not waiting for input."
+    assert ask.locator("button[type=submit]").is_disabled()
+    assert posted == [
+        {"stage": "ask", "path": ["ask"], "value": {"count": 0, "note": "none"}},
+        {"stage": "ask", "path": ["ask"], "value": {"count": 2, "note": "none"}},
+    ]
+
+    # A question with the default schema (a string): one text area; `value` is the answer.
+    page.evaluate(
+        "(e) => window.__view.apply(e)",
+        _ev(10, "input-required", ["ask"], prompt="Why?", schema={"type": "string"},
+            expires_at=None),
+    )  # fmt: skip
+    assert ask.locator(".input-deadline").count() == 0
+    answer = ask.locator("textarea[name=answer]")
+    answer.fill("no")
+    ask.locator("button[type=submit]").click()
+    page.wait_for_function("document.querySelector('#synthetic [data-field=answer] .field-problem')"
+                           ".textContent !== ''")  # fmt: skip
+    assert ask.locator('[data-field="answer"] .field-problem').inner_text() == (
+        "must be at least 3 characters"
+    )
+    answer.fill("because")
+    ask.locator("button[type=submit]").click()
+    page.wait_for_function("document.querySelector('#synthetic .input-status').textContent"
+                           ".startsWith('Sent')")  # fmt: skip
+    assert posted[2:] == [
+        {"stage": "ask", "path": ["ask"], "value": "no"},
+        {"stage": "ask", "path": ["ask"], "value": "because"},
+    ]
+
+
+LONG_TOPIC = "How the ledger reconciles every payment provider's settlement files at night"
+LABEL_PLAN = [
+    {"stage": "topics", "label": "Topics", "kind": "llm", "needs": [], "weight": 1,
+     "fan_out": False},
+    {"stage": "each", "label": "Each", "kind": "map", "needs": ["topics"], "weight": 1,
+     "fan_out": True},
+]  # fmt: skip
+LABEL_EVENTS = [
+    _ev(1, "run-start", chain={"id": "l", "title": "L", "version": 1}, plan=LABEL_PLAN, model="m"),
+    _ev(2, "stage-start", ["topics"], label="Topics", kind="llm"),
+    _end(3, "topics", {}, output=[f"## {LONG_TOPIC}\n\nbody", {"id": 7, "title": "Refunds"}, 42,
+                                  {"n": 1}]),
+    _ev(4, "stage-start", ["each"], label="Each", kind="map"),
+    *[_ev(5 + i, "stage-start", ["each", i], label="Each", kind="llm", index=i, total=4)
+      for i in range(4)],
+]  # fmt: skip
+
+
+def test_map_items_are_named_by_their_item_within_bounds(page: Any) -> None:
+    root = _synthetic(page, LABEL_EVENTS)
+    heads = root.locator('[data-stage="each"] .item-head').evaluate_all(
+        "hs => hs.map(h => [h.querySelector('.item-name').textContent,"
+        " h.querySelector('.item-title')?.textContent ?? null,"
+        " h.querySelector('.item-title')?.title ?? null])"
+    )
+    assert heads == [
+        ["#1", LONG_TOPIC[:59] + "…", LONG_TOPIC],  # the first heading, at most 60 characters
+        ["#2", "Refunds", "Refunds"],  # a title-like field
+        ["#3", "42", "42"],  # a value
+        ["#4", None, None],  # nothing to name it by: its number only
+    ]
+
+
+@pytest.mark.parametrize("size", ["desktop", "phone"])
+def test_an_interview_is_held_end_to_end_on_the_demo_page(
+    page: Any, server_url: str, artifacts: Path, size: str
+) -> None:
+    """The real interactive mock_interview on the offline model: each question streams, the
+    form appears in place, a refused answer is shown at its field, typed answers continue the
+    run, and the report comes at the end."""
+    width, height = (1280, 800) if size == "desktop" else (390, 844)
+    page.set_viewport_size({"width": width, "height": height})
+    open_page(page)
+    choose_chain(page, "mock_interview", "job_posting")
+    example = json.loads((EXAMPLES / "mock_interview.json").read_text(encoding="utf-8"))
+    page.fill("[name=job_posting]", example["job_posting"])
+    page.fill("[name=num_questions]", "2")
+    run_id = start(page, "fast")
+    interview = page.locator('[data-stage="interview"]')
+    typed = ["I rebuilt our checkout around idempotency keys.", "I led the incident review."]
+    for turn, answer in enumerate(typed):
+        box = interview.locator(f'form.input-box[data-path="interview/{turn}/answer"]')
+        box.wait_for(state="visible", timeout=30_000)
+        wait_run_status(page, "waiting_input")
+        # the form asks the question that just streamed, in the item that asks, in view
+        question = interview.locator(
+            f'.item[data-path="interview/{turn}"] .part[data-stage-part="question"] .stream'
+        )
+        assert box.locator(".input-prompt").inner_text().strip() == question.inner_text().strip()
+        top = box.evaluate("b => b.getBoundingClientRect().top")
+        assert 0 <= top < height, top
+        status = json.loads(page.evaluate(f"fetch('/v1/runs/{run_id}').then(r => r.text())"))
+        assert status["status"] == "waiting_input"
+        assert status["pending_input"][0]["path"] == ["interview", turn, "answer"]
+        field = box.locator("textarea[name=answer]")
+        if turn == 0:  # an empty answer: refused in the page, nothing is sent
+            box.locator("button[type=submit]").click()
+            assert box.locator('[data-field="answer"] .field-problem').inner_text() == "required"
+        field.fill(answer)
+        box.locator("button[type=submit]").click()
+        page.wait_for_selector(
+            f'.item[data-path="interview/{turn}"] .part[data-stage-part="evaluation"]'
+            '[data-status="succeeded"]',
+            timeout=30_000,
+        )
+    wait_run_status(page, "succeeded")
+    assert interview.locator("form.input-box").count() == 0
+    status = json.loads(page.evaluate(f"fetch('/v1/runs/{run_id}').then(r => r.text())"))
+    assert [turn["answer"] for turn in status["outputs"]["transcript"]] == typed
+    assert status["pending_input"] == []
+    assert page.locator('#run .outputs [data-output="report"]').inner_text().strip()
+    assert "Technical depth" in page.locator('#run .outputs [data-output="scorecard"]').inner_text()
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    page.screenshot(path=str(artifacts / f"interview-{size}.png"), full_page=True)

@@ -294,7 +294,10 @@ async def test_json_parse_failure_is_retried_then_fails_clearly() -> None:
         "stage-end facts#2 failed",
         "run-end failed",
     ]
-    assert events[3].error.message.startswith("the answer is not valid JSON: Expecting value")
+    assert events[3].error.message == (
+        "the answer is not valid JSON: Expecting value: line 1 column 1 (char 0); "
+        "the answer (8 chars): 'not json'"
+    )
     assert events[-2].error.message == (
         "the JSON answer does not match the schema at 0: 'name' is a required property"
         " (after 2 attempts)"
@@ -723,3 +726,119 @@ async def test_a_chat_model_object_as_the_run_model_leaves_a_shared_registry_alo
     events = await collect(chain, models=shared, model=model)
     assert events[-1].outputs == {"output": "mine"}
     assert "__run__" not in shared.overrides
+
+
+# -- usage: unknown is not zero ---------------------------------------------------------------
+
+
+def _usage(event: Any) -> tuple[int, int, float | None, bool]:
+    usage = event.usage
+    return (usage.input_tokens, usage.output_tokens, usage.cost, usage.reported)
+
+
+async def test_a_model_that_reports_no_usage_has_unknown_usage_and_so_has_the_run() -> None:
+    text = TWO_STAGES.replace(
+        "id: draft\n    kind: llm\n", "id: draft\n    kind: llm\n    model: x\n"
+    )
+    text = text.replace("model: x", "model: silent")
+    counted = ScriptedChatModel(scripts=[["an", " outline"]], usage=(7, 2))
+    silent = ScriptedChatModel(scripts=[["the", " draft"]])  # streams no usage at all
+    events = await collect(
+        chain_of(text), {"topic": "cats"}, models={"fake": counted, "silent": silent}
+    )
+    ends = {e.stage: e for e in events if e.type == "stage-end"}
+    assert _usage(ends["outline"]) == (7, 2, None, True)
+    assert _usage(ends["draft"]) == (0, 0, None, False)
+    assert _usage(ends["shout"]) == (0, 0, None, True)  # no model call: known to be zero
+    assert events[-1].status == "succeeded"
+    # one stage unreported: so is the total (its counts are what was reported)
+    assert _usage(events[-1]) == (7, 2, None, False)
+    wire = json.loads(event_to_json(ends["draft"]))
+    assert wire["usage"] == {"input_tokens": 0, "output_tokens": 0, "cost": None, "reported": False}
+    assert event_from_json(event_to_json(events[-1])).usage.reported is False
+
+
+async def test_an_attempt_refused_before_answering_counts_zero_one_cut_mid_answer_unknown() -> None:
+    refused = ScriptedChatModel(
+        scripts=[[TransientError("refused", type="server_error")], ["ok"]], usage=(5, 1)
+    )
+    events = await collect(chain_of(ONE_LLM_RETRIED), {}, models={"fake": refused})
+    assert [fmt(e) for e in events if e.type in ("stage-retry", "stage-end")] == [
+        "stage-retry a server_error",
+        "stage-end a#2 succeeded",
+    ]
+    assert _usage(events[-1]) == (5, 1, None, True)  # the refused call used nothing
+    cut = ScriptedChatModel(
+        scripts=[["par", TransientError("reset", type="connection_error")], ["ok"]], usage=(5, 1)
+    )
+    events = await collect(chain_of(ONE_LLM_RETRIED), {}, models={"fake": cut})
+    assert events[-1].status == "succeeded"
+    # the first call was answering when it broke and never said what it used
+    assert _usage(events[-2]) == (5, 1, None, False)
+    assert _usage(events[-1]) == (5, 1, None, False)
+
+
+ONE_LLM_RETRIED = """
+defaults: {model: fake}
+stages:
+  - id: a
+    kind: llm
+    retries: 1
+    prompt: Say ok.
+"""
+
+
+def test_an_invalid_json_answer_is_quoted_at_its_start_and_where_it_broke() -> None:
+    from stagecast.engine.orchestrator import parse_json_output
+
+    items = ", ".join(f'"item {i}"' for i in range(60))
+    answer = '{"items": [' + items + ", oops]}\n" + "tail " * 100
+    with pytest.raises(TransientError) as caught:
+        parse_json_output(answer, None)
+    message = str(caught.value)
+    assert caught.value.type == "invalid_json"
+    assert message.startswith(
+        "the answer is not valid JSON: Expecting value: line 1 column 662 (char 661); "
+        'the answer (1,168 chars) starts \'{"items": ["item 0", "item 1"'
+    )
+    assert message.endswith(
+        '; it breaks at char 661: …\'54", "item 55", "item 56", "item 57", "item 58", '
+        "\"item 59\", ' ⟵ here 'oops]}\\ntail tail tail tail tai'…"
+    )
+    assert len(message) < 400
+    with pytest.raises(TransientError, match=r"\(char 3\); the answer is empty$"):
+        parse_json_output("  \n", None)
+    huge = "x" * 100_000
+    with pytest.raises(TransientError) as caught:
+        parse_json_output(huge, None)
+    assert len(str(caught.value)) < 300  # never the whole answer
+
+
+def test_a_schema_mismatch_quotes_at_most_an_excerpt_of_the_value() -> None:
+    from stagecast.engine.orchestrator import parse_json_output
+
+    with pytest.raises(TransientError) as caught:
+        parse_json_output(json.dumps("y" * 10_000), {"type": "integer"})
+    message = str(caught.value)
+    assert message.startswith("the JSON answer does not match the schema at (top): 'yyy")
+    assert message.endswith("y…") and len(message) < 400
+
+
+async def test_a_skipped_stage_and_a_null_value_render_as_empty_text() -> None:
+    chain = chain_of(
+        """
+inputs:
+  person: {type: object}
+stages:
+  - id: bonus
+    kind: template
+    when: "{{ false }}"
+    text: never
+  - id: joined
+    kind: template
+    text: "note=[{{ inputs.person.note }}] bonus=[{{ stages.bonus.output }}]"
+"""
+    )
+    events = await collect(chain, {"person": {"note": None}})
+    assert events[-1].status == "succeeded"
+    assert events[-1].outputs == {"output": "note=[] bonus=[]"}

@@ -320,3 +320,16 @@ stages:
     assert (
         ends[0].error.message == "over: 200,000 items, more than the limit of 1,000 (max_map_items)"
     )
+
+
+def test_null_renders_as_empty_text_never_none() -> None:
+    from stagecast.engine.templates import compile_template
+
+    mixed = compile_template("Name: {{ x }}.{% for i in items %} [{{ i }}]{% endfor %}")
+    assert mixed.render({"x": None, "items": [1, None]}) == "Name: . [1] []"
+    whole = compile_template("{{ x }}")
+    assert whole.render({"x": None}) is None  # an expression keeps its value (over, when)
+    assert whole.render_text({"x": None}) == ""
+    fallback = compile_template('{{ x | default("n/a", true) }} / {{ x if x is not none else 0 }}')
+    assert fallback.render({"x": None}) == "n/a / 0"
+    assert compile_template("{{ x }}|{{ y }}").render({"x": 0, "y": False}) == "0|False"

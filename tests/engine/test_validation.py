@@ -22,7 +22,32 @@ CASES: dict[str, list[str]] = {
     ],
     "unknown_kind": [
         "{f}:3:11: stages[draft].kind: unknown stage kind 'lml'\n"
-        "  hint: did you mean 'llm'? kinds are: llm, map, split, template, retrieve, input",
+        "  hint: did you mean 'llm'? its other keys were checked as llm; "
+        "kinds are: llm, map, split, template, retrieve, input",
+    ],
+    "unknown_kind_hides_nothing": [
+        "{f}:3:11: stages[draft].kind: unknown stage kind 'lml'\n"
+        "  hint: did you mean 'llm'? its other keys were checked as llm; "
+        "kinds are: llm, map, split, template, retrieve, input",
+        "{f}:4:29: stages[draft].prompt: no input 'topic'; the chain declares no inputs\n"
+        "  hint: declare it under `inputs:`",
+        "{f}:5:18: stages[draft].temperature: should be a valid number, "
+        "unable to parse string as a number, got 'hot'",
+        "{f}:6:5: stages[draft].modle: unknown key\n  hint: did you mean 'model'?",
+        "{f}:8:11: stages[fan].kind: unknown stage kind 'fanout'\n"
+        "  hint: its other keys were checked as map; "
+        "kinds are: llm, map, split, template, retrieve, input",
+        "{f}:10:18: stages[fan].concurrency: should be greater than or equal to 1, got 0",
+        "{f}:11:19: stages[fan].stage.kind: unknown stage kind 'tmplate'\n"
+        "  hint: did you mean 'template'? its other keys were checked as template; "
+        "kinds are: llm, map, split, template, retrieve, input",
+        "{f}:11:56: stages[fan].stage.weight: should be greater than 0, got -1",
+        "{f}:16:25: stages[seq].stages[0].kind: unknown stage kind 'inptu'\n"
+        "  hint: did you mean 'input'? its other keys were checked as input; "
+        "kinds are: llm, map, split, template, retrieve, input",
+        "{f}:16:54: stages[seq].stages[0].bogus: unknown key\n"
+        "  hint: keys here are: id, label, weight, when, needs, timeout, retries, kind, prompt, "
+        "schema, default",
     ],
     "duplicate_ids": [
         "{f}:5:9: stages[1].id: duplicate stage id 'draft' (first at line 2)\n"

@@ -41,8 +41,13 @@ class Reply:
     """Extra response headers, e.g. ``{"retry-after": "1"}``."""
     error_message: str = "something went wrong"
     error_code: str | None = None
-    usage: tuple[int, int] = (11, 4)
-    """(prompt_tokens, completion_tokens) of the usage chunk / usage object."""
+    error_body: bytes | None = None
+    """When set, the error response's body as is (e.g. an HTML page or plain text from a proxy),
+    sent with ``error_content_type``, instead of the JSON ``error`` object."""
+    error_content_type: str = "text/html"
+    usage: tuple[int, int] | None = (11, 4)
+    """(prompt_tokens, completion_tokens) of the usage chunk / usage object; None: the server
+    reports no usage (no usage chunk even when asked, no usage object), like some local servers."""
     delay: float = 0.0
     """Seconds before each content chunk."""
     hang_before_headers: bool = False
@@ -172,6 +177,11 @@ class OpenAIServer:
         if reply.hang_before_headers:
             await self._wait_disconnect(reader)
             return False
+        if reply.status != 200 and reply.error_body is not None:
+            headers = {**reply.headers, "content-type": reply.error_content_type}
+            await self._send(writer, reply.status, headers, reply.error_body)
+            self.completed += 1
+            return True
         if reply.status != 200:
             return await self._error(
                 writer, reply.status, reply.headers, reply.error_message, reply.error_code
@@ -198,15 +208,16 @@ class OpenAIServer:
     ) -> None:
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
-        head += ["content-type: application/json", f"content-length: {len(data)}"]
+        if "content-type" not in headers:
+            head.append("content-type: application/json")
+        head.append(f"content-length: {len(data)}")
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         await writer.drain()
 
     async def _complete(
         self, writer: asyncio.StreamWriter, reply: Reply, body: dict[str, Any], model: str
     ) -> bool:
-        prompt, completion = reply.usage
-        payload = {
+        payload: dict[str, Any] = {
             "id": "chatcmpl-test",
             "object": "chat.completion",
             "created": 1_700_000_000,
@@ -218,8 +229,9 @@ class OpenAIServer:
                     "finish_reason": reply.finish_reason,
                 }
             ],
-            "usage": _usage(prompt, completion),
         }
+        if reply.usage is not None:
+            payload["usage"] = _usage(*reply.usage)
         await self._send(writer, 200, reply.headers, json.dumps(payload).encode())
         self.completed += 1
         return True
@@ -298,7 +310,7 @@ class OpenAIServer:
                 yield b'data: {"id": "chatcmpl-test", "choices": [{"delta": {"content": "x\n\n'
             yield chunk({"content": text})
         yield chunk({}, reply.finish_reason)
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if reply.usage is not None and (body.get("stream_options") or {}).get("include_usage"):
             data = {
                 "id": "chatcmpl-test",
                 "object": "chat.completion.chunk",

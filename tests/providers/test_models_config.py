@@ -164,3 +164,55 @@ async def test_the_test_server_answers_non_stream_requests_too() -> None:
     assert message.usage_metadata is not None
     assert message.usage_metadata["input_tokens"] == 3
     assert server.requests[0].body.get("stream") in (None, False)
+
+
+def test_errors_name_the_models_file_actually_used(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stagecast.engine.loading import parse_chain_text
+
+    file = tmp_path / "my-models.yaml"
+    file.write_text("default: mine\nmodels:\n  mine: {provider: openai, api_key_env: MINE_KEY}\n")
+    monkeypatch.setenv("STAGECAST_MODELS", str(file))
+    config = load_models_config()
+    assert config.source == str(file.resolve())
+    registry = ModelRegistry(config, environ={})
+    with pytest.raises(ModelConfigError) as caught:
+        registry.resolve("mine")
+    assert f"(api_key_env of 'mine' in {file.resolve()}; key_required: false" in str(caught.value)
+    with pytest.raises(ModelConfigError) as caught:
+        registry.resolve("nope")
+    assert str(caught.value) == f"unknown model 'nope'; models are: mine (in {file.resolve()})"
+    text = "stages:\n  - id: a\n    kind: llm\n    model: mien\n    prompt: hi\n"
+    _, problems = parse_chain_text(text, filename="c.yaml", model_names=registry.known_names())
+    assert [str(p) for p in problems] == [
+        "c.yaml:4:12: stages[a].model: unknown model 'mien'\n"
+        f"  hint: did you mean 'mine'? models are: default, mine (in {file.resolve()})"
+    ]
+    with_key = ModelRegistry(config, environ={"MINE_KEY": KEY}).resolve("mine")
+    assert with_key.chat_model.models_file == str(file.resolve())  # named by provider faults
+    error = classify_error(RuntimeError("x"), "mine", models_file=str(file))
+    assert isinstance(error, StageError)
+    monkeypatch.delenv("STAGECAST_MODELS")
+    monkeypatch.chdir(tmp_path)  # no ./configs here: the shipped file is the one used
+    assert load_models_config().source == str((SHIPPED_CONFIGS / "models.yaml").resolve())
+
+
+async def test_a_provider_fault_names_the_models_file_of_its_entry(tmp_path: Any) -> None:
+    from stagecast.engine.orchestrator import run_chain
+    from tests.providers.test_openai_faults import chain_of
+
+    async with OpenAIServer(api_key=KEY, models={"test-model"}) as server:
+        file = tmp_path / "models.yaml"
+        file.write_text(
+            "models:\n  local:\n    provider: openai\n    model: other-model\n"
+            f"    base_url: {server.base_url}\n    api_key_env: THE_KEY\n    max_retries: 0\n"
+        )
+        registry = ModelRegistry(load_models_config(file), environ={"THE_KEY": KEY})
+        chain = chain_of("defaults: {model: local}\nstages:\n  - {id: a, kind: llm, prompt: hi}\n")
+        try:
+            events = [e async for e in run_chain(chain, {}, models=registry)]
+        finally:
+            await registry.aclose()
+    message = events[-1].error.message
+    assert f"fix model of 'local' in {file.resolve()}" in message

@@ -115,6 +115,33 @@ async def test_streams_the_servers_tokens_with_usage_and_cost(server: OpenAIServ
     assert "response_format" not in body
 
 
+async def test_a_server_that_streams_no_usage_gives_unknown_usage_not_zero(
+    server: OpenAIServer,
+) -> None:
+    server.script(Reply(usage=None))  # like some local servers: no usage chunk even when asked
+    events = await collect(registry(server.base_url))
+    assert short(events)[-2:] == ["stage-end succeeded", "run-end succeeded"]
+    assert server.requests[0].body["stream_options"] == {"include_usage": True}
+    for event in events[-2:]:  # the entry has prices: still no $0.0000
+        assert json.loads(event_to_json(event))["usage"] == {
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "cost": None,
+            "reported": False,
+        }
+
+
+async def test_a_refused_attempt_counts_nothing_and_the_answer_its_usage(
+    server: OpenAIServer,
+) -> None:
+    server.script(Reply(status=503), Reply(usage=(30, 4)))
+    events = await collect(registry(server.base_url, max_retries=1))
+    assert short(events)[2] == "retry 1 server_error"
+    usage = events[-1].usage
+    assert (usage.input_tokens, usage.output_tokens) == (30, 4)
+    assert usage.cost == pytest.approx((30 * 2.0 + 4 * 8.0) / 1e6)
+
+
 async def test_openai_base_url_from_the_environment_is_honoured(server: OpenAIServer) -> None:
     entry = ModelEntry.model_validate(entry_fields())  # no base_url
     models = ModelRegistry(
@@ -227,7 +254,15 @@ async def test_a_stream_stalled_mid_answer_hits_the_read_timeout(server: OpenAIS
         "run-end succeeded",
     ]
     assert ended(events).output == "Hello, world."  # not "Hello,Hello, world."
-    assert (ended(events).usage.input_tokens, ended(events).usage.output_tokens) == (11, 4)
+    # The abandoned attempt was answering when it stalled and reported no usage: what it used
+    # is unknown, so the stage's total is unreported (11/4 are the second attempt's: a floor).
+    usage = ended(events).usage
+    assert (usage.input_tokens, usage.output_tokens, usage.cost, usage.reported) == (
+        11,
+        4,
+        None,
+        False,
+    )
     await server.wait_disconnect()  # the stalled response was abandoned, not left open
 
 
@@ -264,6 +299,65 @@ async def test_5xx_is_retried_with_backoff(server: OpenAIServer) -> None:
     times = [r.at for r in server.requests]
     assert times[1] - times[0] >= 0.05 * 0.5  # base * jitter in [0.5, 1)
     assert times[2] - times[1] >= 0.1 * 0.5
+
+
+GATEWAY_PAGE = (
+    b"<!DOCTYPE html><html><head><title>x</title><style>body{color:red}</style></head><body>"
+    b"<h1>502 Bad Gateway</h1>\n  <p>upstream model server crashed:   CUDA out of memory</p>"
+    b"<p>Authorization: Bearer tok_live_9f8e7d6c5b4a</p><p>key sk-proj-abcdefghijklmnop "
+    b"and the configured %s</p>" + b"<p>filler line</p>" * 400 + b"</body></html>"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "says"),
+    [
+        (
+            GATEWAY_PAGE % KEY.encode(),
+            "text/html",
+            "server error (500): the body says: 502 Bad Gateway upstream model server crashed: "
+            "CUDA out of memory Authorization: *** key *** and the configured *** "
+            "filler line filler line",
+        ),
+        (
+            b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            "text/plain",
+            "server error (503): the body says: upstream connect error or disconnect/reset "
+            "before headers. reset reason: overflow",
+        ),
+        (
+            b'{"detail": "model runner crashed", "api_key": "abcdef123456"}',
+            "application/json",
+            'server error (500): the body says: {"detail": "model runner crashed", '
+            '"api_key": "***"}',
+        ),
+        (b"", "text/plain", "server error (502): the body says: (empty body)"),
+    ],
+)
+async def test_a_5xx_error_quotes_a_bounded_scrubbed_excerpt_of_its_body(
+    server: OpenAIServer, body: bytes, content_type: str, says: str
+) -> None:
+    status = int(says.split("(")[1][:3])
+    server.script(Reply(status=status, error_body=body, error_content_type=content_type))
+    events = await collect(registry(server.base_url))
+    error = ended(events).error
+    assert error.type == "server_error"
+    assert error.message.startswith("model 'local': " + says)
+    assert "Error code" not in error.message
+    quoted = error.message.split("the body says: ", 1)[1]
+    assert len(quoted) <= 300
+    if len(body) > 300:
+        assert quoted.endswith("…")
+    for secret in (KEY, "tok_live_9f8e7d6c5b4a", "sk-proj-abcdefghijklmnop", "abcdef123456"):
+        assert secret not in error.message
+
+
+async def test_a_long_error_message_is_cut_to_an_excerpt(server: OpenAIServer) -> None:
+    server.script(Reply(status=400, error_message="bad value " + "x" * 5000))
+    events = await collect(registry(server.base_url))
+    message = ended(events).error.message
+    assert message.startswith("model 'local': request refused (400): bad value xxx")
+    assert message.endswith("x…") and len(message) < 400
 
 
 async def test_a_malformed_chunk_is_retried(server: OpenAIServer) -> None:

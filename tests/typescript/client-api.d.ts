@@ -26,7 +26,7 @@ export interface FollowOptions extends ClientOptions {
   onEvent?: (event: RunEvent) => void;
   onEnd?: (event: RunEnded) => void;
   onError?: (error: StagecastError) => void;
-  onStatus?: (status: "open" | "reconnecting" | "closed") => void;
+  onStatus?: (status: "open" | "reconnecting" | "closed" | "ended") => void;
   /** Start after this seq. */
   after?: number;
 }
@@ -76,9 +76,11 @@ export declare function cancelRun(
 export declare function answerInput(
   baseUrl: string,
   runId: string,
-  answer: unknown,
+  answer: InputAnswer,
   options?: ClientOptions,
 ): Promise<AnswerAccepted>;
+/** A refused answer's problems by answer field (`""`: the answer as a whole), or null. */
+export declare function answerProblems(error: unknown): Record<string, string> | null;
 export declare function listModels(baseUrl: string, options?: ClientOptions): Promise<ModelInfo[]>;
 export declare function listRecordings(
   baseUrl: string,
