@@ -151,6 +151,10 @@ class StageLine:
     retry: str | None = None
     error: str | None = None
     usage: Usage = field(default_factory=Usage)
+    reused: bool = False
+    """Its output was taken from an earlier run (``--reuse``)."""
+    reused_items: int = 0
+    """For a map: how many of its items were taken from an earlier run."""
 
     def elapsed(self, now: float) -> float | None:
         if self.duration_ms is not None:
@@ -231,7 +235,9 @@ class RunState:
                 self.waiting_input = self.waiting_path = None
             if key:
                 line.items.pop(key, None)
+                line.reused_items += event.reused
             else:
+                line.reused = event.reused
                 line.status, line.duration_ms, line.usage = (
                     event.status,
                     event.duration_ms,
@@ -372,6 +378,7 @@ class PlainView(View):
                 detail += f": {event.error.message}"
             if event.citations is not None and not nested:
                 detail += f" · {citations_line(event.citations)}"
+            detail += _reused_note(line) if not nested else ""
             self._line(f"{event.status:<9} {where}{detail}")
 
     def prompt(self, stage: str, path: list[str | int], messages: list[BaseMessage]) -> None:
@@ -399,6 +406,15 @@ class PlainView(View):
                     self._print(value.rstrip())
                 else:
                     self._print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def _reused_note(line: StageLine) -> str:
+    """`` · reused`` (a stage taken from an earlier run), `` · 3/4 items reused`` (a map)."""
+    if line.reused:
+        return " · reused"
+    if line.reused_items:
+        return f" · {line.reused_items}/{line.total or line.reused_items} items reused"
+    return ""
 
 
 def _named_outputs(outputs: Any) -> list[tuple[str, Any]]:
@@ -535,6 +551,8 @@ class LiveView(View):
             detail.append(Text(f" {line.usage.output_tokens} tokens", style="dim"))
         elif not line.usage.reported and line.status == "succeeded":
             detail.append(Text(" tokens unknown", style="dim"))
+        if line.reused or line.reused_items:
+            detail.append(Text(_reused_note(line).replace(" · ", " ", 1), style="magenta"))
         if line.citations is not None:
             unmatched = any(c.source_id is None for c in line.citations)
             style = "yellow" if unmatched else "green"

@@ -7,12 +7,19 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagecast.api.catalog import ChainCatalog, ChainEntry, plan_of
@@ -39,6 +46,8 @@ from stagecast.engine.errors import InputError, ModelConfigError
 from stagecast.engine.events import RunStatus, events_json_schema
 from stagecast.engine.inputs import inputs_json_schema
 from stagecast.engine.providers import describe_models
+from stagecast.engine.replay import parse_speed
+from stagecast.engine.reuse import Recording, RecordingError, Reuse, ReuseError
 
 if TYPE_CHECKING:
     from stagecast.api.cluster import Cluster
@@ -174,6 +183,51 @@ class RunRequest(BaseModel):
         "(fewer, larger events for slow clients or many tokens). Default: the server's "
         "`coalesce_ms` setting (0: one event per model chunk).",
     )
+    reuse: ReuseRequest | None = Field(
+        None,
+        description="Re-run: unchanged stages that succeeded in the earlier run (`run_id` or "
+        "`recording`) end at once with that output (`reused: true`); `from` and its dependents "
+        "run again. Its inputs are the defaults of `inputs`.",
+    )
+
+
+class ReuseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    run_id: str | None = Field(None, description="An earlier run on this server.")
+    recording: str | None = Field(
+        None, description="A recording in the server's recordings folder (`--recordings DIR`)."
+    )
+    from_: str | None = Field(
+        None,
+        alias="from",
+        description="Run this top-level stage and everything downstream of it again.",
+    )
+
+
+class ReplayRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    recording: str = Field(
+        description="A recording's name in the server's recordings folder (GET /v1/recordings)."
+    )
+    speed: float | Literal["max"] = Field(
+        1.0, description="How many times the recorded pace; `max`: no waiting at all."
+    )
+    on_disconnect: Literal["continue", "cancel"] = Field(
+        "continue", description="`cancel`: cancel the replay when its last viewer disconnects."
+    )
+
+
+class RecordingSummary(BaseModel):
+    name: str = Field(description="What to send as `recording`.")
+    bytes: int
+    chain: dict[str, Any] | None = Field(description="The recorded run's chain (run-start).")
+    model: str | None
+
+
+class RecordingList(BaseModel):
+    recordings: list[RecordingSummary]
 
 
 class RunCreated(BaseModel):
@@ -477,6 +531,7 @@ async def create_run(
             return await _replayed(state, request, known, stream, last_event_id)
     chain = _loaded(_find_chain(state, body.chain))
     on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
+    reuse = await _reuse(state, body.reuse, chain) if body.reuse is not None else None
     try:
         managed = state.manager.start(
             chain,
@@ -485,6 +540,7 @@ async def create_run(
             on_disconnect=on_disconnect,
             coalesce_ms=body.coalesce_ms,
             idempotency=idempotency,
+            reuse=reuse,
         )
     except InputError as exc:
         fields = {f"inputs.{name}": problem for name, problem in exc.errors.items()}
@@ -526,6 +582,14 @@ async def _create_queued(
 ) -> Response:
     """``POST /v1/runs`` of a deployment on Redis: checked here, queued for any worker."""
     assert state.cluster is not None
+    if body.reuse is not None:
+        raise ApiError(
+            422,
+            "not_supported",
+            "reuse: re-runs are served by a single-process server (event_log: memory) for now, "
+            "not by a deployment on Redis",
+            {"fields": {"reuse": "not supported on a deployment on Redis yet"}},
+        )
     chain = _loaded(_find_chain(state, body.chain))
     on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
     try:
@@ -570,6 +634,197 @@ async def _create_queued(
     )
 
 
+# -- recordings, reuse and replays ---------------------------------------------------------------
+
+_RECORDING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+
+def _recording_path(state: AppState, name: str, where: str) -> Path:
+    folder = state.settings.recordings_dir
+    if folder is None:
+        raise ApiError(
+            404,
+            "unknown_recording",
+            f"{where}: this server serves no recordings (start it with --recordings DIR)",
+            {"fields": {where: "no recordings folder"}},
+        )
+    if not _RECORDING_NAME.match(name) or ".." in name:
+        problem = "expected a file name of the recordings folder (letters, digits, . _ -)"
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{where}: {name[:40]!r}: {problem}",
+            {"fields": {where: problem}},
+        )
+    path = folder / (name if name.endswith(".ndjson") else name + ".ndjson")
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.ndjson"))
+        raise ApiError(
+            404,
+            "unknown_recording",
+            f"{where}: no recording {name!r}; recordings are: {', '.join(known) or '(none)'}",
+            {"fields": {where: "unknown recording"}, "recordings": known},
+        )
+    return path
+
+
+async def _load_recording(state: AppState, name: str, where: str) -> Recording:
+    path = _recording_path(state, name, where)
+    try:
+        recording = await asyncio.to_thread(Recording.read, path)
+    except RecordingError as exc:
+        message = str(exc).replace(str(path.parent) + "/", "")  # no server paths in answers
+        raise ApiError(422, "invalid_recording", message, {"fields": {where: message}}) from None
+    recording.name = path.name  # what messages about it say: no server paths in answers
+    return recording
+
+
+async def _run_recording(state: AppState, run_id: str) -> Recording:
+    """An earlier run of this server, as a recording (the events its log still holds)."""
+    try:
+        part = await state.log.read(run_id, 0)
+    except UnknownRun as exc:
+        raise ApiError(
+            404, "unknown_run", f"reuse.run_id: {exc}", {"fields": {"reuse.run_id": str(exc)}}
+        ) from None
+    except EventsExpired as exc:
+        raise ApiError(
+            422,
+            "invalid_recording",
+            f"reuse.run_id: {exc}",
+            {"fields": {"reuse.run_id": str(exc)}},
+        ) from None
+    try:
+        return Recording.from_lines([entry.data for entry in part.entries], run_id)
+    except RecordingError as exc:
+        raise ApiError(
+            422, "invalid_recording", str(exc), {"fields": {"reuse.run_id": str(exc)}}
+        ) from None
+
+
+async def _reuse(state: AppState, body: ReuseRequest, chain: Any) -> Reuse:
+    if (body.run_id is None) == (body.recording is None):
+        problem = "give exactly one of run_id and recording"
+        raise ApiError(422, "invalid_request", f"reuse: {problem}", {"fields": {"reuse": problem}})
+    if body.run_id is not None:
+        recording = await _run_recording(state, body.run_id)
+    else:
+        assert body.recording is not None
+        recording = await _load_recording(state, body.recording, "reuse.recording")
+    try:
+        return Reuse(recording, chain, body.from_)
+    except ReuseError as exc:
+        field = "reuse.from" if str(exc).startswith("from:") else "reuse"
+        raise ApiError(422, "invalid_reuse", str(exc), {"fields": {field: str(exc)}}) from None
+
+
+@v1.get(
+    "/recordings",
+    response_model=RecordingList,
+    summary="The recordings this server can replay (`--recordings DIR`)",
+    responses=_errors(401),
+)
+async def list_recordings(request: Request) -> dict[str, Any]:
+    folder = state_of(request).settings.recordings_dir
+    if folder is None:
+        return {"recordings": []}
+    return {"recordings": await asyncio.to_thread(_recording_summaries, folder)}
+
+
+def _recording_summaries(folder: Path) -> list[dict[str, Any]]:
+    found = []
+    for path in sorted(folder.glob("*.ndjson")):
+        chain: dict[str, Any] | None = None
+        model: str | None = None
+        try:
+            with path.open("rb") as file:
+                first = json.loads(file.readline(1_000_000) or b"null")
+            if isinstance(first, dict) and first.get("type") == "run-start":
+                chain, model = first.get("chain"), first.get("model")
+        except (OSError, ValueError):
+            pass
+        found.append(
+            {"name": path.stem, "bytes": path.stat().st_size, "chain": chain, "model": model}
+        )
+    return found
+
+
+@v1.post(
+    "/replays",
+    status_code=201,
+    response_model=RunCreated,
+    summary="Serve a recording as a new live run (same routes, resume and cancel)",
+    responses={
+        201: {"description": "Started; `Location` is the status URL.", "model": RunCreated},
+        **_errors(401, 404, 422, 429),
+    },
+)
+async def create_replay(body: ReplayRequest, request: Request) -> Response:
+    state = state_of(request)
+    if state.cluster is not None:
+        raise ApiError(
+            422,
+            "not_supported",
+            "replays are served by a single-process server (event_log: memory) for now, not "
+            "by a deployment on Redis",
+        )
+    recording = await _load_recording(state, body.recording, "recording")
+    try:
+        speed = parse_speed(body.speed)
+    except ValueError as exc:
+        raise ApiError(
+            422, "invalid_request", f"speed: {exc}", {"fields": {"speed": str(exc)}}
+        ) from None
+    try:
+        managed = state.manager.start_replay(
+            recording, speed=speed, on_disconnect=body.on_disconnect
+        )
+    except RunLimitError as exc:
+        raise ApiError(
+            429, "too_many_runs", str(exc), {"limit": exc.limit}, headers={"Retry-After": "1"}
+        ) from None
+    urls = _urls(request, managed.run_id)
+    return JSONResponse(
+        {"run_id": managed.run_id, "status": managed.status, **urls},
+        status_code=201,
+        headers={"Location": urls["status_url"]},
+    )
+
+
+async def _ndjson(state: AppState, run_id: str, after: int) -> Response:
+    """The run's events as NDJSON (a recording): what the log holds, then live to the end."""
+    try:
+        await state.log.acheck_cursor(run_id, after)
+    except EventLogUnavailable as exc:
+        raise ApiError(
+            503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"}
+        ) from None
+    except UnknownRun as exc:
+        raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
+    except CursorError as exc:
+        raise ApiError(
+            400, "cursor_past_end", str(exc), {"after": exc.after, "last_seq": exc.last_seq}
+        ) from None
+    except EventsExpired as exc:
+        raise ApiError(
+            410, "events_expired", str(exc), {"after": exc.after, "first_seq": exc.first_seq}
+        ) from None
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for batch in state.log.follow(run_id, after):
+            yield "".join(entry.data + "\n" for entry in batch).encode("utf-8", "backslashreplace")
+
+    return StreamingResponse(
+        lines(),
+        media_type="application/x-ndjson",
+        headers={
+            "Content-Disposition": f'attachment; filename="{run_id}.ndjson"',
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        },
+    )
+
+
 async def _replayed(
     state: AppState, request: Request, managed: ManagedRun, stream: bool, last_event_id: str | None
 ) -> Response:
@@ -610,6 +865,11 @@ async def run_events(
         None, description="Replay the events after this seq (0 = everything)."
     ),
     last_event_id: str | None = Header(None, description="Set by EventSource on reconnect."),
+    format: Literal["sse", "ndjson"] = Query(
+        "sse",
+        description="`ndjson`: the events as NDJSON, one wire-JSON event a line (a recording, "
+        "for download; a live run streams to its end).",
+    ),
 ) -> Response:
     state = state_of(request)
     try:
@@ -632,6 +892,8 @@ async def run_events(
     cursor = _cursor(last_event_id, "Last-Event-ID")
     if cursor is None:
         cursor = _cursor(after, "after")
+    if format == "ndjson":
+        return await _ndjson(state, run_id, cursor or 0)
     return await _stream(state, managed, cursor or 0, {}, run_id)
 
 

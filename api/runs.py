@@ -29,9 +29,18 @@ from stagecast.api.metrics import Metrics
 from stagecast.api.settings import ServerSettings
 from stagecast.engine.asking import AnswerRefused, NotWaiting
 from stagecast.engine.chain import Chain
-from stagecast.engine.events import ErrorInfo, RunEnded, RunEvent, RunStatus, event_to_json
+from stagecast.engine.events import (
+    ChainInfo,
+    ErrorInfo,
+    RunEnded,
+    RunEvent,
+    RunStatus,
+    event_to_json,
+)
 from stagecast.engine.orchestrator import ChainRun
 from stagecast.engine.providers import ModelRegistry
+from stagecast.engine.replay import ReplayRun
+from stagecast.engine.reuse import Recording, Reuse
 
 __all__ = [
     "IdempotencyConflict",
@@ -76,8 +85,9 @@ class IdempotencyConflict(Exception):
 class ManagedRun:
     """A run the server executes, with what the status route shows besides the engine's state."""
 
-    run: ChainRun
-    chain: Chain
+    run: ChainRun | ReplayRun
+    chain: Chain | None
+    """The chain it runs; None for a replay (``run.chain_info`` tells the recorded chain)."""
     on_disconnect: OnDisconnect
     created_at: int
     task: asyncio.Task[None] | None = None
@@ -93,6 +103,13 @@ class ManagedRun:
     @property
     def run_id(self) -> str:
         return self.run.run_id
+
+    @property
+    def chain_info(self) -> ChainInfo:
+        if isinstance(self.run, ReplayRun):
+            return self.run.chain_info
+        assert self.chain is not None
+        return ChainInfo(id=self.chain.id, title=self.chain.title, version=self.chain.spec.version)
 
     @property
     def finished(self) -> bool:
@@ -178,6 +195,7 @@ class RunManager:
         idempotency: tuple[str, str] | None = None,
         run_id: str | None = None,
         admitted: bool = False,
+        reuse: Reuse | None = None,
     ) -> ManagedRun:
         """Check and start a run. Raises InputError, ModelConfigError or RunLimitError.
 
@@ -205,6 +223,7 @@ class RunManager:
             coalesce_ms=self.settings.coalesce_ms if coalesce_ms is None else coalesce_ms,
             render_limits=self.settings.render_limits(),
             max_map_items=self.settings.max_map_items,
+            reuse=reuse,
             max_input_wait=self.settings.max_input_wait,
         )
         managed = ManagedRun(
@@ -223,6 +242,35 @@ class RunManager:
         self.metrics.runs_started += 1
         managed.task = asyncio.get_running_loop().create_task(
             self._drive(managed), name=f"stagecast {run.run_id}"
+        )
+        return managed
+
+    def start_replay(
+        self,
+        recording: Recording,
+        *,
+        speed: float | None = 1.0,
+        on_disconnect: OnDisconnect = "continue",
+    ) -> ManagedRun:
+        """Serve ``recording`` as a new run (``engine.replay``). Raises RunLimitError."""
+        self.expire()
+        if self.active >= self.settings.max_concurrent_runs:
+            self.metrics.runs_rejected["limit"] += 1
+            raise RunLimitError(self.settings.max_concurrent_runs)
+        run = ReplayRun(recording, speed=speed)
+        managed = ManagedRun(
+            run=run,
+            chain=None,
+            on_disconnect=on_disconnect,
+            created_at=_now_ms(),
+            kinds={step.stage: step.kind for step in recording.start.plan},
+        )
+        run.sink = self._sink(managed)
+        self.log.create(run.run_id)
+        self._runs[run.run_id] = managed
+        self.metrics.runs_started += 1
+        managed.task = asyncio.get_running_loop().create_task(
+            self._drive(managed), name=f"stagecast replay {run.run_id}"
         )
         return managed
 
@@ -365,10 +413,9 @@ class RunManager:
         managed = self.get(run_id)
         run = managed.run
         ended = managed.ended
-        chain = managed.chain
         return {
             "run_id": run.run_id,
-            "chain": {"id": chain.id, "title": chain.title, "version": chain.spec.version},
+            "chain": asdict(managed.chain_info),
             "status": managed.status,
             "model": run.default_model.label,
             "created_at": managed.created_at,

@@ -11,6 +11,8 @@ serve(workers=4)                           # 4 processes: needs event_log: redis
 from __future__ import annotations
 
 import sys
+import os
+from pathlib import Path
 from typing import Any
 
 from stagecast.api.settings import ServerSettings, SettingsError, load_settings
@@ -32,6 +34,7 @@ def serve(
     *,
     log_level: str = "info",
     workers: int = 1,
+    recordings_dir: Path | None = None,
 ) -> None:
     """Run the API server until interrupted. With ``workers`` > 1, that many processes share
     the deployment's Redis (``event_log``); with the in-memory log that is refused (exit 2)."""
@@ -45,6 +48,10 @@ def serve(
         except SettingsError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+    if recordings_dir is not None:
+        settings = settings.model_copy(update={"recordings_dir": recordings_dir.resolve()})
+        # the worker processes of --workers N build their app from the environment
+        os.environ["STAGECAST_RECORDINGS_DIR"] = str(recordings_dir.resolve())
     if workers > 1 and settings.event_log == "memory":
         print(
             f"error: --workers {workers} needs a shared event log: set STAGECAST_EVENT_LOG (or "

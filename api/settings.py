@@ -157,6 +157,12 @@ class ServerSettings(BaseModel):
             "(redis://host:6379/0, rediss://..., unix:///path/to/redis.sock)"
         )
 
+    recordings_dir: Path | None = Field(
+        None,
+        description="A folder of recordings (*.ndjson) served by POST /v1/replays and usable as "
+        '`"reuse": {"recording": NAME}`; none by default (`stagecast serve --recordings DIR`).',
+    )
+
     def render_limits(self) -> RenderLimits:
         """The template limits every run of this server gets."""
         return RenderLimits(
@@ -230,4 +236,6 @@ def load_settings(
         settings.chains_dir = base / settings.chains_dir
     if settings.models_file is not None and not settings.models_file.is_absolute():
         settings.models_file = base / settings.models_file
+    if settings.recordings_dir is not None and not settings.recordings_dir.is_absolute():
+        settings.recordings_dir = base / settings.recordings_dir
     return settings

@@ -199,6 +199,8 @@ class RunStarted(_Envelope):
     plan: list[PlanStep]
     model: str
     """The model the run uses by default, e.g. ``offline`` or ``openai:gpt-4o-mini``."""
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """The run's inputs, defaults applied: what a replay or a re-run needs (may be sensitive)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -290,6 +292,12 @@ class StageEnded(_Envelope):
     """How much of the run is done, 0..1, by weight."""
     citations: list[Citation] | None = None
     """For an llm stage that was given sources: the markers of its answer; else null."""
+    reused: bool = False
+    """True when the output was taken from an earlier run (``reuse``) instead of executed."""
+    fingerprint: str | None = None
+    """A content hash of the stage's resolved spec and of the values it read (inputs, earlier
+    outputs, the map item); a re-run reuses this output only while it is unchanged. Null on a
+    stage that never got that far (skipped)."""
 
 
 @dataclass(slots=True, kw_only=True)

@@ -26,6 +26,7 @@ SCRIPTS = {
     "bench_retrieval.py": "Stagecast (bm25s)",
     "bench_openai.py": "fast path, bare",
     "bench_redis.py": "Redis Streams log",
+    "bench_reuse.py": "reuse, merge prompt edited",
     "bench_waiting.py": "RSS per waiting run",
 }
 

@@ -86,8 +86,11 @@ def test_every_field_is_present_even_when_null() -> None:
         "error",
         "progress",
         "citations",
+        "reused",
+        "fingerprint",
     ]
     assert data["citations"] is None
+    assert data["reused"] is False and data["fingerprint"] is None
     assert data["usage"] == {"input_tokens": 0, "output_tokens": 0, "cost": None, "reported": True}
 
 
