@@ -10,8 +10,8 @@ serve(workers=4)                           # 4 processes: needs event_log: redis
 
 from __future__ import annotations
 
-import sys
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
