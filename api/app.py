@@ -35,7 +35,7 @@ from stagecast.engine.model_config import load_models_config
 from stagecast.engine.providers import ModelRegistry
 from stagecast.engine.resources import chain_dirs
 
-__all__ = ["BodyLimitMiddleware", "StagecastApp", "create_app"]
+__all__ = ["BodyLimitMiddleware", "StagecastApp", "create_app", "make_event_log"]
 
 API_VERSION = "1.2"
 SWEEP_SECONDS = 30.0
@@ -147,6 +147,19 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+def make_event_log(settings: ServerSettings) -> EventLog:
+    """The event log ``settings.event_log`` names: in memory, or on Redis Streams."""
+    if settings.event_log == "memory":
+        return InMemoryEventLog(
+            max_events=settings.max_events_per_run, ttl=settings.finished_run_ttl
+        )
+    from stagecast.api.redislog import RedisEventLog  # redis is only imported when configured
+
+    return RedisEventLog(
+        settings.event_log, max_events=settings.max_events_per_run, ttl=settings.finished_run_ttl
+    )
+
+
 def create_app(
     settings: ServerSettings | None = None,
     *,
@@ -158,20 +171,26 @@ def create_app(
     Args:
         settings: server settings (``api.settings.load_settings()`` reads the config and env).
         models: a ModelRegistry, or chat models by name added to the configured ones.
-        event_log: where events live; an ``InMemoryEventLog`` sized by the settings by default.
+        event_log: where events live; by default the one ``settings.event_log`` names
+            (``make_event_log``), sized by the settings.
     """
     settings = settings or ServerSettings()
     if isinstance(models, ModelRegistry):
         registry = models
     else:
         registry = ModelRegistry(load_models_config(settings.models_file), overrides=models)
-    log = event_log or InMemoryEventLog(
-        max_events=settings.max_events_per_run, ttl=settings.finished_run_ttl
-    )
+    log = event_log or make_event_log(settings)
     metrics = Metrics()
     manager = RunManager(settings, log, registry, metrics)
     catalog = ChainCatalog(settings.chains_dir if settings.chains_dir is not None else chain_dirs())
     state = AppState(settings, log, manager, catalog, metrics)
+    cluster = None
+    if settings.event_log != "memory":
+        from stagecast.api.cluster import Cluster
+
+        cluster = state.cluster = Cluster(
+            settings.event_log, settings, manager, catalog, work=settings.work_runs
+        )
     metrics.add_gauge(
         "stagecast_runs_active",
         "Runs not finished (waiting ones included).",
@@ -201,12 +220,19 @@ def create_app(
 
         sweeper = asyncio.get_running_loop().create_task(sweep())
         watcher = asyncio.get_running_loop().create_task(watch_stalls())
+        if cluster is not None:
+            await cluster.start()
         try:
             yield
         finally:
             sweeper.cancel()
             watcher.cancel()
+            if cluster is not None:
+                await cluster.stop_taking()
             await manager.shutdown(settings.shutdown_timeout)
+            if cluster is not None:
+                await cluster.aclose()
+            await log.aclose()  # after the last run-end: a shared log sends what it buffered
             await registry.aclose()  # the models' HTTP connections, in the loop that opened them
 
     app = StagecastApp(

@@ -33,13 +33,20 @@ from stagecast.api.live import EventsView, LiveView, PlainView, View
 from stagecast.engine.asking import AnswerRefused, NotWaiting, PendingInput
 from stagecast.engine.chain import Chain
 from stagecast.engine.errors import ChainSpecError, InputError, ModelConfigError, Problem
-from stagecast.engine.events import InputRequired, RunEnded, events_json_schema_text
+from stagecast.engine.events import (
+    InputRequired,
+    RunEnded,
+    RunEvent,
+    event_to_json,
+    events_json_schema_text,
+)
 from stagecast.engine.graph import chain_mermaid
 from stagecast.engine.loading import find_chain, load_chain, validate_chain_file
 from stagecast.engine.model_config import load_models_config
 from stagecast.engine.orchestrator import ChainRun
 from stagecast.engine.providers import ModelRegistry, describe_models
 from stagecast.engine.resources import chain_dirs, chain_files, data_glob, data_path
+from stagecast.engine.reuse import Recording, RecordingError, Reuse, ReuseError
 from stagecast.engine.spec import InputSpec
 from stagecast.engine.validation import chain_json_schema_text
 
@@ -49,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["app", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+Sink = Callable[[RunEvent], None]
 
 app = typer.Typer(
     name="stagecast",
@@ -275,6 +283,26 @@ CoalesceOpt = Annotated[
     float,
     typer.Option("--coalesce-ms", min=0, metavar="N", help="Merge tokens arriving within N ms."),
 ]
+RecordOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--record",
+        metavar="FILE.ndjson",
+        help="Also write the events to FILE (the --events stream: a recording; holds the inputs).",
+    ),
+]
+ReuseOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--reuse",
+        metavar="FILE.ndjson",
+        help="Reuse the unchanged succeeded stages of this recording (its inputs are defaults).",
+    ),
+]
+FromOpt = Annotated[
+    str | None,
+    typer.Option("--from", metavar="STAGE", help="With --reuse: run STAGE and its dependents."),
+]
 AnswersOpt = Annotated[
     Path | None,
     typer.Option(
@@ -301,12 +329,33 @@ def run(
         str | None,
         typer.Option("--server", metavar="URL", help="Run on a Stagecast server instead."),
     ] = None,
+    record: RecordOpt = None,
+    reuse: ReuseOpt = None,
+    from_stage: FromOpt = None,
     answers: AnswersOpt = None,
 ) -> None:
     """Run a chain with a live view of every stage (exit 0 succeeded, 1 failed, 130 cancelled)."""
+    if from_stage is not None and reuse is None:
+        _fail("--from needs --reuse FILE.ndjson (the run whose outputs to reuse)")
     if server is not None:
-        _run_remote(server, chain, input or [], inputs, model, events, answers)
-    _run_local(chain, input or [], inputs, model, events, coalesce_ms, answers, dry_run=False)
+        if reuse is not None:
+            _fail(
+                "--reuse is not available with --server",
+                hint='POST /v1/runs with "reuse": {"run_id" or "recording", "from"}',
+            )
+        _run_remote(server, chain, input or [], inputs, model, events, answers, record=record)
+    _run_local(
+        chain,
+        input or [],
+        inputs,
+        model,
+        events,
+        coalesce_ms,
+        answers,
+        dry_run=False,
+        record=record,
+        reuse=(reuse, from_stage) if reuse is not None else None,
+    )
 
 
 @app.command("dry-run")
@@ -365,6 +414,8 @@ def _run_local(
     answers_file: Path | None,
     *,
     dry_run: bool,
+    record: Path | None = None,
+    reuse: tuple[Path, str | None] | None = None,
 ) -> NoReturn:
     path = _find(chain_name)
     registry = _registry()
@@ -374,7 +425,9 @@ def _run_local(
         registry.overrides["offline"] = OfflineChatModel()
     chain = _load(path, registry)
     values = collect_inputs(chain.spec.inputs, pairs, inputs_file)
+    reusing = _load_reuse(reuse[0], reuse[1], chain) if reuse is not None else None
     view = _make_view(events)
+    sink = _recording_sink(view.handle, record)
     answerer = _answerer(answers_file, events, view)
     asking: set[asyncio.Task[None]] = set()
 
@@ -404,9 +457,10 @@ def _run_local(
             values,
             models=registry,
             model=model,
-            sink=view.handle,
+            sink=sink,
             coalesce_ms=coalesce_ms,
             on_prompt=view.prompt if dry_run else None,
+            reuse=reusing,
             on_input=on_input,
         )
     except InputError as exc:
@@ -463,6 +517,41 @@ async def _drive(
     return end
 
 
+# -- record / reuse ---------------------------------------------------------------------------
+
+
+def _recording_sink(handle: Callable[[RunEvent], None], record: Path | None) -> Sink:
+    """``handle``, and with ``--record FILE`` every event's wire JSON appended to FILE too."""
+    if record is None:
+        return handle
+    try:
+        out = record.open("w", encoding="utf-8", errors="backslashreplace")
+    except OSError as exc:
+        _fail(f"--record: {record}: {exc.strerror or exc}")
+
+    def sink(event: RunEvent) -> None:
+        handle(event)
+        out.write(event_to_json(event) + "\n")
+        if event.type == "run-end":
+            out.close()
+
+    return sink
+
+
+def _read_recording(path: Path) -> Recording:
+    try:
+        return Recording.read(path)
+    except RecordingError as exc:
+        _fail(str(exc))
+
+
+def _load_reuse(path: Path, from_stage: str | None, chain: Chain) -> Reuse:
+    try:
+        return Reuse(_read_recording(path), chain, from_stage)
+    except ReuseError as exc:
+        _fail(f"--reuse: {exc}" if from_stage is None else f"--reuse/--from: {exc}")
+
+
 def _exit_for(end: RunEnded | None, view: View, events: bool) -> NoReturn:
     if view.broken:
         # stdout was closed (`| head`): say nothing more there, and do not fail at exit.
@@ -500,6 +589,8 @@ def _run_remote(
     model: str | None,
     events: bool,
     answers_file: Path | None,
+    *,
+    record: Path | None = None,
 ) -> NoReturn:
     """``run --server URL``: the same views, fed by the HTTP client; input stages are answered
     through ``POST /v1/runs/{id}/input`` (from ``--answers`` or the terminal)."""
@@ -518,6 +609,7 @@ def _run_remote(
             "is not sent"
         )
     view = _make_view(events)
+    show = _recording_sink(view.handle, record)
     answerer = _answerer(answers_file, events, view)
     run_id: list[str] = []
     cancelled = asyncio.Event()
@@ -563,7 +655,7 @@ def _run_remote(
 
             try:
                 async for event in client.events(handle.run_id):
-                    view.handle(event)
+                    show(event)
                     if isinstance(event, InputRequired):
                         ask_for(event)
                     elif isinstance(event, RunEnded):
@@ -607,6 +699,49 @@ def _run_remote(
             _err(f"error: {message}")
         raise typer.Exit(EXIT_FAILED)
     _exit_for(end, view, events)
+
+
+# -- replay / diff ----------------------------------------------------------------------------
+
+
+@app.command()
+def replay(
+    recording: Annotated[
+        Path, typer.Argument(metavar="FILE.ndjson", help="A recording (run --record, --events).")
+    ],
+    speed: Annotated[
+        str,
+        typer.Option("--speed", metavar="N|max", help="N times the recorded pace, or max."),
+    ] = "1",
+    events: EventsOpt = False,
+) -> None:
+    """Play a recorded run in the live view at its recorded pace (a new run id, fresh seq/ts)."""
+    from stagecast.engine.replay import ReplayRun, parse_speed
+
+    try:
+        factor = parse_speed(speed)
+    except ValueError as exc:
+        _fail(f"--speed: {exc}")
+    loaded = _read_recording(recording)
+    view = _make_view(events)
+    played = ReplayRun(loaded, speed=factor, sink=view.handle)
+    view.on_broken = played.cancel
+    try:
+        end = asyncio.run(_drive(played.execute(), played.cancel, view))
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_CANCELLED) from None
+    _exit_for(end, view, events)
+
+
+@app.command()
+def diff(
+    first: Annotated[Path, typer.Argument(metavar="A.ndjson", help="The earlier recording.")],
+    second: Annotated[Path, typer.Argument(metavar="B.ndjson", help="The later recording.")],
+) -> None:
+    """Compare two recorded runs stage by stage: status, duration, usage, output diff."""
+    from stagecast.api.rundiff import diff_recordings
+
+    sys.stdout.write(diff_recordings(_read_recording(first), _read_recording(second)))
 
 
 # -- graph ------------------------------------------------------------------------------------
@@ -730,9 +865,17 @@ def schema(
     events: Annotated[
         bool, typer.Option("--events", help="The event protocol's JSON Schema instead.")
     ] = False,
+    http: Annotated[
+        bool, typer.Option("--http", help="The HTTP API's request and response bodies instead.")
+    ] = False,
 ) -> None:
     """Print the chain YAML JSON Schema (or, with --events, the event union's)."""
     # the exact text of api/schema/run-events.json / chains/chain.schema.json
+    if http:
+        from stagecast.api.rest_schema import rest_json_schema_text
+
+        sys.stdout.write(rest_json_schema_text())
+        return
     sys.stdout.write(events_json_schema_text() if events else chain_json_schema_text())
 
 
@@ -798,6 +941,18 @@ def serve(
             "$STAGECAST_MODELS_FILE.",
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(min=1, help="Processes; more than 1 needs STAGECAST_EVENT_LOG=redis://..."),
+    ] = 1,
+    recordings: Annotated[
+        Path | None,
+        typer.Option(
+            "--recordings",
+            metavar="DIR",
+            help="Serve the recordings (*.ndjson) in DIR: POST /v1/replays, reuse.recording.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the HTTP API (runs as Server-Sent Event streams)."""
     from stagecast.api.server import serve as start_server
@@ -807,19 +962,37 @@ def serve(
         _fail(f"--chains {chains}: no such folder")
     if models is not None and not models.is_file():
         _fail(f"--models {models}: no such file")
+    if recordings is not None and not recordings.is_dir():
+        _fail(f"--recordings {recordings}: no such folder")
     try:
         settings = load_settings(
             chains_dir=chains.resolve() if chains is not None else None,
             models_file=models.resolve() if models is not None else None,
+            recordings_dir=recordings.resolve() if recordings is not None else None,
         )
     except SettingsError as exc:
         _fail(str(exc))
     if settings.chains_dir is not None:
         _err(f"serving the chains in {settings.chains_dir}")
+    if workers > 1:  # each worker process reads its settings again: hand it the options
+        if chains is not None:
+            os.environ["STAGECAST_CHAINS_DIR"] = str(chains.resolve())
+        if models is not None:
+            os.environ["STAGECAST_MODELS_FILE"] = str(models.resolve())
+        if recordings is not None:
+            os.environ["STAGECAST_RECORDINGS_DIR"] = str(recordings.resolve())
     try:
-        start_server(host=host, port=port, settings=settings)
+        start_server(host=host, port=port, settings=settings, workers=workers)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_OK) from None
+
+
+@app.command()
+def worker() -> None:
+    """Work queued runs of a deployment on Redis (STAGECAST_EVENT_LOG=redis://...), no HTTP."""
+    from stagecast.api.worker import run_worker
+
+    run_worker()
 
 
 def main() -> None:

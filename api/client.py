@@ -92,14 +92,24 @@ def _decode(data: str) -> RunEvent | None:
 
 
 def _run_body(
-    chain: str, inputs: Mapping[str, Any] | None, model: str | None, on_disconnect: str | None
+    chain: str,
+    inputs: Mapping[str, Any] | None,
+    model: str | None,
+    on_disconnect: str | None,
+    reuse: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"chain": chain, "inputs": dict(inputs or {})}
     if model is not None:
         body["model"] = model
     if on_disconnect is not None:
         body["on_disconnect"] = on_disconnect
+    if reuse is not None:
+        body["reuse"] = dict(reuse)
     return body
+
+
+def _replay_body(recording: str, speed: float | str | None) -> dict[str, Any]:
+    return {"recording": recording} if speed is None else {"recording": recording, "speed": speed}
 
 
 def _handle(data: dict[str, Any]) -> RunHandle:
@@ -180,9 +190,15 @@ class Client(_Base):
         *,
         model: str | None = None,
         on_disconnect: str | None = None,
+        reuse: Mapping[str, Any] | None = None,
     ) -> RunHandle:
-        body = _run_body(chain, inputs, model, on_disconnect)
+        """Start a run; ``reuse={"run_id" or "recording": ..., "from": STAGE}`` re-runs one."""
+        body = _run_body(chain, inputs, model, on_disconnect, reuse)
         return _handle(self._json("POST", "/v1/runs", json=body))
+
+    def start_replay(self, recording: str, *, speed: float | str | None = None) -> RunHandle:
+        """Serve a recording of the server's recordings folder as a new run (``events()``)."""
+        return _handle(self._json("POST", "/v1/replays", json=_replay_body(recording, speed)))
 
     def status(self, run_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._json("GET", f"/v1/runs/{run_id}")
@@ -304,9 +320,16 @@ class AsyncClient(_Base):
         *,
         model: str | None = None,
         on_disconnect: str | None = None,
+        reuse: Mapping[str, Any] | None = None,
     ) -> RunHandle:
-        body = _run_body(chain, inputs, model, on_disconnect)
+        """Start a run; ``reuse={"run_id" or "recording": ..., "from": STAGE}`` re-runs one."""
+        body = _run_body(chain, inputs, model, on_disconnect, reuse)
         return _handle(await self._json("POST", "/v1/runs", json=body))
+
+    async def start_replay(self, recording: str, *, speed: float | str | None = None) -> RunHandle:
+        """Serve a recording of the server's recordings folder as a new run (``events()``)."""
+        body = _replay_body(recording, speed)
+        return _handle(await self._json("POST", "/v1/replays", json=body))
 
     async def status(self, run_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._json("GET", f"/v1/runs/{run_id}")

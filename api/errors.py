@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from stagecast.api.eventlog import EventLogUnavailable
+
 __all__ = [
     "ApiError",
     "ErrorBody",
@@ -114,6 +116,10 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, ApiError)
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
+    async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # the shared event log or run queue (Redis) cannot be reached: retry, never a 500
+        return error_response(503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"})
+
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         errors = exc.errors()
@@ -163,6 +169,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal", "internal server error (logged on the server)")
 
     app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(EventLogUnavailable, store_unavailable)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)

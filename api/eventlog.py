@@ -8,14 +8,14 @@ The interface is shaped after Redis Streams so that a shared implementation can 
 in-memory one without touching the routes (several workers behind one load balancer)::
 
     EventLog            Redis Streams (one stream per run, key stagecast:run:<id>)
-    create(run_id)      nothing (XADD creates the stream)
-    append(run_id, e)   XADD key 0-<seq> type <type> data <json> (buffered by a writer task,
-                        in order; ids are explicit so ``seq`` *is* the stream id)
-    finish(run_id)      EXPIRE key <ttl> after the run-end entry
-    read(after, wait)   XRANGE key (0-<after> + / XREAD BLOCK <wait ms> STREAMS key 0-<after>
-    follow_frames       the generic one: follow() + the codec's encoder per batch
-    info(run_id)        XINFO STREAM (first/last entry id) + a "finished" flag key
-    MAXLEN              XADD ... MAXLEN ~ <cap>
+    create(run_id)      XADD key 0-1 (a created marker: the run exists before its first event)
+    append(run_id, e)   XADD key 1-<seq> MAXLEN <cap> f <frame> (queued, sent in order by one
+                        writer task; ids are explicit so ``seq`` *is* the stream position)
+    finish(run_id)      XADD key 2-0 (the finished marker wakes blocked readers) + PEXPIRE <ttl>
+    read(after, wait)   XRANGE key (1-<after> + / XREAD BLOCK <wait ms> STREAMS key 1-<after>
+    follow_frames       XREAD BLOCK from 1-<after>: the stored frames, joined, one write each
+    info / ainfo        XRANGE - + COUNT 2 and XREVRANGE + - COUNT 2 (first/last seq, finished)
+    MAXLEN              exact, so the kept window is exactly the last <cap> events
 
 ``append`` is synchronous and must never block the event loop: the engine calls the sink
 synchronously for every token.
@@ -25,7 +25,8 @@ the wire (``FrameCodec``; the SSE one lives in ``api.sse``, the only module that
 everything that arrived since the last write as ONE ``bytes`` object, so a write costs one
 ``send`` however many events it carries. ``read``/``follow`` still give ``LogEntry`` objects.
 
-The in-memory implementation is ``api.memlog.InMemoryEventLog``.
+The in-memory implementation is ``api.memlog.InMemoryEventLog``; the shared one, on Redis
+Streams, is ``api.redislog.RedisEventLog`` (its module docstring has the exact layout).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "CursorError",
     "EventLog",
     "EventLogError",
+    "EventLogUnavailable",
     "EventsExpired",
     "FrameBatch",
     "FrameCodec",
@@ -93,6 +95,10 @@ class FrameCodec(NamedTuple):
 
 class EventLogError(Exception):
     """Base of the event log's errors."""
+
+
+class EventLogUnavailable(EventLogError):
+    """The log's store (Redis) cannot be reached; the message says so (HTTP 503)."""
 
 
 class UnknownRun(EventLogError):
@@ -164,6 +170,27 @@ class EventLog(ABC):
         if after < info.first_seq - 1:
             raise EventsExpired(run_id, after, info.first_seq, self.cap)
         return info
+
+    async def ainfo(self, run_id: str) -> LogInfo:
+        """``info`` for any run of the deployment (a shared log asks its store)."""
+        return self.info(run_id)
+
+    async def acheck_cursor(self, run_id: str, after: int) -> LogInfo:
+        """``check_cursor`` for any run of the deployment (what the routes use)."""
+        info = await self.ainfo(run_id)
+        if after > info.last_seq:
+            raise CursorError(run_id, after, info.last_seq)
+        if after < info.first_seq - 1:
+            raise EventsExpired(run_id, after, info.first_seq, self.cap)
+        return info
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` s) until what was appended is visible to every process
+        (a shared log buffers its writes); False when the time ran out first."""
+        return True
+
+    async def aclose(self) -> None:  # noqa: B027 (optional hook: nothing to release in memory)
+        """Release the log's connections (at shutdown, after the last run ended)."""
 
     @property
     def cap(self) -> int:

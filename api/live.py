@@ -109,16 +109,16 @@ def citations_line(citations: list[Citation]) -> str:
 
 
 def usage_line(usage: Usage) -> str:
-    """``46 in / 44 out tokens · $0.0012``; a count the provider did not report is unknown, and
+    """``46 in / 44 out tokens · $0.0012``; usage the provider did not report is unknown, and
     so is the cost then (never shown as 0 or $0)."""
     used_in, used_out = usage.input_tokens, usage.output_tokens
-    if used_in is None and used_out is None:
+    if not usage.reported and not used_in and not used_out:
         return "usage unknown (the provider reported none)"
-    text = f"{_count(used_in)} in / {_count(used_out)} out tokens"
-    if usage.cost is not None:
+    text = f"{used_in} in / {used_out} out tokens"
+    if not usage.reported:
+        text += " and more not reported · cost unknown"
+    elif usage.cost is not None:
         text += f" · ${usage.cost:.4f}"
-    elif used_in is None or used_out is None:
-        text += " · cost unknown"
     return text
 
 
@@ -126,10 +126,6 @@ def usage_summary(usage: Usage) -> str:
     """``usage: 46 in / 44 out tokens``, or ``usage unknown (…)`` (the end of a run)."""
     line = usage_line(usage)
     return line if line.startswith("usage unknown") else f"usage: {line}"
-
-
-def _count(value: int | None) -> str:
-    return "unknown" if value is None else str(value)
 
 
 @dataclass
@@ -155,6 +151,10 @@ class StageLine:
     retry: str | None = None
     error: str | None = None
     usage: Usage = field(default_factory=Usage)
+    reused: bool = False
+    """Its output was taken from an earlier run (``--reuse``)."""
+    reused_items: int = 0
+    """For a map: how many of its items were taken from an earlier run."""
 
     def elapsed(self, now: float) -> float | None:
         if self.duration_ms is not None:
@@ -235,7 +235,9 @@ class RunState:
                 self.waiting_input = self.waiting_path = None
             if key:
                 line.items.pop(key, None)
+                line.reused_items += event.reused
             else:
+                line.reused = event.reused
                 line.status, line.duration_ms, line.usage = (
                     event.status,
                     event.duration_ms,
@@ -370,12 +372,13 @@ class PlainView(View):
             detail = ""
             if event.status in ("succeeded", "failed", "cancelled"):
                 detail = f" in {event.duration_ms} ms"
-            if event.usage.output_tokens != 0:  # a count, or unknown (null): a model answered
+            if event.usage.output_tokens or not event.usage.reported:  # a model answered
                 detail += f" · {usage_line(event.usage)}"
             if event.error is not None:
                 detail += f": {event.error.message}"
             if event.citations is not None and not nested:
                 detail += f" · {citations_line(event.citations)}"
+            detail += _reused_note(line) if not nested else ""
             self._line(f"{event.status:<9} {where}{detail}")
 
     def prompt(self, stage: str, path: list[str | int], messages: list[BaseMessage]) -> None:
@@ -403,6 +406,15 @@ class PlainView(View):
                     self._print(value.rstrip())
                 else:
                     self._print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def _reused_note(line: StageLine) -> str:
+    """`` · reused`` (a stage taken from an earlier run), `` · 3/4 items reused`` (a map)."""
+    if line.reused:
+        return " · reused"
+    if line.reused_items:
+        return f" · {line.reused_items}/{line.total or line.reused_items} items reused"
+    return ""
 
 
 def _named_outputs(outputs: Any) -> list[tuple[str, Any]]:
@@ -537,8 +549,10 @@ class LiveView(View):
             detail.append(Text(f" {line.status}", style="dim"))
         if line.usage.output_tokens and line.status == "succeeded":
             detail.append(Text(f" {line.usage.output_tokens} tokens", style="dim"))
-        elif line.usage.output_tokens is None and line.status == "succeeded":
+        elif not line.usage.reported and line.status == "succeeded":
             detail.append(Text(" tokens unknown", style="dim"))
+        if line.reused or line.reused_items:
+            detail.append(Text(_reused_note(line).replace(" · ", " ", 1), style="magenta"))
         if line.citations is not None:
             unmatched = any(c.source_id is None for c in line.citations)
             style = "yellow" if unmatched else "green"

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import re
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagecast.api.catalog import ChainCatalog, ChainEntry, plan_of
 from stagecast.api.errors import ApiError, ErrorResponse
-from stagecast.api.eventlog import CursorError, EventLog, EventsExpired, UnknownRun
+from stagecast.api.eventlog import (
+    CursorError,
+    EventLog,
+    EventLogUnavailable,
+    EventsExpired,
+    UnknownRun,
+)
 from stagecast.api.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from stagecast.api.runs import (
     IdempotencyConflict,
@@ -32,6 +46,11 @@ from stagecast.engine.errors import InputError, ModelConfigError
 from stagecast.engine.events import RunStatus, events_json_schema
 from stagecast.engine.inputs import inputs_json_schema
 from stagecast.engine.providers import describe_models
+from stagecast.engine.replay import parse_speed
+from stagecast.engine.reuse import Recording, RecordingError, Reuse, ReuseError
+
+if TYPE_CHECKING:
+    from stagecast.api.cluster import Cluster
 
 __all__ = ["AppState", "router"]
 
@@ -52,6 +71,8 @@ class AppState:
     ) -> None:
         self.settings, self.log, self.manager = settings, log, manager
         self.catalog, self.metrics = catalog, metrics
+        self.cluster: Cluster | None = None
+        """With a Redis event log: the deployment's queue and registry (``api.cluster``)."""
         self._event_schema: dict[str, Any] | None = None
         self.stall_watch = StallWatch(settings.viewer_send_timeout, metrics.count_dropped)
 
@@ -104,6 +125,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "Invalid request or inputs; `details.fields` maps each field path to its problem.",
         429: "Too many runs are running; retry after `Retry-After` seconds.",
         500: "The chain file is broken, or an internal error.",
+        503: "The shared event log (Redis) is unreachable; retry after `Retry-After` seconds.",
     }
     return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
 
@@ -161,6 +183,51 @@ class RunRequest(BaseModel):
         "(fewer, larger events for slow clients or many tokens). Default: the server's "
         "`coalesce_ms` setting (0: one event per model chunk).",
     )
+    reuse: ReuseRequest | None = Field(
+        None,
+        description="Re-run: unchanged stages that succeeded in the earlier run (`run_id` or "
+        "`recording`) end at once with that output (`reused: true`); `from` and its dependents "
+        "run again. Its inputs are the defaults of `inputs`.",
+    )
+
+
+class ReuseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    run_id: str | None = Field(None, description="An earlier run on this server.")
+    recording: str | None = Field(
+        None, description="A recording in the server's recordings folder (`--recordings DIR`)."
+    )
+    from_: str | None = Field(
+        None,
+        alias="from",
+        description="Run this top-level stage and everything downstream of it again.",
+    )
+
+
+class ReplayRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    recording: str = Field(
+        description="A recording's name in the server's recordings folder (GET /v1/recordings)."
+    )
+    speed: float | Literal["max"] = Field(
+        1.0, description="How many times the recorded pace; `max`: no waiting at all."
+    )
+    on_disconnect: Literal["continue", "cancel"] = Field(
+        "continue", description="`cancel`: cancel the replay when its last viewer disconnects."
+    )
+
+
+class RecordingSummary(BaseModel):
+    name: str = Field(description="What to send as `recording`.")
+    bytes: int
+    chain: dict[str, Any] | None = Field(description="The recorded run's chain (run-start).")
+    model: str | None
+
+
+class RecordingList(BaseModel):
+    recordings: list[RecordingSummary]
 
 
 class RunCreated(BaseModel):
@@ -291,10 +358,23 @@ def _cursor(raw: str | None, where: str) -> int | None:
     return int(text)
 
 
-def _stream(state: AppState, managed: ManagedRun, after: int, headers: dict[str, str]) -> Response:
-    run_id = managed.run_id
+async def _stream(
+    state: AppState,
+    managed: ManagedRun | None,
+    after: int,
+    headers: dict[str, str],
+    run_id: str | None = None,
+) -> Response:
+    """The event stream of a run after the cursor. ``managed`` is None for a run that another
+    process of the deployment executes (a shared event log): it is streamed from the log."""
+    run_id = managed.run_id if managed is not None else run_id
+    assert run_id is not None
     try:
-        info = state.log.check_cursor(run_id, after)
+        info = await state.log.acheck_cursor(run_id, after)
+    except EventLogUnavailable as exc:
+        raise ApiError(
+            503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"}
+        ) from None
     except UnknownRun as exc:
         raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
     except CursorError as exc:
@@ -309,15 +389,35 @@ def _stream(state: AppState, managed: ManagedRun, after: int, headers: dict[str,
         # Nothing more will come. 204 is what makes an EventSource stop reconnecting.
         return Response(status_code=204, headers=headers)
     manager = state.manager
-    manager.attach(run_id)
+    on_close = None
+    cluster = state.cluster
+    if cluster is not None:  # viewers are counted in the registry, across the deployment
+        await cluster.attach(run_id)
+        loop = asyncio.get_running_loop()
+        on_close = lambda disconnected: _spawn(  # noqa: E731
+            loop, cluster.detach(run_id, disconnected)
+        )
+    elif managed is not None:
+        manager.attach(run_id)
+        on_close = lambda disconnected: manager.detach(managed, disconnected)  # noqa: E731
     return EventStreamResponse(
         state.log.follow_frames(run_id, after, heartbeat=state.settings.ping_interval),
         retry_ms=state.settings.retry_ms,
         headers=headers,
         on_sent=state.metrics.count_sent,
-        on_close=lambda disconnected: manager.detach(managed, disconnected),
+        on_close=on_close,
         watch=state.stall_watch,
     )
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _spawn(loop: asyncio.AbstractEventLoop, job: Any) -> None:
+    """Run ``job`` in the background, kept referenced until it is done."""
+    task = loop.create_task(job)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 _SSE_DOC = (
@@ -415,6 +515,8 @@ async def create_run(
 ) -> Response:
     state = state_of(request)
     idempotency = _idempotency(idempotency_key, body)
+    if state.cluster is not None:
+        return await _create_queued(state, request, body, stream, idempotency, last_event_id)
     if idempotency is not None:
         try:
             known = state.manager.find_idempotent(*idempotency)
@@ -426,9 +528,10 @@ async def create_run(
                 {"fields": {"Idempotency-Key": str(exc)}, "run_id": exc.run_id},
             ) from None
         if known is not None:
-            return _replayed(state, request, known, stream, last_event_id)
+            return await _replayed(state, request, known, stream, last_event_id)
     chain = _loaded(_find_chain(state, body.chain))
     on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
+    reuse = await _reuse(state, body.reuse, chain) if body.reuse is not None else None
     try:
         managed = state.manager.start(
             chain,
@@ -437,6 +540,7 @@ async def create_run(
             on_disconnect=on_disconnect,
             coalesce_ms=body.coalesce_ms,
             idempotency=idempotency,
+            reuse=reuse,
         )
     except InputError as exc:
         fields = {f"inputs.{name}": problem for name, problem in exc.errors.items()}
@@ -456,9 +560,11 @@ async def create_run(
         ) from None
     run_id = managed.run_id
     urls = _urls(request, run_id)
+    # a shared log: the run is visible to every process before its id is (bounded wait)
+    await state.log.flush(timeout=2.0)
     if stream:
         headers = {"Content-Location": urls["events_url"], "X-Stagecast-Run-Id": run_id}
-        return _stream(state, managed, 0, headers)
+        return await _stream(state, managed, 0, headers)
     return JSONResponse(
         {"run_id": run_id, "status": managed.status, **urls},
         status_code=201,
@@ -466,7 +572,260 @@ async def create_run(
     )
 
 
-def _replayed(
+async def _create_queued(
+    state: AppState,
+    request: Request,
+    body: RunRequest,
+    stream: bool,
+    idempotency: tuple[str, str] | None,
+    last_event_id: str | None,
+) -> Response:
+    """``POST /v1/runs`` of a deployment on Redis: checked here, queued for any worker."""
+    assert state.cluster is not None
+    if body.reuse is not None:
+        raise ApiError(
+            422,
+            "not_supported",
+            "reuse: re-runs are served by a single-process server (event_log: memory) for now, "
+            "not by a deployment on Redis",
+            {"fields": {"reuse": "not supported on a deployment on Redis yet"}},
+        )
+    chain = _loaded(_find_chain(state, body.chain))
+    on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
+    try:
+        run_id, replayed = await state.cluster.submit(
+            chain,
+            body.inputs,
+            model=body.model,
+            on_disconnect=on_disconnect,
+            coalesce_ms=body.coalesce_ms,
+            idempotency=idempotency,
+        )
+    except InputError as exc:
+        fields = {f"inputs.{name}": problem for name, problem in exc.errors.items()}
+        raise ApiError(
+            422, "invalid_inputs", f"the inputs are invalid: {exc}", {"fields": fields}
+        ) from None
+    except ModelConfigError as exc:
+        field = "model" if body.model is not None else "chain"
+        raise ApiError(422, "invalid_model", str(exc), {"fields": {field: str(exc)}}) from None
+    except RunLimitError as exc:
+        raise ApiError(
+            429, "too_many_runs", str(exc), {"limit": exc.limit}, headers={"Retry-After": "1"}
+        ) from None
+    except IdempotencyConflict as exc:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            str(exc),
+            {"fields": {"Idempotency-Key": str(exc)}, "run_id": exc.run_id},
+        ) from None
+    urls = _urls(request, run_id)
+    extra = {"Idempotent-Replayed": "true"} if replayed else {}
+    if stream:
+        headers = {"Content-Location": urls["events_url"], "X-Stagecast-Run-Id": run_id, **extra}
+        after = _cursor(last_event_id, "Last-Event-ID") or 0 if replayed else 0
+        return await _stream(state, None, after, headers, run_id)
+    status = (await state.cluster.status(run_id))["status"] if replayed else "pending"
+    return JSONResponse(
+        {"run_id": run_id, "status": status, **urls},
+        status_code=200 if replayed else 201,
+        headers={"Location": urls["status_url"], **extra},
+    )
+
+
+# -- recordings, reuse and replays ---------------------------------------------------------------
+
+_RECORDING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+
+def _recording_path(state: AppState, name: str, where: str) -> Path:
+    folder = state.settings.recordings_dir
+    if folder is None:
+        raise ApiError(
+            404,
+            "unknown_recording",
+            f"{where}: this server serves no recordings (start it with --recordings DIR)",
+            {"fields": {where: "no recordings folder"}},
+        )
+    if not _RECORDING_NAME.match(name) or ".." in name:
+        problem = "expected a file name of the recordings folder (letters, digits, . _ -)"
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{where}: {name[:40]!r}: {problem}",
+            {"fields": {where: problem}},
+        )
+    path = folder / (name if name.endswith(".ndjson") else name + ".ndjson")
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.ndjson"))
+        raise ApiError(
+            404,
+            "unknown_recording",
+            f"{where}: no recording {name!r}; recordings are: {', '.join(known) or '(none)'}",
+            {"fields": {where: "unknown recording"}, "recordings": known},
+        )
+    return path
+
+
+async def _load_recording(state: AppState, name: str, where: str) -> Recording:
+    path = _recording_path(state, name, where)
+    try:
+        recording = await asyncio.to_thread(Recording.read, path)
+    except RecordingError as exc:
+        message = str(exc).replace(str(path.parent) + "/", "")  # no server paths in answers
+        raise ApiError(422, "invalid_recording", message, {"fields": {where: message}}) from None
+    recording.name = path.name  # what messages about it say: no server paths in answers
+    return recording
+
+
+async def _run_recording(state: AppState, run_id: str) -> Recording:
+    """An earlier run of this server, as a recording (the events its log still holds)."""
+    try:
+        part = await state.log.read(run_id, 0)
+    except UnknownRun as exc:
+        raise ApiError(
+            404, "unknown_run", f"reuse.run_id: {exc}", {"fields": {"reuse.run_id": str(exc)}}
+        ) from None
+    except EventsExpired as exc:
+        raise ApiError(
+            422,
+            "invalid_recording",
+            f"reuse.run_id: {exc}",
+            {"fields": {"reuse.run_id": str(exc)}},
+        ) from None
+    try:
+        return Recording.from_lines([entry.data for entry in part.entries], run_id)
+    except RecordingError as exc:
+        raise ApiError(
+            422, "invalid_recording", str(exc), {"fields": {"reuse.run_id": str(exc)}}
+        ) from None
+
+
+async def _reuse(state: AppState, body: ReuseRequest, chain: Any) -> Reuse:
+    if (body.run_id is None) == (body.recording is None):
+        problem = "give exactly one of run_id and recording"
+        raise ApiError(422, "invalid_request", f"reuse: {problem}", {"fields": {"reuse": problem}})
+    if body.run_id is not None:
+        recording = await _run_recording(state, body.run_id)
+    else:
+        assert body.recording is not None
+        recording = await _load_recording(state, body.recording, "reuse.recording")
+    try:
+        return Reuse(recording, chain, body.from_)
+    except ReuseError as exc:
+        field = "reuse.from" if str(exc).startswith("from:") else "reuse"
+        raise ApiError(422, "invalid_reuse", str(exc), {"fields": {field: str(exc)}}) from None
+
+
+@v1.get(
+    "/recordings",
+    response_model=RecordingList,
+    summary="The recordings this server can replay (`--recordings DIR`)",
+    responses=_errors(401),
+)
+async def list_recordings(request: Request) -> dict[str, Any]:
+    folder = state_of(request).settings.recordings_dir
+    if folder is None:
+        return {"recordings": []}
+    return {"recordings": await asyncio.to_thread(_recording_summaries, folder)}
+
+
+def _recording_summaries(folder: Path) -> list[dict[str, Any]]:
+    found = []
+    for path in sorted(folder.glob("*.ndjson")):
+        chain: dict[str, Any] | None = None
+        model: str | None = None
+        try:
+            with path.open("rb") as file:
+                first = json.loads(file.readline(1_000_000) or b"null")
+            if isinstance(first, dict) and first.get("type") == "run-start":
+                chain, model = first.get("chain"), first.get("model")
+        except (OSError, ValueError):
+            pass
+        found.append(
+            {"name": path.stem, "bytes": path.stat().st_size, "chain": chain, "model": model}
+        )
+    return found
+
+
+@v1.post(
+    "/replays",
+    status_code=201,
+    response_model=RunCreated,
+    summary="Serve a recording as a new live run (same routes, resume and cancel)",
+    responses={
+        201: {"description": "Started; `Location` is the status URL.", "model": RunCreated},
+        **_errors(401, 404, 422, 429),
+    },
+)
+async def create_replay(body: ReplayRequest, request: Request) -> Response:
+    state = state_of(request)
+    if state.cluster is not None:
+        raise ApiError(
+            422,
+            "not_supported",
+            "replays are served by a single-process server (event_log: memory) for now, not "
+            "by a deployment on Redis",
+        )
+    recording = await _load_recording(state, body.recording, "recording")
+    try:
+        speed = parse_speed(body.speed)
+    except ValueError as exc:
+        raise ApiError(
+            422, "invalid_request", f"speed: {exc}", {"fields": {"speed": str(exc)}}
+        ) from None
+    try:
+        managed = state.manager.start_replay(
+            recording, speed=speed, on_disconnect=body.on_disconnect
+        )
+    except RunLimitError as exc:
+        raise ApiError(
+            429, "too_many_runs", str(exc), {"limit": exc.limit}, headers={"Retry-After": "1"}
+        ) from None
+    urls = _urls(request, managed.run_id)
+    return JSONResponse(
+        {"run_id": managed.run_id, "status": managed.status, **urls},
+        status_code=201,
+        headers={"Location": urls["status_url"]},
+    )
+
+
+async def _ndjson(state: AppState, run_id: str, after: int) -> Response:
+    """The run's events as NDJSON (a recording): what the log holds, then live to the end."""
+    try:
+        await state.log.acheck_cursor(run_id, after)
+    except EventLogUnavailable as exc:
+        raise ApiError(
+            503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"}
+        ) from None
+    except UnknownRun as exc:
+        raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
+    except CursorError as exc:
+        raise ApiError(
+            400, "cursor_past_end", str(exc), {"after": exc.after, "last_seq": exc.last_seq}
+        ) from None
+    except EventsExpired as exc:
+        raise ApiError(
+            410, "events_expired", str(exc), {"after": exc.after, "first_seq": exc.first_seq}
+        ) from None
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for batch in state.log.follow(run_id, after):
+            yield "".join(entry.data + "\n" for entry in batch).encode("utf-8", "backslashreplace")
+
+    return StreamingResponse(
+        lines(),
+        media_type="application/x-ndjson",
+        headers={
+            "Content-Disposition": f'attachment; filename="{run_id}.ndjson"',
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        },
+    )
+
+
+async def _replayed(
     state: AppState, request: Request, managed: ManagedRun, stream: bool, last_event_id: str | None
 ) -> Response:
     """The answer to a retried create: the same run, streamed after the cursor or as JSON."""
@@ -478,7 +837,7 @@ def _replayed(
             "X-Stagecast-Run-Id": run_id,
             "Idempotent-Replayed": "true",
         }
-        return _stream(state, managed, _cursor(last_event_id, "Last-Event-ID") or 0, headers)
+        return await _stream(state, managed, _cursor(last_event_id, "Last-Event-ID") or 0, headers)
     return JSONResponse(
         {"run_id": run_id, "status": managed.status, **urls},
         status_code=200,
@@ -494,7 +853,7 @@ def _replayed(
     responses={
         200: {"description": "The event stream.", "content": _SSE_CONTENT},
         204: {"description": "The run is finished and the cursor is at its last event."},
-        **_errors(400, 401, 404, 410),
+        **_errors(400, 401, 404, 410, 503),
     },
     description="Resume with the `Last-Event-ID` header (EventSource sends it by itself) or "
     "`?after=N`; the header wins when both are given. " + _SSE_DOC,
@@ -506,13 +865,36 @@ async def run_events(
         None, description="Replay the events after this seq (0 = everything)."
     ),
     last_event_id: str | None = Header(None, description="Set by EventSource on reconnect."),
+    format: Literal["sse", "ndjson"] = Query(
+        "sse",
+        description="`ndjson`: the events as NDJSON, one wire-JSON event a line (a recording, "
+        "for download; a live run streams to its end).",
+    ),
 ) -> Response:
     state = state_of(request)
-    managed = _managed(state, run_id)  # an unknown run is a 404 whatever the cursor
+    try:
+        if state.cluster is not None:
+            raise RunNotFound(run_id)  # a deployment: every stream comes from the shared log
+        managed: ManagedRun | None = state.manager.get(run_id)
+    except RunNotFound:
+        managed = None  # another process's run, if the shared log has it (else 404 below)
+    if managed is None:
+        try:
+            await state.log.ainfo(run_id)  # an unknown run is a 404 whatever the cursor
+        except UnknownRun:
+            raise ApiError(
+                404, "unknown_run", str(RunNotFound(run_id)), {"run_id": run_id}
+            ) from None
+        except EventLogUnavailable as exc:
+            raise ApiError(
+                503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"}
+            ) from None
     cursor = _cursor(last_event_id, "Last-Event-ID")
     if cursor is None:
         cursor = _cursor(after, "after")
-    return _stream(state, managed, cursor or 0, {})
+    if format == "ndjson":
+        return await _ndjson(state, run_id, cursor or 0)
+    return await _stream(state, managed, cursor or 0, {}, run_id)
 
 
 @v1.get(
@@ -523,6 +905,11 @@ async def run_events(
 )
 async def run_status(run_id: str, request: Request) -> dict[str, Any]:
     state = state_of(request)
+    if state.cluster is not None:
+        try:
+            return await state.cluster.status(run_id)
+        except RunNotFound as exc:
+            raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
     _managed(state, run_id)
     return state.manager.status(run_id)
 
@@ -536,6 +923,11 @@ async def run_status(run_id: str, request: Request) -> dict[str, Any]:
 )
 async def cancel_run(run_id: str, request: Request) -> dict[str, Any]:
     state = state_of(request)
+    if state.cluster is not None:
+        try:
+            return {"run_id": run_id, "status": await state.cluster.cancel(run_id)}
+        except RunNotFound as exc:
+            raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
     _managed(state, run_id)
     managed = state.manager.cancel(run_id)
     return {"run_id": run_id, "status": managed.status}
@@ -551,10 +943,16 @@ async def cancel_run(run_id: str, request: Request) -> dict[str, Any]:
     "`value`, `value.<property>` … to the problem; the run keeps waiting and emits nothing. "
     "409 `not_waiting_input` when that stage/path is not waiting (answered already, or never "
     "asked): `details.waiting` lists what is.",
-    responses=_errors(401, 404, 409, 422),
+    responses=_errors(401, 404, 409, 422, 503),
 )
 async def answer_input(run_id: str, body: InputAnswer, request: Request) -> dict[str, Any]:
     state = state_of(request)
+    if state.cluster is not None:  # the owning worker checks and takes it, wherever it is
+        try:
+            status = await state.cluster.answer(run_id, body.stage, body.path, body.value)
+        except RunNotFound as exc:
+            raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
+        return {"run_id": run_id, "status": status}
     managed = _managed(state, run_id)
     try:
         state.manager.answer(run_id, body.stage, body.path, body.value)

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -30,9 +30,18 @@ from stagecast.api.metrics import Metrics
 from stagecast.api.settings import ServerSettings
 from stagecast.engine.asking import AnswerRefused, NotWaiting
 from stagecast.engine.chain import Chain
-from stagecast.engine.events import ErrorInfo, RunEnded, RunEvent, RunStatus, event_to_json
+from stagecast.engine.events import (
+    ChainInfo,
+    ErrorInfo,
+    RunEnded,
+    RunEvent,
+    RunStatus,
+    event_to_json,
+)
 from stagecast.engine.orchestrator import ChainRun
 from stagecast.engine.providers import ModelRegistry
+from stagecast.engine.replay import ReplayRun
+from stagecast.engine.reuse import Recording, Reuse
 
 __all__ = [
     "IdempotencyConflict",
@@ -77,8 +86,9 @@ class IdempotencyConflict(Exception):
 class ManagedRun:
     """A run the server executes, with what the status route shows besides the engine's state."""
 
-    run: ChainRun
-    chain: Chain
+    run: ChainRun | ReplayRun
+    chain: Chain | None
+    """The chain it runs; None for a replay (``run.chain_info`` tells the recorded chain)."""
     on_disconnect: OnDisconnect
     created_at: int
     task: asyncio.Task[None] | None = None
@@ -94,6 +104,13 @@ class ManagedRun:
     @property
     def run_id(self) -> str:
         return self.run.run_id
+
+    @property
+    def chain_info(self) -> ChainInfo:
+        if isinstance(self.run, ReplayRun):
+            return self.run.chain_info
+        assert self.chain is not None
+        return ChainInfo(id=self.chain.id, title=self.chain.title, version=self.chain.spec.version)
 
     @property
     def finished(self) -> bool:
@@ -130,6 +147,8 @@ class RunManager:
         self._runs: dict[str, ManagedRun] = {}
         self._first_finish = math.inf  # no finished run is older: expire() scans only then
         self._keys: dict[str, tuple[str, str]] = {}  # Idempotency-Key -> (fingerprint, run_id)
+        self.on_finished: list[Callable[[ManagedRun], None]] = []
+        """Called when a run has ended (its run-end is in the log): the cluster's registry."""
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -176,11 +195,16 @@ class RunManager:
         on_disconnect: OnDisconnect = "continue",
         coalesce_ms: float | None = None,
         idempotency: tuple[str, str] | None = None,
+        run_id: str | None = None,
+        admitted: bool = False,
+        reuse: Reuse | None = None,
     ) -> ManagedRun:
         """Check and start a run. Raises InputError, ModelConfigError or RunLimitError.
 
         ``coalesce_ms`` overrides the server's ``coalesce_ms`` setting for this run;
         ``idempotency`` is ``(key, fingerprint of the request)`` (see ``find_idempotent``).
+        A worker of a deployment (``api.cluster``) passes the ``run_id`` the queue gave and
+        ``admitted`` (the deployment-wide limit was checked when the run was queued).
         """
         self.expire()
         settings = self.settings
@@ -189,10 +213,10 @@ class RunManager:
         limit = min(settings.max_concurrent_runs, settings.max_waiting_runs)
         waiting = self.waiting if active >= limit else 0
         running = active if settings.waiting_runs_hold_slots else active - waiting
-        if running >= settings.max_concurrent_runs:
+        if not admitted and running >= settings.max_concurrent_runs:
             self.metrics.runs_rejected["limit"] += 1
             raise RunLimitError(settings.max_concurrent_runs)
-        if waiting >= settings.max_waiting_runs:
+        if not admitted and waiting >= settings.max_waiting_runs:
             self.metrics.runs_rejected["waiting_limit"] += 1
             raise RunLimitError(settings.max_waiting_runs, "max_waiting_runs")
         run = ChainRun(
@@ -200,9 +224,11 @@ class RunManager:
             inputs,
             models=self.registry,
             model=model,
+            run_id=run_id,
             coalesce_ms=self.settings.coalesce_ms if coalesce_ms is None else coalesce_ms,
             render_limits=self.settings.render_limits(),
             max_map_items=self.settings.max_map_items,
+            reuse=reuse,
             max_input_wait=self.settings.max_input_wait,
         )
         managed = ManagedRun(
@@ -221,6 +247,35 @@ class RunManager:
         self.metrics.runs_started += 1
         managed.task = asyncio.get_running_loop().create_task(
             self._drive(managed), name=f"stagecast {run.run_id}"
+        )
+        return managed
+
+    def start_replay(
+        self,
+        recording: Recording,
+        *,
+        speed: float | None = 1.0,
+        on_disconnect: OnDisconnect = "continue",
+    ) -> ManagedRun:
+        """Serve ``recording`` as a new run (``engine.replay``). Raises RunLimitError."""
+        self.expire()
+        if self.active >= self.settings.max_concurrent_runs:
+            self.metrics.runs_rejected["limit"] += 1
+            raise RunLimitError(self.settings.max_concurrent_runs)
+        run = ReplayRun(recording, speed=speed)
+        managed = ManagedRun(
+            run=run,
+            chain=None,
+            on_disconnect=on_disconnect,
+            created_at=_now_ms(),
+            kinds={step.stage: step.kind for step in recording.start.plan},
+        )
+        run.sink = self._sink(managed)
+        self.log.create(run.run_id)
+        self._runs[run.run_id] = managed
+        self.metrics.runs_started += 1
+        managed.task = asyncio.get_running_loop().create_task(
+            self._drive(managed), name=f"stagecast replay {run.run_id}"
         )
         return managed
 
@@ -275,6 +330,11 @@ class RunManager:
             managed.finished_at_ms = _now_ms()
             self.log.finish(run.run_id)
             self.metrics.runs_finished[managed.status] += 1
+            for hook in self.on_finished:
+                try:
+                    hook(managed)
+                except Exception:
+                    logger.exception("run %s: an on_finished hook failed", run.run_id)
 
     def answer(self, run_id: str, stage: str, path: list[str | int] | None, value: Any) -> None:
         """Answer the run's pending input at ``stage``/``path``. Raises RunNotFound,
@@ -366,10 +426,9 @@ class RunManager:
         managed = self.get(run_id)
         run = managed.run
         ended = managed.ended
-        chain = managed.chain
         return {
             "run_id": run.run_id,
-            "chain": {"id": chain.id, "title": chain.title, "version": chain.spec.version},
+            "chain": asdict(managed.chain_info),
             "status": managed.status,
             "model": run.default_model.label,
             "created_at": managed.created_at,

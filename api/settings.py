@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stagecast.engine.resources import SHIPPED_CONFIGS, config_file
 from stagecast.engine.templates import DEFAULT_LIMITS, RenderLimits
@@ -127,6 +127,41 @@ class ServerSettings(BaseModel):
     models_file: Path | None = Field(
         None, description="configs/models.yaml by default (the engine's built-ins if absent)."
     )
+    event_log: str = Field(
+        "memory",
+        description="Where run events live: `memory` (this process only, the embedded default) "
+        "or a Redis URL (`redis://host:6379/0`, `rediss://` for TLS, `unix:///path`): one "
+        "Redis Stream per run, readable by every process of the deployment.",
+    )
+
+    work_runs: bool = Field(
+        True,
+        description="With a Redis event log: this serve process also works runs from the "
+        "deployment's queue (false: API only, `stagecast worker` processes run them).",
+    )
+    heartbeat_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="With a Redis event log: seconds without a worker's heartbeat after which "
+        "another worker takes its runs (a run that had started ends `failed`).",
+    )
+
+    @field_validator("event_log")
+    @classmethod
+    def _event_log_kind(cls, value: str) -> str:
+        value = value.strip()
+        if value == "memory" or value.startswith(("redis://", "rediss://", "unix://")):
+            return value
+        raise ValueError(
+            f"{value[:60]!r} is not an event log: expected `memory` or a Redis URL "
+            "(redis://host:6379/0, rediss://..., unix:///path/to/redis.sock)"
+        )
+
+    recordings_dir: Path | None = Field(
+        None,
+        description="A folder of recordings (*.ndjson) served by POST /v1/replays and usable as "
+        '`"reuse": {"recording": NAME}`; none by default (`stagecast serve --recordings DIR`).',
+    )
 
     def render_limits(self) -> RenderLimits:
         """The template limits every run of this server gets."""
@@ -201,4 +236,6 @@ def load_settings(
         settings.chains_dir = base / settings.chains_dir
     if settings.models_file is not None and not settings.models_file.is_absolute():
         settings.models_file = base / settings.models_file
+    if settings.recordings_dir is not None and not settings.recordings_dir.is_absolute():
+        settings.recordings_dir = base / settings.recordings_dir
     return settings

@@ -167,6 +167,7 @@ def stagecast_app(args: argparse.Namespace) -> Any:
         max_events_per_run=max(100_000, args.tokens + 100),
         finished_run_ttl=args.ttl,
         cors_origins=[],
+        event_log=args.event_log,
     )
     models = {
         "lc-burst": C.make_fake_model(args.tokens),
@@ -241,6 +242,10 @@ def main() -> None:
     parser.add_argument("--chain-yaml", default="", help="an extra chain (id bench_long)")
     parser.add_argument("--loop", default="auto", help="uvicorn loop: auto (uvloop), asyncio")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="wire: ms per token")
+    parser.add_argument("--http", default="auto", help="uvicorn HTTP parser: auto, h11, httptools")
+    parser.add_argument(
+        "--event-log", default="memory", help="stagecast: memory, or a redis:// URL (shared)"
+    )
     parser.add_argument(
         "--wire-url", default="", help="stagecast: models wire / wire-astream at this /v1 URL"
     )
@@ -273,6 +278,7 @@ def main() -> None:
             port=args.port,
             log_level="warning",
             loop=args.loop,
+            http=args.http,
             access_log=False,
             backlog=4096,
             timeout_keep_alive=60,

@@ -68,39 +68,36 @@ StageStatus = Literal["succeeded", "failed", "skipped", "cancelled"]
 
 @dataclass(slots=True, kw_only=True)
 class Usage:
-    """Token usage of a stage or a run; a count is null when the provider did not report it.
+    """Token usage of a stage or a run.
 
-    A stage that called no model uses 0 tokens. A run's (and a map's) count is the sum over its
-    stages (items), or null when any of them is null.
+    A stage that called no model uses 0 tokens. A run's (and a map's) usage is the sum over its
+    stages (items). ``reported`` is false when a model call counted here did not report its
+    usage (some OpenAI-compatible servers never do): the counts then hold only what was
+    reported (0 when nothing was), so they are not the usage: show "unknown", not 0.
     """
 
     __pydantic_config__ = _CONFIG
 
-    input_tokens: int | None = 0
-    """Tokens sent to the model (prompt); null: unknown (the provider did not report usage)."""
-    output_tokens: int | None = 0
-    """Tokens the model produced; null: unknown (the provider did not report usage)."""
+    input_tokens: int = 0
+    """Tokens sent to the model (prompt), as reported."""
+    output_tokens: int = 0
+    """Tokens the model produced, as reported."""
     cost: float | None = None
-    """Cost in USD when the model entry has prices and both counts are known, else null."""
-
-    @property
-    def known(self) -> bool:
-        """Both counts are known."""
-        return self.input_tokens is not None and self.output_tokens is not None
+    """Cost in USD when the model entry has prices and the usage was reported, else null."""
+    reported: bool = True
+    """False when a model call counted here did not report its usage: the counts are then
+    incomplete (0 when nothing was reported) and the cost is null."""
 
     def add(self, other: Usage) -> None:
-        """Add ``other`` to this total: an unknown count makes the total's count unknown, and
-        an unknown count on either side makes the total's cost unknown."""
-        self.input_tokens = _plus(self.input_tokens, other.input_tokens)
-        self.output_tokens = _plus(self.output_tokens, other.output_tokens)
-        if not self.known:
+        """Add ``other`` to this total; an unreported part makes the total unreported (and its
+        cost unknown)."""
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.reported = self.reported and other.reported
+        if not self.reported:
             self.cost = None
         elif other.cost is not None:
             self.cost = (self.cost or 0.0) + other.cost
-
-
-def _plus(a: int | None, b: int | None) -> int | None:
-    return None if a is None or b is None else a + b
 
 
 @dataclass(slots=True, kw_only=True)
@@ -202,6 +199,8 @@ class RunStarted(_Envelope):
     plan: list[PlanStep]
     model: str
     """The model the run uses by default, e.g. ``offline`` or ``openai:gpt-4o-mini``."""
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """The run's inputs, defaults applied: what a replay or a re-run needs (may be sensitive)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -293,6 +292,12 @@ class StageEnded(_Envelope):
     """How much of the run is done, 0..1, by weight."""
     citations: list[Citation] | None = None
     """For an llm stage that was given sources: the markers of its answer; else null."""
+    reused: bool = False
+    """True when the output was taken from an earlier run (``reuse``) instead of executed."""
+    fingerprint: str | None = None
+    """A content hash of the stage's resolved spec and of the values it read (inputs, earlier
+    outputs, the map item); a re-run reuses this output only while it is unchanged. Null on a
+    stage that never got that far (skipped)."""
 
 
 @dataclass(slots=True, kw_only=True)

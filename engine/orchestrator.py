@@ -72,6 +72,7 @@ from stagecast.engine.openai_model import prepare_json_model
 from stagecast.engine.openai_stream import fast_stream
 from stagecast.engine.providers import ModelRegistry, ResolvedModel
 from stagecast.engine.retrieval import Retriever, resolve_retriever
+from stagecast.engine.reuse import Fingerprints, Reuse, own_templates
 from stagecast.engine.spec import (
     InputStage,
     LlmStage,
@@ -160,6 +161,11 @@ class _Unit:
     status: str | None = None
     parent: MapStage | None = None
     """For a map item, the map: its ``retries`` and ``timeout`` apply to each item."""
+    fingerprint: str | None = None
+    reused: bool = False
+    rendered: list[Any] | None = None
+    """Its own templates (``engine.reuse.own_templates``), rendered once for the fingerprint and
+    used again by the stage itself: a render is never paid twice."""
     turn: list[asyncio.Event] | None = None
     """For a map item, the map's "item i ended" events: an input stage of item i asks only once
     items 0 … i-1 have ended (an interview asks one question at a time, in order)."""
@@ -237,6 +243,9 @@ class ChainRun:
             Stagecast retriever); wins over configs/collections.yaml for that name.
         collections: the collections config (default: configs/collections.yaml).
         index_cache_dir: where BM25 indexes are cached (default: beside each collection).
+        reuse: an earlier run's outputs to reuse (``engine.reuse.Reuse``): unchanged stages that
+            succeeded there end at once with that output and ``reused: true``; the recorded
+            inputs are the defaults of ``inputs``.
         max_input_wait: most seconds an input stage waits for its answer, whatever its own
             ``timeout`` (None: no limit); past it the stage, and so the run, fails.
         on_input: called with each ``PendingInput`` right after its input-required event
@@ -261,11 +270,16 @@ class ChainRun:
         retrievers: Mapping[str, Any] | None = None,
         collections: CollectionsConfig | None = None,
         index_cache_dir: FilePath | None = None,
+        reuse: Reuse | None = None,
         max_input_wait: float | None = None,
         on_input: Callable[[PendingInput], None] | None = None,
     ) -> None:
         self.chain = chain
+        if reuse is not None:
+            recorded = {k: v for k, v in reuse.inputs.items() if k in chain.spec.inputs}
+            inputs = {**recorded, **(inputs or {})}
         self.inputs = validate_inputs(chain, inputs)
+        self.reuse = reuse
         if isinstance(models, ModelRegistry):
             self.registry = models
         else:
@@ -309,6 +323,7 @@ class ChainRun:
         self._collections = collections
         self._index_cache_dir = index_cache_dir
         self._retrievers: dict[str, Retriever] = {}
+        self._fingerprints = Fingerprints(chain, lambda spec: self._resolve(spec).label)
         self.max_input_wait = max_input_wait
         self.on_input = on_input
         self._pending: dict[tuple[str | int, ...], PendingInput] = {}
@@ -395,6 +410,7 @@ class ChainRun:
             chain=ChainInfo(id=self.chain.id, title=self.chain.title, version=spec.version),
             plan=plan_of(self.chain),
             model=self.default_model.label,
+            inputs=self.inputs,
         )
         error: ErrorInfo | None = None
         outputs: Any = None
@@ -596,6 +612,35 @@ class ChainRun:
         async with self._limit:  # held from stage-start to stage-end: a stable order at 1
             return await self._run_leaf(unit)
 
+    async def _fingerprint(self, unit: _Unit) -> str | None:
+        """The unit's content hash (``engine.reuse``); None when a template does not render
+        (the stage then fails the usual way, and is never reused)."""
+        text = not isinstance(unit.spec, MapStage)  # a map's `over` keeps its type (a list)
+        try:
+            rendered = [
+                await self._render(t, unit.context, text=text) for t in own_templates(unit.spec)
+            ]
+        except Exception:  # TemplateError, RenderLimitError: the stage will fail on its own
+            return None
+        unit.rendered = rendered
+        return self._fingerprints.of(unit.spec, rendered)
+
+    async def _own_text(self, unit: _Unit, source: str) -> Any:
+        """A stage's one own template (text, query, a map's over), rendered once."""
+        if unit.rendered:
+            return unit.rendered[0]
+        return await self._render(source, unit.context, text=not isinstance(unit.spec, MapStage))
+
+    def _reuse_unit(
+        self, unit: _Unit, started: float, end: StageEnded, sources: list[SourceFound]
+    ) -> Any:
+        """End ``unit`` (started) with an earlier run's output: its sources again, zero usage."""
+        self._emit_sources(unit, 1, (found.source for found in sources))
+        self._done_weight += unit.share
+        unit.reused = True
+        self._end(unit, "succeeded", started, end.output, Usage(), 1, None, end.citations)
+        return end.output
+
     def _start(self, unit: _Unit) -> float:
         state = self._state(unit)
         if state is not None:
@@ -636,6 +681,12 @@ class ChainRun:
         retries, timeout = self._retry_policy(unit)
         attempt = 1
         try:
+            # rendered inside the stage (a heavy prompt shows as the stage running), once
+            unit.fingerprint = await self._fingerprint(unit)
+            if self.reuse is not None and unit.fingerprint is not None:
+                earlier = self.reuse.find(unit.path, unit.fingerprint)
+                if earlier is not None:
+                    return self._reuse_unit(unit, started, earlier.end, earlier.sources)
             while True:
                 try:
                     output = await self._attempt(unit, attempt, usage, timeout)
@@ -711,6 +762,8 @@ class ChainRun:
             error=error,
             progress=self._progress(),
             citations=citations,
+            reused=unit.reused,
+            fingerprint=unit.fingerprint,
         )
 
     async def _attempt(self, unit: _Unit, attempt: int, usage: Usage, timeout: float | None) -> Any:
@@ -724,7 +777,7 @@ class ChainRun:
         if isinstance(spec, LlmStage):
             return await self._run_llm(unit, spec, attempt, usage)
         if isinstance(spec, TemplateStage):
-            return await self._render(spec.text, unit.context, text=True)
+            return await self._own_text(unit, spec.text)
         if isinstance(spec, SplitStage):
             return await self._run_split(unit, spec, attempt)
         if isinstance(spec, RetrieveStage):
@@ -734,7 +787,7 @@ class ChainRun:
         raise StageError(f"unknown stage kind {spec.kind!r}")  # pragma: no cover
 
     async def _run_split(self, unit: _Unit, spec: SplitStage, attempt: int) -> Any:
-        text = await self._render(spec.text, unit.context, text=True)
+        text = await self._own_text(unit, spec.text)
         chunks = split_text(text, spec.chunk_size, min(spec.overlap, spec.chunk_size - 1))
         if spec.sources:
             total = len(chunks)
@@ -754,7 +807,7 @@ class ChainRun:
         return chunks
 
     async def _run_input(self, unit: _Unit, spec: InputStage, attempt: int) -> Any:
-        prompt = await self._render(spec.prompt, unit.context, text=True)
+        prompt = await self._own_text(unit, spec.prompt)
         if unit.turn is not None and unit.index is not None:
             for ended in unit.turn[: unit.index]:  # earlier items ask (and end) first
                 await ended.wait()
@@ -858,7 +911,7 @@ class ChainRun:
         )
 
     async def _run_retrieve(self, unit: _Unit, spec: RetrieveStage, attempt: int) -> Any:
-        query = await self._render(spec.query, unit.context, text=True)
+        query = await self._own_text(unit, spec.query)
         try:
             retriever = await self._retriever(spec.collection)
             hits = await retriever.search(query, spec.top_k, spec.min_score)
@@ -886,7 +939,11 @@ class ChainRun:
         ]
 
     async def _run_llm(self, unit: _Unit, spec: LlmStage, attempt: int, usage: Usage) -> Any:
-        messages = await self._messages(spec, unit.context)
+        if unit.rendered is not None:  # rendered once already, for the fingerprint
+            roles = [role for role, _, _ in prompt_parts(spec.prompt)]
+            messages = [_MESSAGE_KINDS[r](t) for r, t in zip(roles, unit.rendered, strict=True)]
+        else:
+            messages = await self._messages(spec, unit.context)
         if self.on_prompt is not None:
             self.on_prompt(unit.stage_id, unit.path, messages)
         resolved = self._resolve(spec)
@@ -936,7 +993,8 @@ class ChainRun:
     async def _run_map(self, unit: _Unit, spec: MapStage, started: float) -> Any:
         state = self._state(unit)
         try:
-            items = await self._render(spec.over, unit.context)
+            unit.fingerprint = await self._fingerprint(unit)
+            items = await self._own_text(unit, spec.over)
         except TemplateError as exc:
             error = ErrorInfo(type=exc.type, message=f"over: {exc}")
             self._end(unit, "failed", started, None, Usage(), 1, error)
@@ -1039,6 +1097,7 @@ class ChainRun:
             self._end(unit, "failed", started, None, usage, 1, error)
             raise _StageFailed(error)
         self._done_weight += unit.share - sum(u.share for u in item_units)
+        unit.reused = self.reuse is not None and all(u.reused for u in item_units)
         self._end(unit, "succeeded", started, results, usage, 1, None)
         return results
 
@@ -1073,6 +1132,7 @@ class ChainRun:
         finally:
             item.usage = _sum_usage(item.children)
         item.status = "succeeded"
+        item.reused = bool(item.children) and all(c.reused for c in item.children)
         return outputs
 
 
@@ -1106,8 +1166,9 @@ class _Reported:
         if not self.answered:
             return Usage()
         used_in, used_out = self.input_tokens, self.output_tokens
-        cost = None if used_in is None or used_out is None else price(used_in, used_out)
-        return Usage(input_tokens=used_in, output_tokens=used_out, cost=cost)
+        if used_in is None or used_out is None:
+            return Usage(input_tokens=used_in or 0, output_tokens=used_out or 0, reported=False)
+        return Usage(input_tokens=used_in, output_tokens=used_out, cost=price(used_in, used_out))
 
 
 def _sum_usage(units: list[_Unit]) -> Usage:

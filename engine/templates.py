@@ -509,6 +509,9 @@ class References:
     """``stages.<id>`` it reads -> the line (1-based, inside the template) of the first use."""
     inputs: dict[str, int] = field(default_factory=dict)
     """``inputs.<name>`` it reads -> the line of the first use."""
+    whole: set[str] = field(default_factory=set)
+    """``inputs`` or ``stages`` when the template reads them other than by a constant key
+    (``inputs | tojson``, ``stages[name]``): then it may read any of them."""
 
 
 def references(source: str) -> References:
@@ -517,6 +520,7 @@ def references(source: str) -> References:
     ast = ENV.parse(source if not match else "{{" + match["expr"] + "}}")
     refs = References()
     refs.names = set(meta.find_undeclared_variables(ast))
+    keyed: dict[str, int] = {"inputs": 0, "stages": 0}
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
         assert isinstance(node, (nodes.Getattr, nodes.Getitem))
         base = node.node
@@ -527,6 +531,13 @@ def references(source: str) -> References:
             refs.stages.setdefault(key, node.lineno)
         elif base.name == "inputs":
             refs.inputs.setdefault(key, node.lineno)
+        if base.name in keyed:
+            keyed[base.name] += 1
+    for name in ast.find_all(nodes.Name):
+        assert isinstance(name, nodes.Name)
+        if name.name in keyed and name.ctx == "load":
+            keyed[name.name] -= 1
+    refs.whole = {name for name, left in keyed.items() if left < 0 and name in refs.names}
     return refs
 
 

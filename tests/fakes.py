@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import hashlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -11,6 +12,8 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import PrivateAttr
+
+from stagecast.engine.offline import OfflineChatModel, Piece
 
 Step = str | float | BaseException
 """A str is streamed as one chunk; a float sleeps that many seconds; an exception is raised."""
@@ -134,3 +137,23 @@ def fmt(event: Any) -> str:
     if kind == "run-end":
         return f"run-end {event.status}"
     return f"{kind} {where}"
+
+
+class CountingOfflineModel(OfflineChatModel):
+    """The offline model, whose text answers depend on the whole prompt (system included), and
+    which logs every call it gets: ``log`` (a shared list) gets the prompt text of each call."""
+
+    log: Any = None
+
+    def answer(self, messages: Sequence[BaseMessage]) -> str:
+        text = super().answer(messages)
+        if self.json_mode or self.json_schema is not None:
+            return text
+        prompt = "\n".join(str(m.content) for m in messages)
+        return f"[{hashlib.sha256(prompt.encode()).hexdigest()[:8]}] {text}"
+
+    async def stream_pieces(self, messages: Sequence[BaseMessage]) -> AsyncGenerator[Piece, None]:
+        if self.log is not None:
+            self.log.append("\n".join(str(m.content) for m in messages))
+        async for piece in super().stream_pieces(messages):
+            yield piece

@@ -1,8 +1,10 @@
 #!/bin/sh
 # The test suite's own setup: what `pytest` needs besides the Python packages of the `test`
 # extra. It is part of the README's test command (and so of .ci/run); pytest itself never
-# installs anything: Debian's Chromium for the demo-page tests, and the npm SSE clients of the
-# foreign-client conformance test (tests/conformance).
+# installs anything: Debian's Chromium for the demo-page tests, the npm SSE clients of the
+# foreign-client conformance test (tests/conformance), Debian's redis-server for the shared
+# event log's tests (each test session starts its own on 127.0.0.1 at a free port), and the
+# TypeScript tools that generate and type-check api/static/stagecast.d.ts (tests/typescript).
 #
 # Outside CI, what cannot be installed (no root, no apt-get) is reported and the tests that need
 # it skip, saying why; with CI=true it is an error here and a failure in the suite.
@@ -22,6 +24,20 @@ if ! sh conformance/install.sh; then
         status=1
     else
         echo "tests/setup.sh: no npm clients: the conformance tests (tests/conformance) will skip" >&2
+    fi
+fi
+if ! sh redis/install_redis.sh; then
+    if [ "${CI:-}" = "true" ]; then
+        status=1
+    else
+        echo "tests/setup.sh: no redis-server: the Redis tests will skip" >&2
+    fi
+fi
+if ! sh typescript/install.sh; then
+    if [ "${CI:-}" = "true" ]; then
+        status=1
+    else
+        echo "tests/setup.sh: no TypeScript tools: the tests/typescript tests will skip" >&2
     fi
 fi
 exit "$status"

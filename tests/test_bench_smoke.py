@@ -6,11 +6,14 @@ Each script runs in its own subprocess, as a user would run it; the whole module
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.redis_server import REDIS_SERVER, unavailable
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -22,12 +25,16 @@ SCRIPTS = {
     "bench_concurrency.py": "lateness p50 ms",
     "bench_retrieval.py": "Stagecast (bm25s)",
     "bench_openai.py": "fast path, bare",
+    "bench_redis.py": "Redis Streams log",
+    "bench_reuse.py": "reuse, merge prompt edited",
     "bench_waiting.py": "RSS per waiting run",
 }
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_benchmark_runs_in_smoke_mode(script: str) -> None:
+    if script == "bench_redis.py" and shutil.which(REDIS_SERVER) is None:
+        unavailable("bench_redis.py needs redis-server")
     out = subprocess.run(
         [sys.executable, str(BENCH / script), "--smoke"],
         capture_output=True,

@@ -190,8 +190,8 @@ def test_every_readme_command_runs_outside_the_checkout(installed: Installed) ->
     ran = []
     for command in _readme_commands():
         words = command.split()
-        if words[1] == "serve" or "--server" in words:
-            continue  # a server that runs until stopped: the next test serves for real
+        if words[1] in ("serve", "worker") or "--server" in words:
+            continue  # a server or worker runs until stopped: the next test serves for real
         if "--model" in words and words[words.index("--model") + 1] in ("ollama", "vllm"):
             continue  # needs that server (and the README says so); auto/demo/offline need none
         command = command.split(" | ")[0].split(" > ")[0]  # no jq, no writing into chains/

@@ -5,11 +5,13 @@
 //   GET  /v1/runs/{id}/events          followed with EventSource (replay, then live; resumes
 //                                      by itself after a cut, shown as the connection state)
 //   POST /v1/runs/{id}/cancel | /input the cancel button and input-required forms
+//   GET /v1/recordings, POST /v1/replays  "play a recording" (recordings.js), when there are any
 //
 // Plain ES modules, no build step. Server calls go through the project's JS client
 // (stagecast.js, via connection.js); the run's live view is run-view.js; the form generator is
 // schema-form.js; the safe Markdown renderer is markdown.js.
 
+import { mountRecordings } from "./recordings.js";
 import { RunView } from "./run-view.js";
 import { buildFields, readValues, showProblems } from "./schema-form.js";
 import {
@@ -58,6 +60,7 @@ async function main() {
     formError(`Could not load the chains: ${err.message}`);
   }
   await models;
+  await mountRecordings($("#run-form").parentElement, { onStarted: watchReplay });
   if (runId) watch(runId, { replay: true });
   document.body.dataset.ready = "true"; // the form is built (tests wait for this)
 }
@@ -189,6 +192,11 @@ function watch(runId, { replay }) {
       }
     },
   });
+}
+
+function watchReplay(runId) {
+  history.replaceState(null, "", `?run=${encodeURIComponent(runId)}`);
+  watch(runId, { replay: false });
 }
 
 function preselectChain(id) {

@@ -1024,19 +1024,20 @@ function renderData(value, depth) {
 }
 
 /**
- * `usage {input_tokens, output_tokens, cost}` as text: "1,234 in · 56 out · $0.0012".
- * A null count is one the provider did not report: "usage unknown", never 0 (and no cost,
- * which cannot be known then); a null cost means the model has no prices: no cost shown.
- * Stages that called no model (0 and 0) show nothing.
+ * `usage {input_tokens, output_tokens, cost, reported}` as text: "1,234 in · 56 out · $0.0012".
+ * `reported: false` means a model call did not report its usage: "usage unknown", never 0 (and
+ * no cost, which cannot be known then); a null cost means the model has no prices: no cost
+ * shown. Stages that called no model (0 and 0) show nothing. (A null count, which no server
+ * sends, is treated as unreported too.)
  */
 function usageText(usage, kind) {
   if (!usage || typeof usage !== "object") return "";
   const { input_tokens: tin, output_tokens: tout, cost } = usage;
   if (tin === undefined && tout === undefined) return "";
   const count = (n) => (typeof n === "number" ? n.toLocaleString("en-US") : "?");
-  if (tin == null || tout == null) {
+  if (usage.reported === false || tin == null || tout == null) {
     if (kind !== "llm" && kind !== "map") return "";
-    return tin == null && tout == null ? "usage unknown" : `${count(tin)} in · ${count(tout)} out · usage partly unknown`;
+    return !tin && !tout ? "usage unknown" : `${count(tin)} in · ${count(tout)} out · usage partly unknown`;
   }
   if (tin === 0 && tout === 0 && typeof cost !== "number") return "";
   const parts = [`${count(tin)} in`, `${count(tout)} out`];
@@ -1048,13 +1049,13 @@ function usageText(usage, kind) {
 function sumUsage(usages) {
   const known = usages.filter((u) => u && typeof u === "object" && "input_tokens" in u);
   if (!known.length) return null;
-  const total = { input_tokens: 0, output_tokens: 0, cost: null };
+  const total = { input_tokens: 0, output_tokens: 0, cost: null, reported: true };
   for (const u of known) {
-    for (const name of ["input_tokens", "output_tokens"]) {
-      total[name] = u[name] == null || total[name] == null ? null : total[name] + u[name];
-    }
+    for (const name of ["input_tokens", "output_tokens"]) total[name] += u[name] ?? 0;
+    if (u.reported === false || u.input_tokens == null || u.output_tokens == null) total.reported = false;
     if (typeof u.cost === "number") total.cost = (total.cost ?? 0) + u.cost;
   }
+  if (!total.reported) total.cost = null;
   return total;
 }
 

@@ -32,6 +32,21 @@
 // Unknown event types are ignored, as the protocol asks. With API keys, pass `apiKey` in the
 // options (sent as a Bearer header on fetch, as `?api_key=` on the EventSource URL).
 // Errors from fetch calls throw StagecastError {status, code, message, details}.
+//
+// Types: stagecast.d.ts beside this file declares every event, every HTTP body and these
+// functions (generated from the committed JSON Schemas); editors pick it up for this module, and
+// the typedefs below bring the types into this file's JSDoc.
+
+/** @typedef {import("./stagecast.js").RunEvent} RunEvent */
+/** @typedef {import("./stagecast.js").StageEnded} StageEnded */
+/** @typedef {import("./stagecast.js").SourceFound} SourceFound */
+/** @typedef {import("./stagecast.js").RunCreated} RunCreated */
+/** @typedef {import("./stagecast.js").RunStatusModel} RunStatusModel */
+/** @typedef {import("./stagecast.js").StartRunOptions} StartRunOptions */
+/** @typedef {import("./stagecast.js").FollowOptions} FollowOptions */
+/** @typedef {import("./stagecast.js").FollowHandle} FollowHandle */
+/** @typedef {import("./stagecast.js").RecordingSummary} RecordingSummary */
+/** @typedef {import("./stagecast.js").ClientOptions} ClientOptions */
 
 export const EVENT_TYPES = Object.freeze([
   "run-start",
@@ -52,6 +67,10 @@ export const EVENT_TYPES = Object.freeze([
  * retrieved sources (null otherwise); `sourceEvents` are the `source` events seen so far.
  * Returns `[{marker, stage, source}]` in marker order of appearance, `source` being the source
  * object of that stage and id, or null for a marker that matches no source (an unmatched `[7]`).
+ */
+/**
+ * @param {StageEnded | null | undefined} stageEnd
+ * @param {SourceFound[]} sourceEvents
  */
 export function resolveCitations(stageEnd, sourceEvents) {
   if (!stageEnd || !Array.isArray(stageEnd.citations)) return [];
@@ -107,30 +126,79 @@ async function request(baseUrl, method, path, body, apiKey) {
   return data;
 }
 
-/** List the chains: [{id, title, description, version, file, error}]. */
+/**
+ * List the chains: [{id, title, description, version, file, error}].
+ * @param {string} baseUrl
+ * @param {ClientOptions} [options]
+ */
 export async function listChains(baseUrl, { apiKey } = {}) {
   return (await request(baseUrl, "GET", "/v1/chains", undefined, apiKey)).chains;
 }
 
-/** One chain: {..., inputs_schema, plan}. */
+/**
+ * One chain: {..., inputs_schema, plan}.
+ * @param {string} baseUrl
+ * @param {string} chainId
+ * @param {ClientOptions} [options]
+ */
 export async function getChain(baseUrl, chainId, { apiKey } = {}) {
   return request(baseUrl, "GET", `/v1/chains/${encodeURIComponent(chainId)}`, undefined, apiKey);
 }
 
-/** Start a run: resolves to {run_id, status, events_url, status_url, cancel_url}. */
-export async function startRun(baseUrl, { chain, inputs = {}, model, onDisconnect, apiKey } = {}) {
+/**
+ * Start a run: resolves to {run_id, status, events_url, status_url, cancel_url}. With `reuse`
+ * ({run_id} or {recording}, and `from`), unchanged stages of that earlier run are reused.
+ * @param {string} baseUrl
+ * @param {StartRunOptions} options
+ * @returns {Promise<RunCreated>}
+ */
+export async function startRun(baseUrl, { chain, inputs = {}, model, onDisconnect, reuse, apiKey }) {
+  /** @type {Record<string, unknown>} */
   const body = { chain, inputs };
   if (model) body.model = model;
   if (onDisconnect) body.on_disconnect = onDisconnect;
+  if (reuse) body.reuse = reuse;
   return request(baseUrl, "POST", "/v1/runs", body, apiKey);
 }
 
-/** A run's status: {status, stages, outputs, usage, last_seq, ...}. */
+/**
+ * The recordings the server can replay (`stagecast serve --recordings DIR`).
+ * @param {string} baseUrl
+ * @param {ClientOptions} [options]
+ * @returns {Promise<RecordingSummary[]>}
+ */
+export async function listRecordings(baseUrl, { apiKey } = {}) {
+  return (await request(baseUrl, "GET", "/v1/recordings", undefined, apiKey)).recordings;
+}
+
+/**
+ * Serve a recording as a new live run (follow it like any run: followRun, cancelRun).
+ * @param {string} baseUrl
+ * @param {string} recording a name from listRecordings
+ * @param {ClientOptions & {speed?: number | "max"}} [options]
+ * @returns {Promise<RunCreated>}
+ */
+export async function startReplay(baseUrl, recording, { speed, apiKey } = {}) {
+  const body = speed === undefined ? { recording } : { recording, speed };
+  return request(baseUrl, "POST", "/v1/replays", body, apiKey);
+}
+
+/**
+ * A run's status: {status, stages, outputs, usage, last_seq, ...}.
+ * @param {string} baseUrl
+ * @param {string} runId
+ * @param {ClientOptions} [options]
+ */
 export async function getRun(baseUrl, runId, { apiKey } = {}) {
   return request(baseUrl, "GET", `/v1/runs/${encodeURIComponent(runId)}`, undefined, apiKey);
 }
 
-/** Cancel a run (idempotent). */
+/**
+ * Cancel a run (idempotent).
+ * @param {string} baseUrl
+ * @param {string} runId
+ * @param {ClientOptions} [options]
+ */
 export async function cancelRun(baseUrl, runId, { apiKey } = {}) {
   const path = `/v1/runs/${encodeURIComponent(runId)}/cancel`;
   return request(baseUrl, "POST", path, undefined, apiKey);
@@ -141,6 +209,10 @@ export async function cancelRun(baseUrl, runId, { apiKey } = {}) {
  * `{stage, path, value}` (the event's `stage` and `path`, and the answer). Resolves on 202;
  * throws StagecastError: 422 `invalid_answer` (the run keeps waiting; `details.fields` maps
  * `value` or `value.<field>` to the problem, see answerProblems) or 409 `not_waiting_input`.
+ * @param {string} baseUrl
+ * @param {string} runId
+ * @param {{stage: string, path?: (string | number)[] | null, value: unknown}} answer
+ * @param {ClientOptions} [options]
  */
 export async function answerInput(baseUrl, runId, { stage, path, value }, { apiKey } = {}) {
   const url_ = `/v1/runs/${encodeURIComponent(runId)}/input`;
@@ -163,7 +235,11 @@ export function answerProblems(err) {
   return Object.keys(out).length ? out : null;
 }
 
-/** The models a server offers: [{name, description, usable, ...}] (never a secret). */
+/**
+ * The models a server offers: [{name, description, usable, ...}] (never a secret).
+ * @param {string} baseUrl
+ * @param {ClientOptions} [options]
+ */
 export async function listModels(baseUrl, { apiKey } = {}) {
   const data = await request(baseUrl, "GET", "/v1/models", undefined, apiKey);
   return data.models;
@@ -172,6 +248,10 @@ export async function listModels(baseUrl, { apiKey } = {}) {
 /**
  * Follow a run's events with EventSource (replay, then live; automatic resume).
  * Returns {close(), get lastSeq(), get closed()}.
+ * @param {string} baseUrl
+ * @param {string} runId
+ * @param {FollowOptions} [options]
+ * @returns {FollowHandle}
  */
 export function followRun(baseUrl, runId, options = {}) {
   const { on = {}, onEvent, onEnd, onError, onStatus, after, apiKey } = options;

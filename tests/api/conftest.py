@@ -131,3 +131,17 @@ def serve() -> Iterator[Callable[..., str]]:
             return stack.enter_context(live_server(make_app(models, **overrides)))
 
         yield start
+
+
+@pytest.fixture(params=["memory", "redis"])
+def serve_on_both_logs(request: pytest.FixtureRequest) -> Iterator[Callable[..., str]]:
+    """``serve`` on the in-memory log, then on Redis (``event_log``: the run queue, registry and
+    streams of a deployment on a real redis-server; skipped outside CI when there is none)."""
+    log = "memory" if request.param == "memory" else request.getfixturevalue("redis_url")
+    with contextlib.ExitStack() as stack:
+
+        def start(models: Mapping[str, BaseChatModel] | None = None, **overrides: Any) -> str:
+            overrides.setdefault("event_log", log)
+            return stack.enter_context(live_server(make_app(models, **overrides)))
+
+        yield start

@@ -283,13 +283,13 @@ def test_bad_cursors_get_400_naming_the_field(server: str, seen: Seen) -> None:
         past = http.get(url, params={"after": "999999"})
         seen.add("past", past.status_code, past.text)
         assert past.json()["error"]["code"] == "cursor_past_end"
-    # values httpx will not send: non-ASCII bytes, and a second header after a bare LF (the
-    # server's HTTP parser, httptools, refuses the request; it must never come back in the
-    # response either way)
+    # values httpx will not send: non-ASCII bytes, and a second header after a bare LF (h11
+    # reads it as a header of the request, httptools (uvicorn[standard]) refuses the request
+    # with 400; either way it must never come back in the response)
     for value, status_wanted in (
-        ("\u0663".encode(), 400),
-        (b"\xff\xfe", 400),
-        (b"1\nX-Injected: 1", 400),
+        ("\u0663".encode(), (400,)),
+        (b"\xff\xfe", (400,)),
+        (b"1\nX-Injected: 1", (200, 400)),
     ):
         status, head, body = raw(
             server,
@@ -297,7 +297,7 @@ def test_bad_cursors_get_400_naming_the_field(server: str, seen: Seen) -> None:
             b"Connection: close\r\n\r\n",
         )
         seen.add(f"raw {value!r}", status, body.decode("utf-8", "replace"))
-        assert status == status_wanted, (value, head)
+        assert status in status_wanted, (value, head)
         assert b"x-injected" not in head.lower()
 
 

@@ -368,7 +368,17 @@ def test_console_script_shows_help() -> None:
         ["stagecast", "--help"], capture_output=True, text=True, timeout=60, env=_env()
     )
     assert result.returncode == 0
-    for command in ("validate", "run", "dry-run", "graph", "list", "schema", "models", "serve"):
+    for command in (
+        "validate",
+        "run",
+        "dry-run",
+        "graph",
+        "list",
+        "schema",
+        "models",
+        "serve",
+        "worker",
+    ):
         assert command in result.stdout
 
 
@@ -628,15 +638,11 @@ def test_usage_line_names_each_unknown_count_and_the_unknown_cost() -> None:
     assert usage_line(Usage(input_tokens=3, output_tokens=1, cost=0.5)) == (
         "3 in / 1 out tokens · $0.5000"
     )
-    assert usage_line(Usage(input_tokens=None, output_tokens=12)) == (
-        "unknown in / 12 out tokens · cost unknown"
+    assert usage_line(Usage(input_tokens=0, output_tokens=12, reported=False)) == (
+        "0 in / 12 out tokens and more not reported · cost unknown"
     )
-    assert usage_line(Usage(input_tokens=None, output_tokens=None)) == (
-        "usage unknown (the provider reported none)"
-    )
-    assert usage_summary(Usage(input_tokens=None, output_tokens=None)) == (
-        "usage unknown (the provider reported none)"
-    )
+    assert usage_line(Usage(reported=False)) == "usage unknown (the provider reported none)"
+    assert usage_summary(Usage(reported=False)) == "usage unknown (the provider reported none)"
     assert usage_summary(Usage(input_tokens=2, output_tokens=1)) == "usage: 2 in / 1 out tokens"
 
 

@@ -55,7 +55,7 @@ def test_a_4xx_is_an_error_at_once_and_endless_5xx_gives_up() -> None:
     assert len(seen) == 3
 
 
-def test_unknown_usage_reaches_a_client_as_none_and_the_status_as_null(serve: Any) -> None:
+def test_unreported_usage_reaches_a_client_and_the_status_as_reported_false(serve: Any) -> None:
     # the test server's scripted models stream no usage, like a local server that reports none
     url = serve()
     with Client(url) as client:
@@ -67,10 +67,16 @@ def test_unknown_usage_reaches_a_client_as_none_and_the_status_as_null(serve: An
         0,
         0,
     )  # a template calls no model: known to be zero
+    assert ends[("intro", 1)].usage.reported
     item = ends[("pieces", 2)].usage
-    assert (item.input_tokens, item.output_tokens, item.cost) == (None, None, None)
-    assert ends[("pieces", 1)].usage.input_tokens is None  # the map's sum over its items
+    assert (item.input_tokens, item.output_tokens, item.cost, item.reported) == (0, 0, None, False)
+    assert ends[("pieces", 1)].usage.reported is False  # the map's sum over its items
     end = events[-1]
     assert isinstance(end, RunEnded) and end.status == "succeeded"
-    assert end.usage.input_tokens is None and end.usage.output_tokens is None
-    assert status["usage"] == {"input_tokens": None, "output_tokens": None, "cost": None}
+    assert end.usage.reported is False and end.usage.cost is None
+    assert status["usage"] == {
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cost": None,
+        "reported": False,
+    }

@@ -1,7 +1,14 @@
-"""InMemoryEventLog: cursors, follow, the per-run cap and the TTL; encoded frames and blocks."""
+"""The event logs: cursors, follow, the per-run cap and the TTL; encoded frames and blocks.
+
+The behaviour every log shares (resume after a cursor, no gap, no duplicate, the cap's 410, the
+404 of an unknown run, follow and its pings) runs over both logs: ``InMemoryEventLog`` and
+``RedisEventLog`` against a real redis-server (``redis_url``; skipped outside CI without one).
+The in-memory log's own storage (blocks, waiters, a fake clock for the TTL) is tested below.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -13,9 +20,12 @@ from stagecast.api.eventlog import (
     EventsExpired,
     FrameBatch,
     LogEntry,
+    LogInfo,
+    LogSlice,
     UnknownRun,
 )
 from stagecast.api.memlog import InMemoryEventLog
+from stagecast.api.redislog import RedisEventLog
 from stagecast.api.sse import SSE_CODEC, encode_frame
 
 pytestmark = pytest.mark.anyio
@@ -33,8 +43,36 @@ def filled(n: int, **options: float) -> InMemoryEventLog:
     return log
 
 
-async def test_read_after_a_cursor_and_the_errors() -> None:
-    log = filled(5)
+Logs = Callable[..., EventLog]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_log(request: pytest.FixtureRequest) -> AsyncIterator[Logs]:
+    """``make_log(n, **options)``: a log of either kind with run "r" holding events 1..n."""
+    made: list[EventLog] = []
+
+    def make(n: int = 0, **options: Any) -> EventLog:
+        log: EventLog
+        if request.param == "memory":
+            log = InMemoryEventLog(**options)
+        else:
+            url = request.getfixturevalue("redis_url")
+            log = RedisEventLog(url, prefix=f"test:{len(made)}:", **options)
+        made.append(log)
+        log.create("r")
+        for seq in range(1, n + 1):
+            log.append("r", entry(seq))
+        return log
+
+    yield make
+    for log in made:
+        await log.aclose()
+        if isinstance(log, RedisEventLog):  # nothing refused, nothing dropped on the way
+            assert (log.write_errors, log.dropped_writes) == (0, 0)
+
+
+async def test_read_after_a_cursor_and_the_errors(make_log: Logs) -> None:
+    log = make_log(5)
     assert [e.seq for e in (await log.read("r", 2)).entries] == [3, 4, 5]
     assert [e.seq for e in (await log.read("r", 0, limit=2)).entries] == [1, 2]
     assert (await log.read("r", 5)).entries == []
@@ -48,30 +86,47 @@ async def test_read_after_a_cursor_and_the_errors() -> None:
         log.append("r", entry(8))
 
 
-async def test_follow_replays_then_follows_live_in_batches_and_ends() -> None:
-    log = filled(3)
+async def test_follow_replays_then_follows_live_in_batches_and_ends(make_log: Logs) -> None:
+    log = make_log(3)
     batches: list[list[int]] = []
+    blocked = anyio.Event()
 
     async def reader() -> None:
         async for batch in log.follow("r", 1):
             batches.append([e.seq for e in batch])
+            if batch[-1].seq == 3:
+                blocked.set()
 
-    with anyio.fail_after(2):
+    with anyio.fail_after(5):
         async with anyio.create_task_group() as group:
             group.start_soon(reader)
-            await anyio.wait_all_tasks_blocked()
+            await blocked.wait()
+            await until_waiting(log)
             for seq in (4, 5, 6):  # appended in one go: one batch
                 log.append("r", entry(seq))
-            await anyio.wait_all_tasks_blocked()
+            await log.flush()
+            while len(batches) < 2:  # bounded by fail_after
+                await anyio.sleep(0.001)
+            await until_waiting(log)
             log.append("r", entry(7, "run-end"))
             log.finish("r")
     assert batches == [[2, 3], [4, 5, 6], [7]]
 
 
-async def test_follow_heartbeat_yields_an_empty_batch_when_idle() -> None:
-    log = filled(1)
+async def until_waiting(log: EventLog) -> None:
+    """Until every reader of the log waits for more (in Redis: blocked in XREAD)."""
+    await anyio.wait_all_tasks_blocked()
+    if isinstance(log, RedisEventLog):
+        while not any(
+            c.get("cmd") == "xread" for c in await log.redis.client_list()
+        ):  # bounded by the caller's fail_after
+            await anyio.sleep(0.001)
+
+
+async def test_follow_heartbeat_yields_an_empty_batch_when_idle(make_log: Logs) -> None:
+    log = make_log(1)
     seen: list[list[int]] = []
-    with anyio.fail_after(2):
+    with anyio.fail_after(5):
         async for batch in log.follow("r", 0, heartbeat=0.01):
             seen.append([e.seq for e in batch])
             if len(seen) == 3:
@@ -79,15 +134,63 @@ async def test_follow_heartbeat_yields_an_empty_batch_when_idle() -> None:
     assert seen == [[1], [], []]
 
 
-async def test_cap_drops_the_oldest_and_old_cursors_get_expired() -> None:
-    log = filled(40, max_events=16)  # slack 1: trimmed back to 16 when over 17
+async def test_cap_drops_the_oldest_and_old_cursors_get_expired(make_log: Logs) -> None:
+    log = make_log(40, max_events=16)  # memory: slack 1, trimmed back to 16 when over 17
     info = log.info("r")
     assert info.last_seq == 40 and 40 - info.first_seq + 1 in (16, 17)
-    assert log.stored_events() <= 17
+    assert await log.ainfo("r") == info  # what Redis says is what the writer knows
+    if isinstance(log, InMemoryEventLog):
+        assert log.stored_events() <= 17
+    else:
+        assert info.first_seq == 25  # exact MAXLEN: the last 16
+        assert await log.redis.xlen(log.key("r")) == 16
     with pytest.raises(EventsExpired, match=r"were dropped \(at most 16 events are kept per run\)"):
         await log.read("r", 0)
+    with pytest.raises(EventsExpired, match=rf"resume from {info.first_seq - 1}"):
+        await log.acheck_cursor("r", info.first_seq - 2)
     kept = (await log.read("r", info.first_seq - 1)).entries
     assert [e.seq for e in kept] == list(range(info.first_seq, 41))
+
+
+async def test_resume_from_every_cursor_gives_each_event_once(make_log: Logs) -> None:
+    log = make_log(30)
+    log.append("r", entry(31, "run-end"))
+    log.finish("r")
+    whole = [e async for batch in log.follow("r", 0) for e in batch]
+    assert whole == [entry(s) for s in range(1, 31)] + [entry(31, "run-end")]
+    for after in range(0, 32):
+        got = b""
+        async for batch in log.follow_frames("r", after):
+            assert batch.events > 0
+            got += batch.body
+        assert got == b"".join(encode_frame(e) for e in whole[after:])
+    assert await log.ainfo("r") == LogInfo(1, 31, True)
+    assert (await log.read("r", 31)).finished
+
+
+async def test_unknown_runs_and_cursors_past_the_end(make_log: Logs) -> None:
+    log = make_log(2)
+    with pytest.raises(
+        UnknownRun, match=r"no run 'nope' \(unknown, or expired after it finished\)"
+    ):
+        await log.ainfo("nope")
+    with pytest.raises(UnknownRun):
+        [b async for b in log.follow_frames("nope", 0)]
+    with pytest.raises(CursorError, match=r"cursor 3 is past the end of run 'r'"):
+        await log.acheck_cursor("r", 3)
+    with pytest.raises(CursorError):
+        [b async for b in log.follow_frames("r", 3)]
+    with pytest.raises(ValueError, match=r"already has a log"):
+        log.create("r")
+
+
+async def test_a_created_run_with_no_event_yet_exists(make_log: Logs) -> None:
+    log = make_log(0)
+    assert await log.ainfo("r") == LogInfo(1, 0, False)
+    assert await log.read("r", 0, wait=0.01) == LogSlice([], False)
+    log.finish("r")
+    assert await log.ainfo("r") == LogInfo(1, 0, True)
+    assert [b async for b in log.follow_frames("r", 0)] == []
 
 
 async def test_finished_runs_expire_after_the_ttl() -> None:
@@ -226,3 +329,20 @@ async def test_base_follow_frames_encodes_entries() -> None:
 async def test_lone_surrogates_become_json_escapes_on_the_wire() -> None:
     frame = encode_frame(LogEntry(1, "token", '{"text":"smile \ud83d"}'))
     assert frame == b'event: token\ndata: {"text":"smile \\ud83d"}\nid: 1\n\n'
+
+
+async def test_interleaved_runs_and_long_bursts_read_back_whole(make_log: Logs) -> None:
+    # one writer round trip carries several runs' events and bursts over a script call's size
+    log = make_log(0)
+    log.create("r2")
+    other = 0
+    for seq in range(1, 2501):
+        log.append("r", entry(seq))
+        if seq % 7 == 0:
+            other += 1
+            log.append("r2", entry(other))
+    for run_id, last in (("r", 2500), ("r2", other)):
+        log.finish(run_id)
+        got = [e async for batch in log.follow(run_id, 0) for e in batch]
+        assert got == [entry(seq) for seq in range(1, last + 1)]
+        assert await log.ainfo(run_id) == LogInfo(1, last, True)

@@ -275,6 +275,8 @@ def test_openapi_documents_every_route_and_the_event_stream(client: TestClient) 
         "/v1/runs/{run_id}/cancel",
         "/v1/runs/{run_id}/input",
         "/v1/schema/events",
+        "/v1/recordings",
+        "/v1/replays",
     }
     events = spec["paths"]["/v1/runs/{run_id}/events"]["get"]["responses"]
     assert events["200"]["content"]["text/event-stream"]["itemSchema"] == {

@@ -44,3 +44,24 @@ def test_bad_values_name_their_origin(tmp_path: Path) -> None:
     file.write_text("- a list\n")
     with pytest.raises(SettingsError, match=r"expected a mapping of settings at the top"):
         load_settings(file, environ={})
+
+
+def test_the_event_log_is_memory_or_a_redis_url() -> None:
+    assert load_settings(DEFAULT_SERVER_FILE, environ={}).event_log == "memory"
+    for url in ("redis://127.0.0.1:6379/0", "rediss://cache:6380", "unix:///run/redis.sock"):
+        assert (
+            load_settings(DEFAULT_SERVER_FILE, environ={"STAGECAST_EVENT_LOG": url}).event_log
+            == url
+        )
+    with pytest.raises(SettingsError) as info:
+        load_settings(DEFAULT_SERVER_FILE, environ={"STAGECAST_EVENT_LOG": "postgres://x"})
+    assert str(info.value) == (
+        "STAGECAST_EVENT_LOG: event_log: Value error, 'postgres://x' is not an event log: "
+        "expected `memory` or a Redis URL (redis://host:6379/0, rediss://..., "
+        "unix:///path/to/redis.sock)"
+    )
+    settings = load_settings(
+        DEFAULT_SERVER_FILE,
+        environ={"STAGECAST_WORK_RUNS": "false", "STAGECAST_HEARTBEAT_TIMEOUT": "2.5"},
+    )
+    assert settings.work_runs is False and settings.heartbeat_timeout == 2.5

@@ -1,4 +1,9 @@
-"""Event streams over real HTTP: uvicorn on 127.0.0.1, a free port, httpx clients."""
+"""Event streams over real HTTP: uvicorn on 127.0.0.1, a free port, httpx clients.
+
+Every test runs over both event logs (``serve`` below): the in-memory one and Redis Streams on a
+real redis-server (skipped outside CI when there is none), so resume, no gap, no duplicate,
+cancel and the cursor errors hold the same on both.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,11 @@ pytestmark = pytest.mark.anyio
 
 Serve = Callable[..., str]
 THINGS = {"things": [1, 2, 3, 4, 5]}
+
+
+@pytest.fixture
+def serve(serve_on_both_logs: Serve) -> Serve:
+    return serve_on_both_logs
 
 
 def start(

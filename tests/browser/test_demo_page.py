@@ -719,7 +719,7 @@ def _end(seq: int, stage: str, usage: dict[str, Any], output: Any = "ok") -> dic
                duration_ms=3, error=None, progress=seq / 10, citations=None)  # fmt: skip
 
 
-UNKNOWN = {"input_tokens": None, "output_tokens": None, "cost": None}
+UNKNOWN = {"input_tokens": 0, "output_tokens": 0, "cost": None, "reported": False}
 USAGE_EVENTS = [
     _ev(1, "run-start", chain={"id": "u", "title": "U", "version": 1}, plan=USAGE_PLAN, model="m"),
     _ev(2, "stage-start", ["silent"], label="Silent provider", kind="llm"),

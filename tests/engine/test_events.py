@@ -57,7 +57,7 @@ SCHEMA_FILE = ROOT / "api" / "schema" / "run-events.json"
             ),
             '{"v":1,"type":"run-end","run_id":"r1","seq":9,"ts":2,"stage":null,"path":null,'
             '"attempt":null,"status":"failed","outputs":null,"usage":{"input_tokens":0,'
-            '"output_tokens":0,"cost":null},"duration_ms":0,"error":{"type":"timeout",'
+            '"output_tokens":0,"cost":null,"reported":true},"duration_ms":0,"error":{"type":"timeout",'
             '"message":"slow","stage":"x"}}',
         ),
     ],
@@ -86,9 +86,12 @@ def test_every_field_is_present_even_when_null() -> None:
         "error",
         "progress",
         "citations",
+        "reused",
+        "fingerprint",
     ]
     assert data["citations"] is None
-    assert data["usage"] == {"input_tokens": 0, "output_tokens": 0, "cost": None}
+    assert data["reused"] is False and data["fingerprint"] is None
+    assert data["usage"] == {"input_tokens": 0, "output_tokens": 0, "cost": None, "reported": True}
 
 
 def test_committed_event_schema_is_current() -> None:
@@ -119,14 +122,25 @@ def test_schema_accepts_real_events_and_rejects_missing_fields() -> None:
     assert (usage.input_tokens, usage.output_tokens, usage.cost) == (3, 2, 0.5)
 
 
-def test_an_unknown_count_makes_the_total_unknown_and_its_cost_too() -> None:
+def test_an_unreported_part_makes_the_total_unreported_and_its_cost_unknown() -> None:
     total = Usage()
     total.add(Usage(input_tokens=3, output_tokens=2, cost=0.5))
-    total.add(Usage(input_tokens=None, output_tokens=4))
-    assert (total.input_tokens, total.output_tokens, total.cost) == (None, 6, None)
-    total.add(Usage(input_tokens=1, output_tokens=1, cost=0.25))  # stays unknown
-    assert (total.input_tokens, total.output_tokens, total.cost) == (None, 7, None)
-    assert not total.known and Usage().known
+    assert total.reported
+    total.add(Usage(output_tokens=4, reported=False))
+    assert (total.input_tokens, total.output_tokens, total.cost, total.reported) == (
+        3,
+        6,
+        None,
+        False,
+    )
+    total.add(Usage(input_tokens=1, output_tokens=1, cost=0.25))  # stays unreported
+    assert (total.input_tokens, total.output_tokens, total.cost, total.reported) == (
+        4,
+        7,
+        None,
+        False,
+    )
+    assert Usage().reported
 
 
 def test_engine_imports_no_web_stack() -> None:

@@ -731,8 +731,9 @@ async def test_a_chat_model_object_as_the_run_model_leaves_a_shared_registry_alo
 # -- usage: unknown is not zero ---------------------------------------------------------------
 
 
-def _usage(event: Any) -> tuple[int | None, int | None, float | None]:
-    return (event.usage.input_tokens, event.usage.output_tokens, event.usage.cost)
+def _usage(event: Any) -> tuple[int, int, float | None, bool]:
+    usage = event.usage
+    return (usage.input_tokens, usage.output_tokens, usage.cost, usage.reported)
 
 
 async def test_a_model_that_reports_no_usage_has_unknown_usage_and_so_has_the_run() -> None:
@@ -746,14 +747,15 @@ async def test_a_model_that_reports_no_usage_has_unknown_usage_and_so_has_the_ru
         chain_of(text), {"topic": "cats"}, models={"fake": counted, "silent": silent}
     )
     ends = {e.stage: e for e in events if e.type == "stage-end"}
-    assert _usage(ends["outline"]) == (7, 2, None)
-    assert _usage(ends["draft"]) == (None, None, None)
-    assert _usage(ends["shout"]) == (0, 0, None)  # no model call: known to be zero
+    assert _usage(ends["outline"]) == (7, 2, None, True)
+    assert _usage(ends["draft"]) == (0, 0, None, False)
+    assert _usage(ends["shout"]) == (0, 0, None, True)  # no model call: known to be zero
     assert events[-1].status == "succeeded"
-    assert _usage(events[-1]) == (None, None, None)  # one stage unknown: the total is unknown
+    # one stage unreported: so is the total (its counts are what was reported)
+    assert _usage(events[-1]) == (7, 2, None, False)
     wire = json.loads(event_to_json(ends["draft"]))
-    assert wire["usage"] == {"input_tokens": None, "output_tokens": None, "cost": None}
-    assert event_from_json(event_to_json(events[-1])).usage.input_tokens is None
+    assert wire["usage"] == {"input_tokens": 0, "output_tokens": 0, "cost": None, "reported": False}
+    assert event_from_json(event_to_json(events[-1])).usage.reported is False
 
 
 async def test_an_attempt_refused_before_answering_counts_zero_one_cut_mid_answer_unknown() -> None:
@@ -765,15 +767,15 @@ async def test_an_attempt_refused_before_answering_counts_zero_one_cut_mid_answe
         "stage-retry a server_error",
         "stage-end a#2 succeeded",
     ]
-    assert _usage(events[-1]) == (5, 1, None)  # the refused call used nothing
+    assert _usage(events[-1]) == (5, 1, None, True)  # the refused call used nothing
     cut = ScriptedChatModel(
         scripts=[["par", TransientError("reset", type="connection_error")], ["ok"]], usage=(5, 1)
     )
     events = await collect(chain_of(ONE_LLM_RETRIED), {}, models={"fake": cut})
     assert events[-1].status == "succeeded"
     # the first call was answering when it broke and never said what it used
-    assert _usage(events[-2]) == (None, None, None)
-    assert _usage(events[-1]) == (None, None, None)
+    assert _usage(events[-2]) == (5, 1, None, False)
+    assert _usage(events[-1]) == (5, 1, None, False)
 
 
 ONE_LLM_RETRIED = """

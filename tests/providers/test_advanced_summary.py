@@ -71,11 +71,13 @@ def check_events(events: list[dict[str, Any]], server: OpenAIServer) -> None:
         "input_tokens": 100,
         "output_tokens": 6,
         "cost": pytest.approx(cost(100, 6)),
+        "reported": True,
     }
     assert ends[("polish",)]["usage"] == {
         "input_tokens": 50,
         "output_tokens": 20,
         "cost": pytest.approx(cost(50, 20)),
+        "reported": True,
     }
     assert ends[("polish",)]["output"] == POLISHED
     n = int(sections)
@@ -83,12 +85,14 @@ def check_events(events: list[dict[str, Any]], server: OpenAIServer) -> None:
         "input_tokens": 100 * n,
         "output_tokens": 6 * n,
         "cost": pytest.approx(cost(100, 6) * n),
+        "reported": True,
     }
     total_in, total_out = 100 * (n + 1) + 50, 6 * (n + 1) + 20
     assert events[-1]["usage"] == {
         "input_tokens": total_in,
         "output_tokens": total_out,
         "cost": pytest.approx(cost(total_in, total_out)),
+        "reported": True,
     }
     assert events[-1]["outputs"]["title"] == POLISHED["title"]
 

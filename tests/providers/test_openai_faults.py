@@ -126,9 +126,10 @@ async def test_a_server_that_streams_no_usage_gives_unknown_usage_not_zero(
     assert server.requests[0].body["stream_options"] == {"include_usage": True}
     for event in events[-2:]:  # the entry has prices: still no $0.0000
         assert json.loads(event_to_json(event))["usage"] == {
-            "input_tokens": None,
-            "output_tokens": None,
+            "input_tokens": 0,
+            "output_tokens": 0,
             "cost": None,
+            "reported": False,
         }
 
 
@@ -271,9 +272,14 @@ async def test_a_stream_stalled_mid_answer_hits_the_read_timeout(server: OpenAIS
     ]
     assert ended(events).output == "Hello, world."  # not "Hello,Hello, world."
     # The abandoned attempt was answering when it stalled and reported no usage: what it used
-    # is unknown, so the stage's total is too (not the second attempt's 11/4, an undercount).
+    # is unknown, so the stage's total is unreported (11/4 are the second attempt's: a floor).
     usage = ended(events).usage
-    assert (usage.input_tokens, usage.output_tokens, usage.cost) == (None, None, None)
+    assert (usage.input_tokens, usage.output_tokens, usage.cost, usage.reported) == (
+        11,
+        4,
+        None,
+        False,
+    )
     await server.wait_disconnect()  # the stalled response was abandoned, not left open
 
 

@@ -1,0 +1,810 @@
+"""Runs across a deployment: the run queue, the registry, control and the limit, in Redis.
+
+With ``event_log: redis://…`` every ``stagecast serve`` process and every ``stagecast worker``
+shares one Redis; any process serves any run's stream (``api.redislog``), status, cancel and
+input, with no sticky routing. The keys (prefix ``stagecast:``)::
+
+    queue           Stream, consumer group ``workers``: one entry (``run <id>``) per run
+    runs:<id>       Hash: status, worker, request (JSON), snapshot (the status JSON),
+                    cancel (1 once asked), viewers (open streams, every process)
+    admitted        Sorted set of the runs holding a slot: ``max_concurrent_runs`` holds
+                    across the deployment (checked and taken in one script with the enqueue)
+    idem:<key>      ``<fingerprint> <run_id>`` of an ``Idempotency-Key``
+    worker:<id>     Set with a PX of ``heartbeat_timeout``: the worker is alive
+    control         Pub/sub channel: ``{"op": "cancel", "run_id": …}`` reaches the owner
+
+- **Queue.** ``POST /v1/runs`` checks the request (the engine raises before anything runs),
+  then one Lua script takes a slot, writes the registry entry and the log's created marker, and
+  XADDs the queue. Workers (every serve process unless ``work_runs: false``, and
+  ``stagecast worker``) XREADGROUP one entry at a time and run it.
+- **Heartbeat.** A worker re-claims its own pending entries (``XCLAIM … 0 JUSTID``) every third
+  of ``heartbeat_timeout``, which keeps them idle-fresh. An entry idle for longer (its worker was
+  killed, or lost Redis) is taken by another worker with ``XAUTOCLAIM``: a run that had not
+  started starts there; a run that had started ends ``failed`` with an error of type
+  ``worker_lost`` (each stage that had not ended gets a failed ``stage-end`` first, then the
+  ``run-end``, continuing the seq), so no viewer waits forever. Continuing such a run from its
+  succeeded stages needs the edit-loop issue's stage reuse, not here yet.
+- **Control.** Cancel sets the registry's ``cancel`` flag (a worker that starts the run later
+  sees it) and publishes on ``control``; the owning worker cancels within a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from stagecast.api.catalog import ChainCatalog
+from stagecast.api.errors import ApiError
+from stagecast.api.eventlog import EventLogUnavailable, LogEntry, LogInfo, LogSlice, UnknownRun
+from stagecast.api.redislog import RedisEventLog
+from stagecast.api.runs import (
+    IdempotencyConflict,
+    ManagedRun,
+    OnDisconnect,
+    RunLimitError,
+    RunManager,
+    RunNotFound,
+)
+from stagecast.api.settings import ServerSettings
+from stagecast.engine.asking import AnswerRefused, NotWaiting
+from stagecast.engine.chain import Chain
+from stagecast.engine.events import (
+    ErrorInfo,
+    RunEnded,
+    StageEnded,
+    event_from_json,
+    event_to_json,
+)
+from stagecast.engine.orchestrator import ChainRun
+
+__all__ = ["FINAL", "Cluster", "worker_lost_message"]
+
+logger = logging.getLogger("stagecast.cluster")
+
+GROUP = "workers"
+ANSWER_SECONDS = 5.0
+"""How long ``POST /v1/runs/{id}/input`` waits for the owning worker to take an answer."""
+SNAPSHOT_SECONDS = 0.25
+"""How often a worker writes the changed status of its runs to the registry."""
+FINAL = ("succeeded", "failed", "cancelled")
+BLOCK_MS = 2000
+
+_ADMIT = """
+-- KEYS: admitted, runs:<id>, queue, run log stream, idem:<key> (or the same as KEYS[2])
+-- ARGV: limit, run_id, now_ms, request, snapshot, keep_ms, idem value ('' for none)
+if ARGV[7] ~= '' then
+  local known = redis.call('GET', KEYS[5])
+  if known then return 'known ' .. known end
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 'limit' end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('HSET', KEYS[2], 'status', 'pending', 'request', ARGV[4], 'snapshot', ARGV[5],
+           'viewers', 0)
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('XADD', KEYS[4], '0-1', 'f', '')
+redis.call('PEXPIRE', KEYS[4], ARGV[6])
+if ARGV[7] ~= '' then redis.call('SET', KEYS[5], ARGV[7], 'PX', ARGV[6]) end
+redis.call('XADD', KEYS[3], '*', 'run', ARGV[2])
+return 'ok'
+"""
+
+
+def worker_lost_message(worker: str, timeout: float) -> str:
+    return (
+        f"the worker running this run ({worker}) stopped: no heartbeat for {timeout:g} s; "
+        "the run ended failed (stages that had not ended are failed). Start a new run to try "
+        "again"
+    )
+
+
+@contextlib.contextmanager
+def _store() -> Iterator[None]:
+    """Redis errors of a request become ``EventLogUnavailable`` (HTTP 503, Retry-After)."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise EventLogUnavailable(f"the run queue (Redis) is unavailable: {exc}") from None
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Cluster:
+    """This process's part of a deployment: it submits runs, and (``work``) works them."""
+
+    def __init__(
+        self,
+        url: str,
+        settings: ServerSettings,
+        manager: RunManager,
+        catalog: ChainCatalog,
+        *,
+        work: bool = True,
+        worker_id: str | None = None,
+        prefix: str = "stagecast:",
+    ) -> None:
+        if not isinstance(manager.log, RedisEventLog):
+            raise ValueError("a deployment on Redis needs the Redis event log")
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=BLOCK_MS / 1000 + 5.0)
+        self.settings, self.manager, self.catalog = settings, manager, catalog
+        self.log: RedisEventLog = manager.log
+        self.work = work
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.prefix = prefix
+        self.queue = f"{prefix}queue"
+        self.admitted = f"{prefix}admitted"
+        self.control = f"{prefix}control"
+        self.heartbeat_timeout = settings.heartbeat_timeout
+        self._owned: dict[str, bytes] = {}  # run_id -> queue entry id
+        self._snapshots: dict[str, str] = {}  # run_id -> the snapshot last written
+        self._states: dict[str, str] = {}  # run_id -> the status last written
+        self._tasks: list[asyncio.Task[None]] = []
+        self._admit = self.redis.register_script(_ADMIT)
+        self._grace: dict[str, asyncio.TimerHandle] = {}
+        self._finishing: set[asyncio.Task[None]] = set()
+        manager.on_finished.append(self._on_finished)
+        self.taken_over = 0
+
+    def runs_key(self, run_id: str) -> str:
+        return f"{self.prefix}runs:{run_id}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.queue, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def start(self) -> None:
+        try:
+            await self._ensure_group()
+        except RedisError as exc:
+            logger.error("Redis is unreachable at start (%s); retrying in the background", exc)
+        if self.work:
+            loop = asyncio.get_running_loop()
+            jobs = (self._consume, self._heartbeat, self._takeover, self._listen, self._snapshot)
+            for job in jobs:
+                self._tasks.append(loop.create_task(self._forever(job), name=job.__name__))
+
+    async def stop_taking(self) -> None:
+        """Take no more runs from the queue (the first step of a shutdown)."""
+        for task in self._tasks:
+            if task.get_name() == "_consume":
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def stop(self) -> None:
+        """After the runs here ended: their registry updates, then the loops stop."""
+        if self._finishing:
+            await asyncio.wait(self._finishing, timeout=5.0)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for handle in self._grace.values():
+            handle.cancel()
+
+    async def aclose(self) -> None:
+        await self.stop()
+        await self.redis.aclose()
+
+    async def _forever(self, job: Any) -> None:
+        """Run a loop of the worker; when Redis goes away, log once and retry (bounded pace)."""
+        failing = False
+        while True:
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    logger.warning("worker %s: Redis: %s; retrying", self.worker_id, exc)
+                failing = True
+                await asyncio.sleep(0.5)
+                if "NOGROUP" in str(exc):  # Redis restarted empty: the queue is new
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._ensure_group()
+            except Exception:
+                logger.exception("worker %s: %s failed; restarting it", self.worker_id, job)
+                await asyncio.sleep(0.5)
+            else:
+                failing = False
+
+    # -- the API side: any process ---------------------------------------------------------
+
+    async def _submit(
+        self,
+        chain: Chain,
+        inputs: dict[str, Any],
+        *,
+        model: str | None,
+        on_disconnect: OnDisconnect,
+        coalesce_ms: float | None,
+        idempotency: tuple[str, str] | None,
+    ) -> tuple[str, bool]:
+        """Check and queue a run; ``(run_id, replayed)``. Raises InputError, ModelConfigError
+        (from the engine's checks), RunLimitError, IdempotencyConflict."""
+        if idempotency is not None:
+            known = await self.redis.get(f"{self.prefix}idem:{idempotency[0]}")
+            if known is not None:
+                return self._known(idempotency, _text(known)), True
+        probe = ChainRun(  # the engine's checks: inputs and model, before anything is queued
+            chain,
+            inputs,
+            models=self.manager.registry,
+            model=model,
+            render_limits=self.settings.render_limits(),
+        )
+        run_id = probe.run_id
+        request = {
+            "chain": chain.id,
+            "inputs": inputs,
+            "model": model,
+            "on_disconnect": on_disconnect,
+            "coalesce_ms": coalesce_ms,
+        }
+        snapshot = {
+            "run_id": run_id,
+            "chain": {"id": chain.id, "title": chain.title, "version": chain.spec.version},
+            "status": "pending",
+            "model": probe.default_model.label,
+            "created_at": _now_ms(),
+            "finished_at": None,
+            "last_seq": 0,
+            "on_disconnect": on_disconnect,
+            "viewers": 0,
+            "stages": {},
+            "pending_input": [],
+            "outputs": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0, "cost": None},
+            "error": None,
+        }
+        keep_ms = int(max(self.log.orphan_ttl, self.settings.finished_run_ttl) * 1000)
+        idem_key = f"{self.prefix}idem:{idempotency[0]}" if idempotency else self.runs_key(run_id)
+        answer = _text(
+            await self._admit(
+                keys=[
+                    self.admitted,
+                    self.runs_key(run_id),
+                    self.queue,
+                    self.log.key(run_id),
+                    idem_key,
+                ],
+                args=[
+                    self.settings.max_concurrent_runs,
+                    run_id,
+                    _now_ms(),
+                    json.dumps(request),
+                    json.dumps(snapshot),
+                    keep_ms,
+                    f"{idempotency[1]} {run_id}" if idempotency else "",
+                ],
+            )
+        )
+        if answer == "limit":
+            raise RunLimitError(self.settings.max_concurrent_runs)
+        if answer.startswith("known "):
+            assert idempotency is not None
+            return self._known(idempotency, answer[6:]), True
+        return run_id, False
+
+    async def submit(
+        self, chain: Chain, inputs: dict[str, Any], **options: Any
+    ) -> tuple[str, bool]:
+        """Check and queue a run; ``(run_id, replayed)``. Raises InputError, ModelConfigError
+        (from the engine's checks), RunLimitError, IdempotencyConflict, EventLogUnavailable."""
+        with _store():
+            return await self._submit(chain, inputs, **options)
+
+    async def status(self, run_id: str) -> dict[str, Any]:
+        """The run's status: the owner's if it is here, else the snapshot in the registry."""
+        with _store():
+            return await self._status(run_id)
+
+    async def cancel(self, run_id: str) -> str:
+        """Ask the owner to cancel (idempotent); the run's status now."""
+        with _store():
+            return await self._cancel(run_id)
+
+    async def answer(
+        self, run_id: str, stage: str, path: list[str | int] | None, value: Any
+    ) -> str:
+        """Answer the run's pending input: the owning worker checks and takes it (a round trip
+        through ``control``); the run's status. Raises RunNotFound, or ApiError (409/422 as the
+        owner decided, 503 when no owner answers within ``ANSWER_SECONDS``)."""
+        with _store():
+            return await self._answer(run_id, stage, path, value)
+
+    async def attach(self, run_id: str) -> None:
+        """A stream of the run opened (counted in the registry, for the whole deployment)."""
+        with _store():
+            await self._attach(run_id)
+
+    @staticmethod
+    def _known(idempotency: tuple[str, str], value: str) -> str:
+        fingerprint, _, run_id = value.partition(" ")
+        if fingerprint != idempotency[1]:
+            raise IdempotencyConflict(idempotency[0], run_id)
+        return run_id
+
+    async def _status(self, run_id: str) -> dict[str, Any]:
+        """The run's status: the owner's if it is here, else the snapshot in the registry."""
+        got: Any = await self.redis.hmget(self.runs_key(run_id), ["snapshot", "viewers"])
+        local: dict[str, Any] | None = None
+        try:
+            local = self.manager.status(run_id)
+        except RunNotFound:
+            pass
+        if local is None and got[0] is None:
+            raise RunNotFound(run_id)
+        status: dict[str, Any] = local if local is not None else json.loads(got[0])
+        status["viewers"] = int(got[1] or 0)
+        if status["status"] not in FINAL:
+            ended = await self._ended(run_id)
+            if ended is not None:  # the log is ahead of the registry's last snapshot
+                status.update(
+                    status=ended.status,
+                    last_seq=ended.seq,
+                    finished_at=ended.ts,
+                    outputs=ended.outputs,
+                    usage=asdict(ended.usage),
+                    error=asdict(ended.error) if ended.error else None,
+                )
+        return status
+
+    async def _ended(self, run_id: str) -> RunEnded | None:
+        """The run's run-end when its log has one (the log is the truth; the registry follows)."""
+        try:
+            info = await self.log.ainfo(run_id)
+            if info.last_seq == 0:
+                return None
+            last = (await self.log.read(run_id, info.last_seq - 1)).entries
+        except UnknownRun:
+            return None
+        if last and last[-1].type == "run-end":
+            event = event_from_json(last[-1].data)
+            assert isinstance(event, RunEnded)
+            return event
+        return None
+
+    async def _cancel(self, run_id: str) -> str:
+        """Ask the owner to cancel (idempotent); the run's status now."""
+        key = self.runs_key(run_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hget(key, "status")
+        pipe.hset(key, "cancel", 1)
+        status, _ = await pipe.execute()
+        if status is None:
+            await self.redis.delete(key)  # the HSET made an empty entry of an unknown run
+            raise RunNotFound(run_id)
+        status = _text(status)
+        if status not in FINAL:
+            ended = await self._ended(run_id)
+            if ended is not None:
+                return ended.status
+            if run_id in self._owned:
+                self.manager.cancel(run_id)
+            else:
+                await self.redis.publish(
+                    self.control, json.dumps({"op": "cancel", "run_id": run_id})
+                )
+        return status
+
+    async def _answer(
+        self, run_id: str, stage: str, path: list[str | int] | None, value: Any
+    ) -> str:
+        if run_id in self._owned:
+            reply = self._answer_here(run_id, stage, path, value)
+        else:
+            status = await self.redis.hget(self.runs_key(run_id), "status")
+            if status is None:
+                raise RunNotFound(run_id)
+            if _text(status) in FINAL or await self._ended(run_id) is not None:
+                now = _text(status) if _text(status) in FINAL else "finished"
+                raise ApiError(
+                    409,
+                    "not_waiting_input",
+                    f"run {run_id!r} is not waiting for input (status: {now})",
+                    {"status": now, "waiting": []},
+                )
+            box = f"{self.prefix}reply:{uuid.uuid4().hex}"
+            order = {"op": "input", "run_id": run_id, "stage": stage, "path": path}
+            await self.redis.publish(
+                self.control, json.dumps({**order, "value": value, "reply": box})
+            )
+            got: Any = await self.redis.blpop([box], timeout=ANSWER_SECONDS)
+            if got is None:
+                raise ApiError(
+                    503,
+                    "worker_unavailable",
+                    f"the worker running run {run_id!r} did not take the answer within "
+                    f"{ANSWER_SECONDS:g} s; retry",
+                    headers={"Retry-After": "1"},
+                )
+            reply = json.loads(got[1])
+        if "error" in reply:
+            error = reply["error"]
+            raise ApiError(error["http"], error["code"], error["message"], error["details"])
+        return str(reply["status"])
+
+    def _answer_here(
+        self, run_id: str, stage: str, path: list[str | int] | None, value: Any
+    ) -> dict[str, Any]:
+        """The owner's side of an answer, as the reply sent back (the route's own texts)."""
+        try:
+            managed = self.manager.get(run_id)
+            self.manager.answer(run_id, stage, path, value)
+        except RunNotFound as exc:
+            error = {"http": 404, "code": "unknown_run", "message": str(exc), "details": {}}
+            return {"error": error}
+        except NotWaiting as exc:
+            status = managed.status
+            message = f"run {run_id!r}: {exc} (status: {status})"
+            details: dict[str, Any] = {"status": status, "waiting": exc.waiting}
+            return {
+                "error": {
+                    "http": 409,
+                    "code": "not_waiting_input",
+                    "message": message,
+                    "details": details,
+                }
+            }
+        except AnswerRefused as exc:
+            details = {"fields": exc.problems, "path": exc.path}
+            return {
+                "error": {
+                    "http": 422,
+                    "code": "invalid_answer",
+                    "message": str(exc),
+                    "details": details,
+                }
+            }
+        return {"status": managed.status}
+
+    async def _attach(self, run_id: str) -> None:
+        handle = self._grace.pop(run_id, None)
+        if handle is not None:
+            handle.cancel()
+        await self.redis.hincrby(self.runs_key(run_id), "viewers", 1)
+
+    async def detach(self, run_id: str, disconnected: bool) -> None:
+        """A stream of the run ended; an ``on_disconnect: cancel`` run with no viewer left in
+        the whole deployment is cancelled after the grace period."""
+        key = self.runs_key(run_id)
+        try:
+            left = await self.redis.hincrby(key, "viewers", -1)
+            if not disconnected or left > 0:
+                return
+            raw = await self.redis.hmget(key, ["request", "status"])
+        except RedisError:
+            return
+        if raw[0] is None or _text(raw[1]) in FINAL:
+            return
+        if json.loads(raw[0]).get("on_disconnect") != "cancel":
+            return
+        grace = self.settings.disconnect_grace
+        loop = asyncio.get_running_loop()
+        if grace <= 0:
+            await self._cancel(run_id)
+            return
+        self._grace[run_id] = loop.call_later(
+            grace, lambda: loop.create_task(self._cancel_unwatched(run_id))
+        )
+
+    async def _cancel_unwatched(self, run_id: str) -> None:
+        self._grace.pop(run_id, None)
+        viewers = await self.redis.hget(self.runs_key(run_id), "viewers")
+        if viewers is not None and int(viewers) <= 0:
+            await self._cancel(run_id)
+
+    # -- the worker side -------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        while True:
+            manager = self.manager
+            running = manager.active
+            if not self.settings.waiting_runs_hold_slots:
+                running -= manager.waiting  # a run waiting for input holds no slot
+            if running >= self.settings.max_concurrent_runs:
+                await asyncio.sleep(0.05)  # this process is full: let the others take runs
+                continue
+            got: Any = await self.redis.xreadgroup(
+                GROUP, self.worker_id, {self.queue: ">"}, count=1, block=BLOCK_MS
+            )
+            for _, entries in got or []:
+                for entry_id, fields in entries:
+                    await self._take(entry_id, _text(fields[b"run"]))
+
+    async def _take(self, entry_id: bytes, run_id: str) -> None:
+        """Work a queue entry: start a pending run, fail a run whose worker was lost."""
+        key = self.runs_key(run_id)
+        record = {_text(k): v for k, v in (await self.redis.hgetall(key)).items()}
+        status = _text(record.get("status", b""))
+        if not record or status in FINAL:
+            await self._done(entry_id, run_id)
+            return
+        if status != "pending":  # it had started (running, or waiting for input): lost
+            await self._fail_lost(run_id, _text(record.get("worker", b"?")))
+            await self._done(entry_id, run_id)
+            return
+        request = json.loads(record["request"])
+        entry = self.catalog.find(request["chain"])
+        if entry is None or entry.chain is None:
+            await self._fail_unstarted(run_id, f"chain {request['chain']!r} is not on this worker")
+            await self._done(entry_id, run_id)
+            return
+        try:
+            managed = self.manager.start(
+                entry.chain,
+                request["inputs"],
+                model=request["model"],
+                on_disconnect=request["on_disconnect"],
+                coalesce_ms=request["coalesce_ms"],
+                run_id=run_id,
+                admitted=True,
+            )
+        except Exception as exc:  # checked when queued; a worker with other configs fails it
+            await self._fail_unstarted(run_id, f"the worker could not start it: {exc}")
+            await self._done(entry_id, run_id)
+            return
+        self._owned[run_id] = entry_id
+        snapshot = json.dumps(self.manager.status(run_id))
+        self._snapshots[run_id] = snapshot
+        await self.redis.hset(
+            key, mapping={"status": "running", "worker": self.worker_id, "snapshot": snapshot}
+        )
+        if record.get("cancel") or await self.redis.hget(key, "cancel"):
+            managed.run.cancel()
+
+    def _on_finished(self, managed: ManagedRun) -> None:
+        run_id = managed.run_id
+        entry_id = self._owned.get(run_id)
+        if entry_id is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._finished(managed, entry_id))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finished(self, managed: ManagedRun, entry_id: bytes) -> None:
+        run_id = managed.run_id
+        snapshot = self.manager.status(run_id)
+        snapshot["viewers"] = 0
+        await self.log.flush(5.0)  # the run-end is in the log before the registry says so
+        ttl_ms = max(1, int(self.settings.finished_run_ttl * 1000))
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            self.runs_key(run_id),
+            mapping={"status": managed.status, "snapshot": json.dumps(snapshot)},
+        )
+        pipe.pexpire(self.runs_key(run_id), ttl_ms)
+        await pipe.execute()
+        await self._done(entry_id, run_id)
+
+    async def _done(self, entry_id: bytes, run_id: str) -> None:
+        self._owned.pop(run_id, None)
+        self._snapshots.pop(run_id, None)
+        self._states.pop(run_id, None)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xack(self.queue, GROUP, entry_id)
+        pipe.xdel(self.queue, entry_id)
+        pipe.zrem(self.admitted, run_id)
+        await pipe.execute()
+
+    async def _heartbeat(self) -> None:
+        period = self.heartbeat_timeout / 3
+        while True:
+            await self.redis.set(
+                f"{self.prefix}worker:{self.worker_id}",
+                json.dumps({"runs": len(self._owned), "ts": _now_ms()}),
+                px=max(1, int(self.heartbeat_timeout * 1000)),
+            )
+            owned = dict(self._owned)
+            if owned:
+                kept: Any = await self.redis.xclaim(
+                    self.queue, GROUP, self.worker_id, 0, list(owned.values()), justid=True
+                )
+                kept_ids = {k if isinstance(k, bytes) else str(k).encode() for k in kept}
+                for run_id, entry_id in owned.items():
+                    if entry_id in kept_ids or run_id not in self._owned:
+                        continue
+                    owner = await self.redis.hget(self.runs_key(run_id), "worker")
+                    if owner is None or _text(owner) == self.worker_id:
+                        continue  # the queue was lost (Redis restarted empty): the run goes on
+                    # another worker took the run over (this one looked dead): stop it here
+                    logger.error("worker %s: run %s was taken over", self.worker_id, run_id)
+                    self._owned.pop(run_id, None)
+                    with contextlib.suppress(RunNotFound):
+                        self.manager.cancel(run_id)
+            await asyncio.sleep(period)
+
+    async def _snapshot(self) -> None:
+        while True:
+            await asyncio.sleep(SNAPSHOT_SECONDS)
+            if self._owned:
+                await self._write_snapshots(dict(self._owned))
+
+    async def _write_snapshots(self, owned: dict[str, bytes]) -> None:
+        """The changed status of these runs into the registry; a run waiting for input gives
+        its slot back (``waiting_runs_hold_slots: false``), and takes it again when answered."""
+        pipe = self.redis.pipeline(transaction=False)
+        dirty = False
+        for run_id in owned:
+            try:
+                status = self.manager.status(run_id)
+            except RunNotFound:
+                continue
+            snapshot = json.dumps(status)
+            if self._snapshots.get(run_id) != snapshot and run_id in self._owned:
+                before = self._states.get(run_id)
+                self._snapshots[run_id] = snapshot
+                self._states[run_id] = status["status"]
+                pipe.hset(
+                    self.runs_key(run_id),
+                    mapping={"snapshot": snapshot, "status": status["status"]},
+                )
+                if not self.settings.waiting_runs_hold_slots:
+                    if status["status"] == "waiting_input":
+                        pipe.zrem(self.admitted, run_id)
+                    elif before == "waiting_input":
+                        pipe.zadd(self.admitted, {run_id: _now_ms()}, nx=True)
+                dirty = True
+        if dirty:
+            await pipe.execute()
+
+    async def _takeover(self) -> None:
+        idle_ms = max(1, int(self.heartbeat_timeout * 1000))
+        while True:
+            await asyncio.sleep(self.heartbeat_timeout / 2)
+            start: Any = "0-0"
+            while True:
+                answer: Any = await self.redis.xautoclaim(
+                    self.queue, GROUP, self.worker_id, idle_ms, start_id=start, count=10
+                )
+                start, claimed = answer[0], answer[1]
+                for entry_id, fields in claimed:
+                    if not fields:
+                        continue
+                    self.taken_over += 1
+                    await self._take(entry_id, _text(fields[b"run"]))
+                if _text(start) == "0-0":
+                    break
+
+    async def _fail_lost(self, run_id: str, worker: str) -> None:
+        """End a run whose worker died: failed stage-ends for the open stages, then run-end."""
+        message = worker_lost_message(worker, self.heartbeat_timeout)
+        try:
+            info = await self.log.ainfo(run_id)
+            part = await self.log.read(run_id, info.first_seq - 1)
+        except UnknownRun:  # its events expired (orphan_ttl): only the registry is left
+            info, part = LogInfo(1, 0, True), LogSlice([], True)
+        open_units: dict[tuple[str, str], Any] = {}
+        ended = None
+        for item in part.entries:
+            event = event_from_json(item.data)
+            where = (str(event.stage), json.dumps(event.path))
+            if event.type == "stage-start":
+                open_units[where] = event
+            elif event.type == "stage-end":
+                open_units.pop(where, None)
+            elif event.type == "run-end":
+                ended = event
+        self.log.adopt(run_id, info.last_seq)
+        seq = info.last_seq
+        error = ErrorInfo(type="worker_lost", message=message)
+        if ended is None and not info.finished:
+            for start in reversed(list(open_units.values())):  # map items before their map
+                seq += 1
+                stage_end = StageEnded(
+                    run_id=run_id,
+                    seq=seq,
+                    ts=_now_ms(),
+                    stage=start.stage,
+                    path=start.path,
+                    attempt=start.attempt,
+                    status="failed",
+                    error=ErrorInfo(type="worker_lost", message=message, stage=start.stage),
+                )
+                self.log.append(run_id, LogEntry(seq, "stage-end", event_to_json(stage_end)))
+            seq += 1
+            ended = RunEnded(run_id=run_id, seq=seq, ts=_now_ms(), status="failed", error=error)
+            self.log.append(run_id, LogEntry(seq, "run-end", event_to_json(ended)))
+        if not info.finished:
+            self.log.finish(run_id)
+        await self.log.flush(5.0)
+        key = self.runs_key(run_id)
+        raw = await self.redis.hget(key, "snapshot")
+        snapshot = json.loads(raw) if raw else {"run_id": run_id}
+        snapshot.update(
+            status=ended.status if ended is not None else "failed",
+            finished_at=_now_ms(),
+            last_seq=seq,
+            viewers=0,
+            error={"type": "worker_lost", "message": message, "stage": None},
+        )
+        if ended is not None and ended.error is not None:
+            snapshot["error"] = {
+                "type": ended.error.type,
+                "message": ended.error.message,
+                "stage": ended.error.stage,
+            }
+        ttl_ms = max(1, int(self.settings.finished_run_ttl * 1000))
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            key,
+            mapping={
+                "status": snapshot["status"],
+                "snapshot": json.dumps(snapshot),
+                "worker": self.worker_id,  # the lost owner, if alive after all, stops the run
+            },
+        )
+        pipe.pexpire(key, ttl_ms)
+        await pipe.execute()
+        logger.warning("worker %s: run %s of lost worker %s failed", self.worker_id, run_id, worker)
+
+    async def _fail_unstarted(self, run_id: str, why: str) -> None:
+        """A queued run that cannot start on this worker: run-start is never sent; it fails."""
+        self.log.adopt(run_id, 0)
+        error = ErrorInfo(type="worker_error", message=why)
+        ended = RunEnded(run_id=run_id, seq=1, ts=_now_ms(), status="failed", error=error)
+        self.log.append(run_id, LogEntry(1, "run-end", event_to_json(ended)))
+        self.log.finish(run_id)
+        await self.log.flush(5.0)
+        raw = await self.redis.hget(self.runs_key(run_id), "snapshot")
+        snapshot = json.loads(raw) if raw else {"run_id": run_id}
+        snapshot.update(status="failed", last_seq=1, error={"type": "worker_error", "message": why})
+        await self.redis.hset(
+            self.runs_key(run_id),
+            mapping={"status": "failed", "snapshot": json.dumps(snapshot)},
+        )
+
+    async def _listen(self) -> None:
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(self.control)
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None or message.get("type") != "message":
+                    continue
+                try:
+                    order = json.loads(message["data"])
+                except ValueError:
+                    continue
+                run_id = order.get("run_id")
+                if run_id not in self._owned:
+                    continue  # another worker's run
+                if order.get("op") == "cancel":
+                    with contextlib.suppress(RunNotFound):
+                        self.manager.cancel(run_id)
+                elif order.get("op") == "input" and isinstance(order.get("reply"), str):
+                    reply = self._answer_here(
+                        run_id, str(order.get("stage")), order.get("path"), order.get("value")
+                    )
+                    pipe = self.redis.pipeline(transaction=True)
+                    pipe.rpush(order["reply"], json.dumps(reply))
+                    pipe.pexpire(order["reply"], int(ANSWER_SECONDS * 2000))
+                    await pipe.execute()
+                    await self._write_snapshots({run_id: self._owned[run_id]})
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]

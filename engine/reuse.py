@@ -1,0 +1,253 @@
+"""Recordings, and re-runs that reuse an earlier run's stage outputs.
+
+A recording is a run's event stream, one wire-JSON event a line (NDJSON): exactly what
+``stagecast run --events`` prints, ``--record`` writes and ``GET /v1/runs/{id}/events?format=
+ndjson`` serves. There is no second storage format: ``run-start`` carries the chain (id, title,
+version), the model and the inputs, every ``stage-end`` the stage's output and its
+``fingerprint``.
+
+The fingerprint of a stage (or of one map item) is a SHA-256 over its resolved spec (the stage's
+YAML without ``label`` and ``weight``, the chain's ``defaults``, the model an llm stage resolves
+to) and over its rendered input: the values its prompt, text or query (a map: its ``over``)
+render to in the run's context. An edited prompt, a changed input it reads, an upstream output
+that changed, a different model: a new fingerprint. A map item's rendered prompt holds its item,
+so items are reused one by one. A re-run (``Reuse``) takes an earlier ``stage-end`` instead of
+executing the stage when it succeeded, has the same path and the same fingerprint, and the stage
+is neither the ``from`` stage nor downstream of it. A failed, skipped or cancelled stage is never
+reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from stagecast.engine.chain import Chain, stage_templates
+from stagecast.engine.errors import ChainError
+from stagecast.engine.events import (
+    RunEvent,
+    RunStarted,
+    SourceFound,
+    StageEnded,
+    event_from_json,
+)
+from stagecast.engine.spec import LlmStage, MapStage, StageSpec
+
+__all__ = [
+    "Fingerprints",
+    "Recording",
+    "RecordingError",
+    "Reuse",
+    "ReuseError",
+    "downstream_of",
+    "own_templates",
+]
+
+_COSMETIC = {"label", "weight"}
+
+
+class RecordingError(ChainError):
+    """A recording cannot be read: names the file and line (``file:line: problem``)."""
+
+
+class ReuseError(ChainError):
+    """A recording cannot be reused for this run (another chain or version, an unknown stage)."""
+
+
+@dataclass
+class Recording:
+    """The events of one recorded run, validated, in order."""
+
+    events: list[RunEvent]
+    name: str = "recording"
+
+    @property
+    def start(self) -> RunStarted:
+        first = self.events[0]
+        assert isinstance(first, RunStarted)
+        return first
+
+    @classmethod
+    def from_lines(cls, lines: Iterable[str | bytes], name: str = "recording") -> Recording:
+        """Parse NDJSON lines; a bad line raises RecordingError ``name:line: problem``."""
+        events: list[RunEvent] = []
+        for number, raw in enumerate(lines, 1):
+            text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+            if not text.strip():
+                continue
+            try:
+                event = event_from_json(text)
+            except ValidationError as exc:
+                problem = _first_problem(exc)
+                raise RecordingError(f"{name}:{number}: not a Stagecast event: {problem}") from None
+            if not events and not isinstance(event, RunStarted):
+                raise RecordingError(
+                    f"{name}:{number}: a recording starts with run-start, not {event.type}"
+                )
+            events.append(event)
+        if not events:
+            raise RecordingError(f"{name}: empty: no events (expected NDJSON from --record)")
+        return cls(events, name)
+
+    @classmethod
+    def read(cls, path: Path) -> Recording:
+        try:
+            with path.open("rb") as file:
+                return cls.from_lines(file, str(path))
+        except FileNotFoundError:
+            raise RecordingError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise RecordingError(f"{path}: is a directory") from None
+        except OSError as exc:
+            raise RecordingError(f"{path}: {exc.strerror or exc}") from None
+
+
+def _first_problem(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return str(exc)
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return f"{where}: {first.get('msg', '')}" if where else str(first.get("msg", ""))
+
+
+def downstream_of(chain: Chain, stage_id: str) -> set[str]:
+    """``stage_id`` and every top-level stage that depends on it, directly or not."""
+    found = {stage_id}
+    changed = True
+    while changed:
+        changed = False
+        for stage, deps in chain.deps.items():
+            if stage not in found and any(d in found for d in deps):
+                found.add(stage)
+                changed = True
+    return found
+
+
+def own_templates(spec: StageSpec) -> list[str]:
+    """The templates whose rendered values a stage's fingerprint covers: its prompt, text or
+    query (a map: its ``over``; its nested stage is fingerprinted per item); not ``when``."""
+    found: list[str] = []
+    for template in stage_templates(spec):
+        if template.path[0] == "when" or (
+            isinstance(spec, MapStage) and template.path[0] != "over"
+        ):
+            continue
+        found.append(template.source)
+    return found
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(
+        value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str
+    ).encode("utf-8", "surrogatepass")
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(_canonical(value)).hexdigest()
+
+
+class Fingerprints:
+    """Fingerprints for one run: a stage's resolved spec is hashed once per run."""
+
+    def __init__(self, chain: Chain, model_of: Callable[[LlmStage], str]) -> None:
+        self.model_of = model_of
+        """The label of the model an llm stage resolves to."""
+        self._specs: dict[int, str] = {}
+        self._defaults = chain.spec.defaults.model_dump(mode="json")
+
+    def _spec_digest(self, spec: StageSpec) -> str:
+        key = id(spec)
+        found = self._specs.get(key)
+        if found is None:
+            data: dict[str, Any] = {"spec": _strip(spec.model_dump(mode="json", by_alias=True))}
+            models: list[str] = []
+            todo: list[StageSpec] = [spec]
+            while todo:  # the llm stages it is or holds (a map's stage, or its stages)
+                inner = todo.pop(0)
+                if isinstance(inner, MapStage):
+                    todo.extend([inner.stage] if inner.stage is not None else inner.stages or [])
+                elif isinstance(inner, LlmStage):
+                    models.append(self.model_of(inner))
+            if models:
+                data["models"] = models
+                data["defaults"] = self._defaults
+            found = self._specs[key] = _digest(data)
+        return found
+
+    def of(self, spec: StageSpec, rendered: list[Any]) -> str:
+        """The fingerprint of ``spec`` whose ``own_templates`` rendered to ``rendered``."""
+        return _digest({"spec": self._spec_digest(spec), "rendered": rendered})
+
+
+def _strip(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _strip(v) for k, v in data.items() if k not in _COSMETIC}
+    return data
+
+
+@dataclass
+class _Earlier:
+    end: StageEnded
+    sources: list[SourceFound] = field(default_factory=list)
+
+
+class Reuse:
+    """What a re-run may take from an earlier run (its recording).
+
+    Raises ReuseError when the recording is of another chain or chain version, or ``from_stage``
+    is not a top-level stage of ``chain``.
+    """
+
+    def __init__(self, recording: Recording, chain: Chain, from_stage: str | None = None) -> None:
+        start = recording.start
+        recorded = start.chain
+        version = chain.spec.version
+        if recorded.id != chain.id:
+            raise ReuseError(
+                f"{recording.name}: a recording of chain {recorded.id!r}, not {chain.id!r}; "
+                "reuse needs a recording of the same chain"
+            )
+        if recorded.version != version:
+            raise ReuseError(
+                f"{recording.name}: recorded with {chain.id!r} version {recorded.version!r}, "
+                f"but the chain is now version {version!r}; outputs of another version are "
+                "not reused (run without reuse, or reuse a recording of this version)"
+            )
+        self.forced: set[str] = set()
+        if from_stage is not None:
+            ids = [s.id or "" for s in chain.spec.stages]
+            if from_stage not in ids:
+                raise ReuseError(
+                    f"from: no stage {from_stage!r} in {chain.id!r}; stages are: {', '.join(ids)}"
+                )
+            self.forced = downstream_of(chain, from_stage)
+        self.recording = recording
+        self.inputs: dict[str, Any] = dict(start.inputs)
+        self._earlier: dict[tuple[str | int, ...], _Earlier] = {}
+        sources: dict[tuple[str | int, ...], list[SourceFound]] = {}
+        for event in recording.events:
+            if event.path is None:
+                continue
+            key = tuple(event.path)
+            if isinstance(event, SourceFound):
+                sources.setdefault(key, []).append(event)
+            elif isinstance(event, StageEnded):
+                found = sources.pop(key, [])
+                if event.status == "succeeded" and event.fingerprint:
+                    self._earlier[key] = _Earlier(event, found)
+
+    def find(self, path: list[str | int], fingerprint: str) -> _Earlier | None:
+        """The earlier stage-end (and its sources) to reuse at ``path``, or None: run it."""
+        if path and path[0] in self.forced:
+            return None
+        found = self._earlier.get(tuple(path))
+        if found is None or found.end.fingerprint != fingerprint:
+            return None
+        return found
