@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -486,6 +487,36 @@ async def get_chain(chain_id: str, request: Request) -> dict[str, Any]:
 # -- runs -----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _start_errors(model: str | None) -> Iterator[None]:
+    """What starting a run (here, queued, or a replay) can refuse, as the client sees it."""
+    try:
+        yield
+    except InputError as exc:
+        fields = {f"inputs.{name}": problem for name, problem in exc.errors.items()}
+        raise ApiError(
+            422, "invalid_inputs", f"the inputs are invalid: {exc}", {"fields": fields}
+        ) from None
+    except ModelConfigError as exc:
+        field = "model" if model is not None else "chain"
+        raise ApiError(422, "invalid_model", str(exc), {"fields": {field: str(exc)}}) from None
+    except RunLimitError as exc:
+        raise ApiError(
+            429,
+            "too_many_runs",
+            str(exc),
+            {"limit": exc.limit, "setting": exc.setting},
+            headers={"Retry-After": "1"},
+        ) from None
+    except IdempotencyConflict as exc:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            str(exc),
+            {"fields": {"Idempotency-Key": str(exc)}, "run_id": exc.run_id},
+        ) from None
+
+
 @v1.post(
     "/runs",
     status_code=201,
@@ -518,21 +549,14 @@ async def create_run(
     if state.cluster is not None:
         return await _create_queued(state, request, body, stream, idempotency, last_event_id)
     if idempotency is not None:
-        try:
+        with _start_errors(body.model):
             known = state.manager.find_idempotent(*idempotency)
-        except IdempotencyConflict as exc:
-            raise ApiError(
-                422,
-                "idempotency_key_reused",
-                str(exc),
-                {"fields": {"Idempotency-Key": str(exc)}, "run_id": exc.run_id},
-            ) from None
         if known is not None:
             return await _replayed(state, request, known, stream, last_event_id)
     chain = _loaded(_find_chain(state, body.chain))
     on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
     reuse = await _reuse(state, body.reuse, chain) if body.reuse is not None else None
-    try:
+    with _start_errors(body.model):
         managed = state.manager.start(
             chain,
             body.inputs,
@@ -542,22 +566,6 @@ async def create_run(
             idempotency=idempotency,
             reuse=reuse,
         )
-    except InputError as exc:
-        fields = {f"inputs.{name}": problem for name, problem in exc.errors.items()}
-        raise ApiError(
-            422, "invalid_inputs", f"the inputs are invalid: {exc}", {"fields": fields}
-        ) from None
-    except ModelConfigError as exc:
-        field = "model" if body.model is not None else "chain"
-        raise ApiError(422, "invalid_model", str(exc), {"fields": {field: str(exc)}}) from None
-    except RunLimitError as exc:
-        raise ApiError(
-            429,
-            "too_many_runs",
-            str(exc),
-            {"limit": exc.limit, "setting": exc.setting},
-            headers={"Retry-After": "1"},
-        ) from None
     run_id = managed.run_id
     urls = _urls(request, run_id)
     # a shared log: the run is visible to every process before its id is (bounded wait)
@@ -592,7 +600,7 @@ async def _create_queued(
         )
     chain = _loaded(_find_chain(state, body.chain))
     on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
-    try:
+    with _start_errors(body.model):
         run_id, replayed = await state.cluster.submit(
             chain,
             body.inputs,
@@ -601,25 +609,6 @@ async def _create_queued(
             coalesce_ms=body.coalesce_ms,
             idempotency=idempotency,
         )
-    except InputError as exc:
-        fields = {f"inputs.{name}": problem for name, problem in exc.errors.items()}
-        raise ApiError(
-            422, "invalid_inputs", f"the inputs are invalid: {exc}", {"fields": fields}
-        ) from None
-    except ModelConfigError as exc:
-        field = "model" if body.model is not None else "chain"
-        raise ApiError(422, "invalid_model", str(exc), {"fields": {field: str(exc)}}) from None
-    except RunLimitError as exc:
-        raise ApiError(
-            429, "too_many_runs", str(exc), {"limit": exc.limit}, headers={"Retry-After": "1"}
-        ) from None
-    except IdempotencyConflict as exc:
-        raise ApiError(
-            422,
-            "idempotency_key_reused",
-            str(exc),
-            {"fields": {"Idempotency-Key": str(exc)}, "run_id": exc.run_id},
-        ) from None
     urls = _urls(request, run_id)
     extra = {"Idempotent-Replayed": "true"} if replayed else {}
     if stream:
@@ -775,14 +764,10 @@ async def create_replay(body: ReplayRequest, request: Request) -> Response:
         raise ApiError(
             422, "invalid_request", f"speed: {exc}", {"fields": {"speed": str(exc)}}
         ) from None
-    try:
+    with _start_errors(None):
         managed = state.manager.start_replay(
             recording, speed=speed, on_disconnect=body.on_disconnect
         )
-    except RunLimitError as exc:
-        raise ApiError(
-            429, "too_many_runs", str(exc), {"limit": exc.limit}, headers={"Retry-After": "1"}
-        ) from None
     urls = _urls(request, managed.run_id)
     return JSONResponse(
         {"run_id": managed.run_id, "status": managed.status, **urls},
