@@ -13,9 +13,11 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import NoReturn
 
-import pytest
 import redis
+
+from tests.setup_needed import not_set_up, required
 
 __all__ = ["RedisServer", "redis_required", "unavailable"]
 
@@ -23,15 +25,14 @@ REDIS_SERVER = os.environ.get("STAGECAST_REDIS_SERVER", "redis-server")
 
 
 def redis_required() -> bool:
-    return os.environ.get("CI") == "true" or os.environ.get("STAGECAST_REQUIRE_REDIS") == "1"
+    return required("STAGECAST_REQUIRE_REDIS")
 
 
-def unavailable(message: str) -> None:
+def unavailable(message: str) -> NoReturn:
     """Skip (or, in CI, fail) a test that needs Redis, saying why."""
-    message = f"{message} (tests/setup.sh installs Debian's redis-server)"
-    if redis_required():
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    not_set_up(
+        f"{message} (tests/setup.sh installs Debian's redis-server)", also="STAGECAST_REQUIRE_REDIS"
+    )
 
 
 def free_port() -> int:

@@ -36,6 +36,7 @@ from stagecast.api.settings import ServerSettings
 from stagecast.engine.offline import OfflineChatModel
 from stagecast.engine.resources import SHIPPED_CHAINS
 from tests.browser.streamcut import StreamCutter
+from tests.setup_needed import not_set_up
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -73,11 +74,10 @@ def _ensure_chromium() -> None:
     # installing is tests/setup.sh's job (the README's test command runs it), never pytest's
     if CHROMIUM.exists():
         return
-    message = f"{CHROMIUM} is missing: run `sh tests/setup.sh` (installs Debian's chromium)"
-    # in CI (CI=true) a browser test that cannot run is a failure, never a silent skip
-    if os.environ.get("STAGECAST_REQUIRE_BROWSER") == "1" or os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    not_set_up(
+        f"{CHROMIUM} is missing: run `sh tests/setup.sh` (installs Debian's chromium)",
+        also="STAGECAST_REQUIRE_BROWSER",
+    )
 
 
 @pytest.fixture(scope="session")

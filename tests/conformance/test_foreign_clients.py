@@ -10,8 +10,6 @@ packages skips with the reason; with CI=true that is a failure.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 
 from tests.api.conftest import ScriptedModel, live_server, make_app
 from tests.conformance.cutproxy import CuttingProxy
+from tests.setup_needed import node_with
 
 HERE = Path(__file__).resolve().parent
 PACKAGES = ("eventsource", "@microsoft/fetch-event-source")
@@ -28,20 +27,7 @@ CUTS = 6
 
 
 def node_or_skip() -> str:
-    node = shutil.which("node")
-    missing = [p for p in PACKAGES if not (HERE / "node_modules" / p / "package.json").is_file()]
-    problem = None
-    if node is None:
-        problem = "node is not installed"
-    elif missing:
-        problem = f"the npm packages {', '.join(missing)} are not installed in {HERE}"
-    if problem is None:
-        assert node is not None
-        return node
-    message = f"{problem}: run `sh tests/setup.sh` (it installs them with `npm ci`)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    return node_with(HERE, PACKAGES)
 
 
 def runs_started(url: str) -> int:

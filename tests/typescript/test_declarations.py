@@ -9,15 +9,14 @@ node or the npm packages skips with the reason; with CI=true that is a failure.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from stagecast.api.rest_schema import rest_json_schema_text
+from tests.setup_needed import node_with
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -27,20 +26,7 @@ PACKAGES = ("json-schema-to-typescript", "typescript")
 
 
 def node_or_skip() -> str:
-    node = shutil.which("node")
-    missing = [p for p in PACKAGES if not (HERE / "node_modules" / p / "package.json").is_file()]
-    problem = None
-    if node is None:
-        problem = "node is not installed"
-    elif missing:
-        problem = f"the npm packages {', '.join(missing)} are not installed in {HERE}"
-    if problem is None:
-        assert node is not None
-        return node
-    message = f"{problem}: run `sh tests/setup.sh` (it installs them with `npm ci`)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    return node_with(HERE, PACKAGES)
 
 
 def tsc(node: str, project: Path, cwd: Path = HERE) -> subprocess.CompletedProcess[str]:
