@@ -7,8 +7,13 @@ input, with no sticky routing. The keys (prefix ``stagecast:``)::
     queue           Stream, consumer group ``workers``: one entry (``run <id>``) per run
     runs:<id>       Hash: status, worker, request (JSON), snapshot (the status JSON),
                     cancel (1 once asked), viewers (open streams, every process)
+    source:<id>     String (NDJSON): what a queued replay plays (its recording) or a queued
+                    re-run reuses (the earlier run-start and reusable stage-ends, no tokens);
+                    at most ``MAX_SOURCE_BYTES``, deleted when the run is done
     admitted        Sorted set of the runs holding a slot: ``max_concurrent_runs`` holds
                     across the deployment (checked and taken in one script with the enqueue)
+    waiting         Sorted set of the runs waiting for input, scored by a lease (ms) that
+                    their owner renews: ``max_waiting_runs`` holds across the deployment
     idem:<key>      ``<fingerprint> <run_id>`` of an ``Idempotency-Key``
     worker:<id>     Set with a PX of ``heartbeat_timeout``: the worker is alive
     control         Pub/sub channel: ``{"op": "cancel", "run_id": …}`` reaches the owner
@@ -17,6 +22,17 @@ input, with no sticky routing. The keys (prefix ``stagecast:``)::
   then one Lua script takes a slot, writes the registry entry and the log's created marker, and
   XADDs the queue. Workers (every serve process unless ``work_runs: false``, and
   ``stagecast worker``) XREADGROUP one entry at a time and run it.
+- **Re-runs and replays.** The receiving process checks them as one process does (``reuse``:
+  the earlier run from the shared log, or a recording of its ``--recordings`` folder; the same
+  refusals) and puts what the worker needs in ``source:<id>`` in the admit script; the request
+  stays small (``{"kind": "replay", "name", "speed", …}`` or ``"reuse": {"name", "from"}``).
+  The worker rebuilds the ``Recording`` (and ``Reuse``) from it: no recordings folder needed.
+  A replay takes a slot like a run and is not checked against ``max_waiting_runs``.
+- **Waiting runs.** The owner's snapshots add a run that waits for input to ``waiting`` (and
+  give its slot back unless ``waiting_runs_hold_slots``), and remove it once answered; the admit
+  script drops lapsed leases, then refuses a run at ``max_waiting_runs``. A run that is done
+  leaves ``waiting`` with its slot; a lost worker's waiting runs leave it when their lease
+  (``heartbeat_timeout``, renewed every third of it) runs out, taken over or not.
 - **Heartbeat.** A worker re-claims its own pending entries (``XCLAIM … 0 JUSTID``) every third
   of ``heartbeat_timeout``, which keeps them idle-fresh. An entry idle for longer (its worker was
   killed, or lost Redis) is taken by another worker with ``XAUTOCLAIM``: a run that had not

@@ -124,9 +124,7 @@ def test_a_rerun_reuses_a_run_another_process_executed(
     assert status(b, again)["status"] == "succeeded"
 
     # from a stage: it and what depends on it run again, the rest is reused
-    created = post(
-        b, "/v1/runs", {"chain": "slow", "reuse": {"run_id": first, "from": "second"}}
-    )
+    created = post(b, "/v1/runs", {"chain": "slow", "reuse": {"run_id": first, "from": "second"}})
     assert created.status_code == 201, created.text
     events = read_events(b, created.json()["run_id"])
     check_invariants(events)
