@@ -134,6 +134,10 @@ class _Unstartable(Exception):
     """A queued run this worker cannot start (the message says why); it ends failed."""
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
 def _ndjson(events: Iterable[RunEvent], field: str, name: str) -> str:
     """Events as NDJSON for ``source:<id>``; ApiError 422 over ``MAX_SOURCE_BYTES``."""
     text = "\n".join(event_to_json(event) for event in events)
@@ -141,8 +145,8 @@ def _ndjson(events: Iterable[RunEvent], field: str, name: str) -> str:
     if size > MAX_SOURCE_BYTES:
         code = "invalid_reuse" if field == "reuse" else "invalid_recording"
         problem = (
-            f"{name}: {size / 2**20:.1f} MiB to carry to a worker; a deployment on Redis "
-            f"carries up to {MAX_SOURCE_BYTES // 2**20} MiB"
+            f"{name}: {_size(size)} to carry to a worker; a deployment on Redis carries up to "
+            f"{_size(MAX_SOURCE_BYTES)}"
         )
         raise ApiError(422, code, f"{field}: {problem}", {"fields": {field: problem}})
     return text
@@ -428,6 +432,13 @@ class Cluster:
         (from the engine's checks), RunLimitError, IdempotencyConflict, EventLogUnavailable."""
         with _store():
             return await self._submit(chain, inputs, **options)
+
+    async def known(self, idempotency: tuple[str, str]) -> str | None:
+        """The run an ``Idempotency-Key`` started, None for a new key; raises
+        IdempotencyConflict when it came with another request."""
+        with _store():
+            found = await self.redis.get(f"{self.prefix}idem:{idempotency[0]}")
+        return None if found is None else self._known(idempotency, _text(found))
 
     async def submit_replay(
         self, recording: Recording, *, speed: float | None, on_disconnect: OnDisconnect

@@ -593,7 +593,13 @@ async def _create_queued(
     chain = _loaded(_find_chain(state, body.chain))
     on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
     # checked here, as in one process: an unknown run, another chain or version is refused now
-    reuse = await _reuse(state, body.reuse, chain) if body.reuse is not None else None
+    # (after the Idempotency-Key: a retried create finds its run even if the earlier one is gone)
+    reuse = None
+    if body.reuse is not None:
+        with _start_errors(body.model):
+            known = await state.cluster.known(idempotency) if idempotency else None
+        if known is None:
+            reuse = await _reuse(state, body.reuse, chain)
     with _start_errors(body.model):
         run_id, replayed = await state.cluster.submit(
             chain,

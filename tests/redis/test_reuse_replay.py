@@ -164,6 +164,19 @@ def test_a_rerun_reuses_a_run_another_process_executed(
     )
     both = refused({"run_id": first, "recording": "first-run"}, 422)
     assert both["message"] == "reuse: give exactly one of run_id and recording"
+
+    # a retried create (Idempotency-Key) finds its run, even once the reused run is gone
+    body = {"chain": "slow", "reuse": {"run_id": first}}
+    key = {"Idempotency-Key": "rerun-1"}
+    created = httpx.post(f"{b}/v1/runs", json=body, headers=key, timeout=10)
+    assert created.status_code == 201, created.text
+    deployment.redis.delete(f"stagecast:run:{first}")  # as when it expires
+    again = httpx.post(f"{b}/v1/runs", json=body, headers=key, timeout=10)
+    assert again.status_code == 200, again.text
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["run_id"] == created.json()["run_id"]
+    assert refused({"run_id": first}, 404)["code"] == "unknown_run"  # a new request: gone
+    assert ends(read_events(b, created.json()["run_id"])) == [("first", True), ("second", True)]
     left_nothing(deployment)
 
 
@@ -226,6 +239,9 @@ def test_a_replay_started_through_one_process_streams_resumes_and_cancels_throug
         full = post(a, path, body)
         assert full.status_code == 429, full.text
         assert full.json()["error"]["details"] == {"limit": 1, "setting": "max_concurrent_runs"}
+    # a refused request left nothing behind: the one source is the running replay's
+    sources = list(deployment.redis.scan_iter("stagecast:source:*"))
+    assert sources == [f"stagecast:source:{slow}".encode()]
     cancel = httpx.post(f"{b}/v1/runs/{slow}/cancel", timeout=10)
     assert cancel.status_code == 202 and cancel.json()["run_id"] == slow
     t0 = time.monotonic()
@@ -326,3 +342,25 @@ def test_a_lost_worker_s_waiting_runs_leave_the_count(deployment: Deployment) ->
         assert response.json()["error"]["details"]["setting"] == "max_waiting_runs"
         assert time.monotonic() - killed < timeout + 5, "the lost run still counts as waiting"
         time.sleep(0.1)
+
+
+def test_what_a_queued_run_carries_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stagecast.api import cluster
+    from stagecast.api.errors import ApiError
+    from stagecast.engine.events import RunEnded
+
+    events = [RunEnded(run_id="run_x", seq=1, ts=0, status="succeeded", outputs="x" * 2000)]
+    assert cluster._ndjson(events, "recording", "big.ndjson").startswith('{"v":1,')
+    size = len(cluster._ndjson(events, "recording", "big.ndjson"))
+    monkeypatch.setattr(cluster, "MAX_SOURCE_BYTES", 1024)
+    for field, code in (("recording", "invalid_recording"), ("reuse", "invalid_reuse")):
+        with pytest.raises(ApiError) as raised:
+            cluster._ndjson(events, field, "big.ndjson")
+        error = raised.value
+        assert (error.status, error.code) == (422, code)
+        problem = (
+            f"big.ndjson: {size / 1024:.1f} KiB to carry to a worker; a deployment on Redis "
+            "carries up to 1.0 KiB"
+        )
+        assert error.message == f"{field}: {problem}"
+        assert error.details == {"fields": {field: problem}}
