@@ -100,6 +100,8 @@ class ManagedRun:
     idempotency_key: str | None = None
     grace: asyncio.TimerHandle | None = None
     """The pending cancel of an ``on_disconnect: cancel`` run that has no viewer."""
+    changes: int = 0
+    """Events other than tokens so far: what the status shows besides counts changed."""
 
     @property
     def run_id(self) -> str:
@@ -289,6 +291,9 @@ class RunManager:
         def sink(event: RunEvent) -> None:
             append(run_id, LogEntry(event.seq, event.type, event_to_json(event)))
             kind = event.type
+            if kind == "token":
+                return
+            managed.changes += 1
             if kind == "stage-end" and event.path is not None and len(event.path) == 1:
                 stage = event.stage or ""
                 observe(kinds.get(stage, "unknown"), event.status, event.duration_ms / 1000)  # type: ignore[union-attr]
