@@ -96,6 +96,8 @@ ANSWER_SECONDS = 5.0
 SNAPSHOT_SECONDS = 0.25
 """How often a worker writes the changed status of its runs to the registry: a run whose
 stages, input or status changed (any event but a token) is written within this time."""
+SNAPSHOT_SLICE = 25
+"""Statuses built between two turns of the event loop."""
 SNAPSHOT_REFRESH = 2.0
 """A run that only streamed tokens since is written again after this long (its token and usage
 counts; ``last_seq`` itself is read from the log by the status route)."""
@@ -851,6 +853,7 @@ class Cluster:
         pipe = self.redis.pipeline(transaction=False)
         dirty = False
         now = time.monotonic()
+        built = 0
         for run_id in owned:
             try:
                 managed = self.manager.get(run_id)
@@ -860,6 +863,14 @@ class Cluster:
             seen = self._changes.get(run_id)
             if seen is not None and seen[0] == changes and now - seen[1] < SNAPSHOT_REFRESH:
                 continue  # only tokens since the last look: building the status can wait
+            built += 1
+            if built % SNAPSHOT_SLICE == 0:
+                # runs started together change together (a stage ends in each): building
+                # hundreds of statuses in one go stalled every stream of the process for
+                # ~100 ms; let the loop run between slices
+                await asyncio.sleep(0)
+                if run_id not in self._owned:
+                    continue
             self._changes[run_id] = (changes, now)
             status = self.manager.status(run_id)
             snapshot = json.dumps(status)

@@ -78,6 +78,8 @@ BLOCK_SECONDS = 2.0
 """Longest single XREAD BLOCK (under the client's socket timeout); longer waits loop."""
 WRITE_COUNT = 1000
 """At most this many events per XREAD, so one write of a replay stays bounded."""
+DELIVER_SLICE = 100
+"""Runs handed out between two turns of the event loop, from one shared read."""
 SWEEP_SECONDS = 1.0
 """How often the shared reader reads every followed run, whatever the channel said."""
 LAG_FRAMES = 4 * WRITE_COUNT
@@ -741,7 +743,11 @@ class RedisEventLog(EventLog):
             self.shared_reads += 1
             self.last_read = len(streams)
             # RESP3 (redis-py 8's default) sends a map, RESP2 a list of [key, entries]
-            for key, entries in got.items() if isinstance(got, dict) else got or []:
+            for at, (key, entries) in enumerate(
+                got.items() if isinstance(got, dict) else got or []
+            ):
+                if at and at % DELIVER_SLICE == 0:
+                    await asyncio.sleep(0)  # a read of many runs: let their viewers write
                 followers = self._follows.get(key)
                 if not followers:
                     continue
