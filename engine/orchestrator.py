@@ -345,6 +345,16 @@ class ChainRun:
         self.resume = resume
         if resume is not None:
             self._check_resume(resume)
+            self._seq = resume.last_seq  # where the status stands before it goes on
+            maps = {s.id for s in chain.spec.stages if isinstance(s, MapStage)}
+            for key, end in resume.ended.items():
+                state = self.stages.get(str(key[0])) if len(key) == 1 else None
+                if state is not None:
+                    _ended_state(state, end, key[0] in maps)
+            for key, lost in resume.open.items():
+                state = self.stages.get(str(key[0])) if len(key) == 1 else None
+                if state is not None:
+                    state.status, state.attempt = "running", lost.attempt
 
     def _check_resume(self, resume: Resume) -> None:
         start, spec = resume.start, self.chain.spec
@@ -696,10 +706,7 @@ class ChainRun:
         unit.fingerprint = end.fingerprint
         state = self._state(unit)
         if state is not None:
-            state.status, state.attempt, state.output = end.status, end.attempt or 1, end.output
-            state.usage, state.duration_ms, state.error = end.usage, end.duration_ms, end.error
-            if isinstance(unit.spec, MapStage) and isinstance(end.output, list):
-                state.completed = state.total = len(end.output)
+            _ended_state(state, end, isinstance(unit.spec, MapStage))
         self._done_weight += unit.share
         return end.output
 
@@ -1222,6 +1229,14 @@ class ChainRun:
         item.status = "succeeded"
         item.reused = bool(item.children) and all(c.reused for c in item.children)
         return outputs
+
+
+def _ended_state(state: StageState, end: StageEnded, fan_out: bool) -> None:
+    """A top-level stage's status as its stage-end (of an interrupted run's log) left it."""
+    state.status, state.attempt, state.output = end.status, end.attempt or 1, end.output
+    state.usage, state.duration_ms, state.error = end.usage, end.duration_ms, end.error
+    if fan_out and isinstance(end.output, list):
+        state.completed = state.total = len(end.output)
 
 
 def _flat_hits(output: Any) -> list[dict[str, Any]]:
