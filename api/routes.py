@@ -283,7 +283,6 @@ class RunStatusModel(BaseModel):
     usage: dict[str, Any]
     error: dict[str, Any] | None
     takeovers: int = Field(
-        0,
         description="How many times another worker took the run over after its worker was "
         "lost (a deployment on Redis): 0 for a run worked by one worker from start to end.",
     )
