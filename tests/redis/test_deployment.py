@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -423,6 +424,105 @@ def test_a_killed_worker_s_run_ends_failed_when_lost_runs_is_fail(
     after = start(a)
     check_invariants(read_events(a, after))
     assert status(a, after)["status"] == "succeeded"
+    assert deployment.redis.zcard("stagecast:admitted") == 0
+    assert deployment.redis.xpending("stagecast:queue", "workers")["pending"] == 0
+
+
+def test_an_input_stage_that_waited_on_a_killed_worker_asks_again(deployment: Deployment) -> None:
+    timeout = 1.0
+    a = deployment.serve(work_runs="false", heartbeat_timeout=timeout)
+    b = deployment.serve(work_runs="false", heartbeat_timeout=timeout)
+    deployment.worker(heartbeat_timeout=timeout)
+    deployment.worker(heartbeat_timeout=timeout)
+    created = httpx.post(f"{a}/v1/runs", json={"chain": "ask"}, timeout=10)
+    assert created.status_code == 201, created.text
+    run_id = created.json()["run_id"]
+    killed: list[float] = []
+
+    def kill_while_waiting(events: list[dict[str, Any]]) -> bool:
+        asked = [e for e in events if e["type"] == "input-required"]
+        if asked and not killed:
+            os.kill(deployment.owner_pid(run_id), signal.SIGKILL)
+            killed.append(time.monotonic())
+        return len(asked) == 2  # asked again by the new owner
+
+    head = read_events(b, run_id, until=kill_while_waiting, timeout=30)
+    assert time.monotonic() - killed[0] < timeout + timeout / 2 + 5
+    assert outline(head) == [
+        "run-start",
+        "stage-start ask#1",
+        "input-required ask#1",
+        "stage-retry ask#1 worker_lost",
+        "stage-start ask#2",
+        "input-required ask#2",
+    ]
+    assert head[-1]["prompt"] == head[2]["prompt"] == "How many **points**?"
+    deadline = time.monotonic() + 5  # the new owner's snapshot reaches the registry
+    while (now := status(a, run_id))["status"] != "waiting_input" or not now["pending_input"]:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+    assert now["takeovers"] == 1 and [p["stage"] for p in now["pending_input"]] == ["ask"]
+    # the answer reaches the new owner through the other process
+    good = httpx.post(
+        f"{a}/v1/runs/{run_id}/input", json={"stage": "ask", "value": {"count": 3}}, timeout=10
+    )
+    assert good.status_code == 202, good.text
+    rest = read_events(a, run_id, after=head[-1]["seq"])
+    check_invariants(head + rest)
+    assert outline(rest) == [
+        "stage-end ask#2 succeeded",
+        "stage-start after#1",
+        "token after#1 …",
+        "stage-end after#1 succeeded",
+        "run-end succeeded",
+    ]
+    assert rest[-1]["outputs"] == {"points": 3}
+    assert deployment.redis.zcard("stagecast:admitted") == 0
+    assert deployment.redis.xpending("stagecast:queue", "workers")["pending"] == 0
+
+
+def test_a_lost_run_that_cannot_be_continued_ends_failed_saying_why(
+    deployment: Deployment,
+) -> None:
+    timeout = 1.0
+    settings = {"heartbeat_timeout": timeout, "max_events_per_run": 12}
+    a = deployment.serve(work_runs="false", **settings)
+    first = deployment.worker(max_concurrent_runs=2, **settings)
+    bounced, capped = start(a, model="slower"), start(a, model="slower")
+    deployment.redis.hset(f"stagecast:runs:{bounced}", "takeovers", 3)  # 3 takeovers already
+    deadline = time.monotonic() + 15  # both on the first worker, past the log's cap of 12
+    while min(status(a, r)["last_seq"] for r in (bounced, capped)) < 16:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    lost = deployment.redis.hget(f"stagecast:runs:{capped}", "worker").decode()
+    assert deployment.owner_pid(bounced) == deployment.owner_pid(capped) == first.pid
+    deployment.worker(**settings)
+    os.kill(first.pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout + timeout / 2 + 5
+    while {status(a, r)["status"] for r in (bounced, capped)} != {"failed"}:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    why = {
+        bounced: "it was taken over 3 times already",
+        capped: r"its log starts at seq \d+: the first events were dropped "
+        r"\(max_events_per_run 12\)",
+    }
+    for run_id, reason in why.items():
+        final = status(a, run_id)
+        assert final["takeovers"] == (4 if run_id == bounced else 1)
+        message = final["error"]["message"]
+        assert re.fullmatch(
+            re.escape(f"the worker running this run ({lost}) stopped: no heartbeat for 1 s; ")
+            + re.escape("the run could not be continued (")
+            + reason
+            + re.escape("), so it ended failed (stages that had not ended are failed). ")
+            + "Start a new run to try again",
+            message,
+        ), message
+        tail = read_events(a, run_id, after=final["last_seq"] - 2)
+        assert [e["type"] for e in tail] == ["stage-end", "run-end"]
+        assert tail[0]["status"] == "failed" and tail[0]["error"]["type"] == "worker_lost"
+        assert tail[1]["error"]["message"] == message
     assert deployment.redis.zcard("stagecast:admitted") == 0
     assert deployment.redis.xpending("stagecast:queue", "workers")["pending"] == 0
 
