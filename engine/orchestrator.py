@@ -261,7 +261,8 @@ class ChainRun:
         resume: continue an interrupted run from its own log (``engine.reuse.Resume``; pass its
             ``run_id``): no run-start, seq after the log's last; units that had ended are taken
             as they ended and not emitted again; units that were running get a ``stage-retry``
-            (``resume.lost``) and a new ``stage-start`` with the next attempt. Raises
+            (``resume.lost``) and a new ``stage-start`` with the next attempt (one that does not
+            start again, as the run or its map ended first, ends ``cancelled``). Raises
             ResumeError when the chain's id, version or plan, or the model, differ from the
             log's run-start.
     """
@@ -343,6 +344,8 @@ class ChainRun:
         self.on_input = on_input
         self._pending: dict[tuple[str | int, ...], PendingInput] = {}
         self.resume = resume
+        self._went_on: set[tuple[str | int, ...]] = set()
+        """The units running when the run was interrupted that started again here."""
         if resume is not None:
             self._check_resume(resume)
             self._seq = resume.last_seq  # where the status stands before it goes on
@@ -548,6 +551,7 @@ class ChainRun:
         self.status = status
         self.outputs = outputs
         self.error = error
+        self._end_lost(())  # what was running when the run was interrupted and never went on
         self._usage = self.usage
         event: RunEnded = self._emit(
             RunEnded,
@@ -710,6 +714,29 @@ class ChainRun:
         self._done_weight += unit.share
         return end.output
 
+    def _end_lost(self, under: tuple[str | int, ...]) -> None:
+        """A ``cancelled`` stage-end for each unit under the path ``under`` that was running when
+        the run was interrupted and did not start again here (the run, or its map, ended
+        first): every stage that started ends, items before their map."""
+        if self.resume is None:
+            return
+        for key, lost in reversed(self.resume.open.items()):
+            if key[: len(under)] != under or key in self._went_on:
+                continue
+            self._went_on.add(key)
+            state = self.stages.get(str(key[0])) if len(key) == 1 else None
+            if state is not None:
+                state.status = "cancelled"
+            self._emit(
+                StageEnded,
+                stage=str(key[0]),
+                path=list(key),
+                attempt=lost.attempt,
+                status="cancelled",
+                duration_ms=max(0, _now_ms() - lost.ts),
+                progress=self._progress(),
+            )
+
     def _start(self, unit: _Unit) -> float:
         state = self._state(unit)
         started = time.monotonic()
@@ -717,6 +744,7 @@ class ChainRun:
         lost = self.resume.open.get(tuple(unit.path)) if self.resume is not None else None
         if lost is not None:  # it was running when the run was interrupted
             assert self.resume is not None
+            self._went_on.add(tuple(unit.path))
             started = _monotonic_at(lost.ts)
             if isinstance(unit.spec, MapStage):  # the map goes on; its items start again
                 unit.first_attempt = lost.attempt
@@ -1089,6 +1117,7 @@ class ChainRun:
             self._end(unit, "failed", started, None, Usage(), unit.first_attempt, error)
             raise _StageFailed(error) from None
         except asyncio.CancelledError:  # the render is a wait: the stage started, so it ends
+            self._end_lost(tuple(unit.path))
             self._end(unit, "cancelled", started, None, Usage(), unit.first_attempt, None)
             raise
         if items is None:  # the stage it reads was skipped: nothing to do
@@ -1180,6 +1209,7 @@ class ChainRun:
                 await self._cancel_tasks({t: None for t in pending})
         except BaseException:
             await self._cancel_tasks(workers)
+            self._end_lost(tuple(unit.path))
             self._end(
                 unit, "cancelled", started, None, _sum_usage(item_units), unit.first_attempt, None
             )
@@ -1189,6 +1219,7 @@ class ChainRun:
             index = next((u.index for u in item_units if u.status == "failed"), None)
             where = f"item {index}: " if index is not None else ""
             error = ErrorInfo(type=failure.error.type, message=where + failure.error.message)
+            self._end_lost(tuple(unit.path))
             self._end(unit, "failed", started, None, usage, unit.first_attempt, error)
             raise _StageFailed(error)
         self._done_weight += unit.share - sum(u.share for u in item_units)

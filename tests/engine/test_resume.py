@@ -220,3 +220,34 @@ async def test_what_cannot_be_continued_is_refused_with_the_reason() -> None:
     edited = chain_of(CHAIN.replace("id: final", "id: last").replace("stages.final", "stages.last"))
     with pytest.raises(ResumeError, match="differ from the run's plan"):
         ChainRun(edited, {"topic": "t"}, model=CountingOfflineModel(), resume=Resume(head, LOST))
+
+
+async def test_a_continued_run_cancelled_at_once_ends_every_stage_that_was_running() -> None:
+    chain = chain_of(CHAIN)
+    whole = await drive(chain, [])
+    for cut in range(2, len(whole) - 1):
+        head = wire(whole[:cut])
+        events: list[RunEvent] = []
+        run = ChainRun(
+            chain,
+            {"topic": "tides"},
+            model=CountingOfflineModel(),
+            sink=events.append,
+            run_id=whole[0].run_id,
+            resume=Resume(head, LOST),
+        )
+        task = asyncio.ensure_future(run.execute())
+        await asyncio.sleep(0)
+        run.cancel()
+        with anyio.fail_after(5):
+            ended = await task
+        assert ended.status == "cancelled"
+        stream = head + events
+        assert [e.seq for e in stream] == list(range(1, len(stream) + 1))
+        started = [where(e) for e in stream if isinstance(e, StageStarted)]
+        ends = [where(e) for e in stream if isinstance(e, StageEnded)]
+        assert set(started) <= set(ends), (cut, [fmt(e) for e in events])  # every one ends
+        for key in set(ends):  # an item's stage-end before its map's; each unit ends once
+            assert ends.count(key) == 1
+            inner = [i for i, k in enumerate(ends) if k[: len(key)] == key and k != key]
+            assert all(i < ends.index(key) for i in inner), (cut, [fmt(e) for e in events])
