@@ -52,13 +52,12 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from stagecast.api.catalog import ChainCatalog
 from stagecast.api.errors import ApiError
 from stagecast.api.eventlog import EventLogUnavailable, LogEntry, LogInfo, LogSlice, UnknownRun
-from stagecast.api.redislog import RedisEventLog
+from stagecast.api.redislog import RedisEventLog, redis_client
 from stagecast.api.runs import (
     IdempotencyConflict,
     ManagedRun,
@@ -88,7 +87,11 @@ GROUP = "workers"
 ANSWER_SECONDS = 5.0
 """How long ``POST /v1/runs/{id}/input`` waits for the owning worker to take an answer."""
 SNAPSHOT_SECONDS = 0.25
-"""How often a worker writes the changed status of its runs to the registry."""
+"""How often a worker writes the changed status of its runs to the registry: a run whose
+stages, input or status changed (any event but a token) is written within this time."""
+SNAPSHOT_REFRESH = 2.0
+"""A run that only streamed tokens since is written again after this long (its token and usage
+counts; ``last_seq`` itself is read from the log by the status route)."""
 FINAL = ("succeeded", "failed", "cancelled")
 BLOCK_MS = 2000
 MAX_TAKEOVERS = 3
@@ -166,7 +169,7 @@ class Cluster:
     ) -> None:
         if not isinstance(manager.log, RedisEventLog):
             raise ValueError("a deployment on Redis needs the Redis event log")
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=BLOCK_MS / 1000 + 5.0)
+        self.redis = redis_client(url, socket_timeout=BLOCK_MS / 1000 + 5.0)
         self.settings, self.manager, self.catalog = settings, manager, catalog
         self.log: RedisEventLog = manager.log
         self.work = work
@@ -179,6 +182,8 @@ class Cluster:
         self._owned: dict[str, bytes] = {}  # run_id -> queue entry id
         self._snapshots: dict[str, str] = {}  # run_id -> the snapshot last written
         self._states: dict[str, str] = {}  # run_id -> the status last written
+        # run_id -> ((changes, status), when) last looked at
+        self._changes: dict[str, tuple[tuple[int, str], float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._admit = self.redis.register_script(_ADMIT)
         self._grace: dict[str, asyncio.TimerHandle] = {}
@@ -389,7 +394,9 @@ class Cluster:
         status["viewers"] = int(got[1] or 0)
         status["takeovers"] = int(got[2] or 0)
         if status["status"] not in FINAL:
-            ended = await self._ended(run_id)
+            last_seq, ended = await self._log_end(run_id)
+            if local is None:  # the snapshot's last_seq may be SNAPSHOT_REFRESH s old
+                status["last_seq"] = max(status.get("last_seq") or 0, last_seq)
             if ended is not None:  # the log is ahead of the registry's last snapshot
                 status.update(
                     status=ended.status,
@@ -403,18 +410,22 @@ class Cluster:
 
     async def _ended(self, run_id: str) -> RunEnded | None:
         """The run's run-end when its log has one (the log is the truth; the registry follows)."""
+        return (await self._log_end(run_id))[1]
+
+    async def _log_end(self, run_id: str) -> tuple[int, RunEnded | None]:
+        """The run's last seq in the log, and its run-end when it has one."""
         try:
             info = await self.log.ainfo(run_id)
             if info.last_seq == 0:
-                return None
+                return 0, None
             last = (await self.log.read(run_id, info.last_seq - 1)).entries
         except UnknownRun:
-            return None
+            return 0, None
         if last and last[-1].type == "run-end":
             event = event_from_json(last[-1].data)
             assert isinstance(event, RunEnded)
-            return event
-        return None
+            return info.last_seq, event
+        return info.last_seq, None
 
     async def _cancel(self, run_id: str) -> str:
         """Ask the owner to cancel (idempotent); the run's status now."""
@@ -632,6 +643,7 @@ class Cluster:
         self._owned.pop(run_id, None)
         self._snapshots.pop(run_id, None)
         self._states.pop(run_id, None)
+        self._changes.pop(run_id, None)
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(self.queue, GROUP, entry_id)
         pipe.xdel(self.queue, entry_id)
@@ -676,11 +688,18 @@ class Cluster:
         its slot back (``waiting_runs_hold_slots: false``), and takes it again when answered."""
         pipe = self.redis.pipeline(transaction=False)
         dirty = False
+        now = time.monotonic()
         for run_id in owned:
             try:
-                status = self.manager.status(run_id)
+                managed = self.manager.get(run_id)
             except RunNotFound:
                 continue
+            changes = (managed.changes, managed.status)
+            seen = self._changes.get(run_id)
+            if seen is not None and seen[0] == changes and now - seen[1] < SNAPSHOT_REFRESH:
+                continue  # only tokens since the last look: building the status can wait
+            self._changes[run_id] = (changes, now)
+            status = self.manager.status(run_id)
             snapshot = json.dumps(status)
             if self._snapshots.get(run_id) != snapshot and run_id in self._owned:
                 before = self._states.get(run_id)

@@ -13,7 +13,8 @@ in-memory one without touching the routes (several workers behind one load balan
                         writer task; ids are explicit so ``seq`` *is* the stream position)
     finish(run_id)      XADD key 2-0 (the finished marker wakes blocked readers) + PEXPIRE <ttl>
     read(after, wait)   XRANGE key (1-<after> + / XREAD BLOCK <wait ms> STREAMS key 1-<after>
-    follow_frames       XREAD BLOCK from 1-<after>: the stored frames, joined, one write each
+    follow_frames       XRANGE to catch up, then the process's shared reader: the write script
+                        PUBLISHes the runs it touched; one XREAD reads those for all viewers
     info / ainfo        XRANGE - + COUNT 2 and XREVRANGE + - COUNT 2 (first/last seq, finished)
     MAXLEN              exact, so the kept window is exactly the last <cap> events
 

@@ -17,8 +17,9 @@ the finished marker wakes every blocked reader (it is the newest entry: nothing 
 
 - **Writes.** ``append`` is synchronous (the engine calls the sink for every token): it encodes the
   frame and queues it; one writer task sends everything queued since its last round trip as one
-  pipeline, in order, each run's consecutive events as one script call (``_APPEND``: one
-  ``XADD key 1-<seq> MAXLEN <cap>`` per event on the server, one command to encode here).
+  pipeline, in order, every run's ops in one script call per ``BATCH_EVENTS`` events
+  (``_WRITE``: one ``XADD key 1-<seq> MAXLEN <cap>`` per event and one PEXPIRE per run on the
+  server; one command to encode and one reply here, however many runs it touched).
   While Redis is unreachable the writer keeps the queue (up to ``max_pending`` entries, then it
   drops the oldest and says so) and retries every ``retry_seconds``; an ``XADD`` that already
   landed before a cut is recognised (Redis refuses an id that is not above the top) and
@@ -38,10 +39,11 @@ the finished marker wakes every blocked reader (it is the newest entry: nothing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -61,7 +63,7 @@ from stagecast.api.eventlog import (
 )
 from stagecast.api.sse import SSE_CODEC
 
-__all__ = ["CREATED_ID", "FINISHED_ID", "RedisEventLog", "event_id"]
+__all__ = ["CREATED_ID", "FINISHED_ID", "RedisEventLog", "event_id", "redis_client"]
 
 logger = logging.getLogger("stagecast.redislog")
 
@@ -72,23 +74,63 @@ BLOCK_SECONDS = 2.0
 """Longest single XREAD BLOCK (under the client's socket timeout); longer waits loop."""
 WRITE_COUNT = 1000
 """At most this many events per XREAD, so one write of a replay stays bounded."""
+LAG_FRAMES = 4 * WRITE_COUNT
+"""A viewer with this many frames handed to it and not yet written leaves the shared read."""
 _DUPLICATE = "equal or smaller than the target stream top item"
 BATCH_EVENTS = 1000
-"""At most this many events per append script call."""
-_APPEND = """
--- KEYS[1]: the run's stream; ARGV: cap, first seq, then one frame per event (in seq order).
--- One XADD per event (ids 1-<seq>, exact MAXLEN) in one round trip and one command to encode;
--- an id already there (a retry after a cut) is skipped. Returns '' or the first other error.
-local cap, seq, refused = ARGV[1], tonumber(ARGV[2]), ''
-for i = 3, #ARGV do
-  local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', cap, '1-' .. (seq + i - 3), 'f', ARGV[i])
+"""At most this many events per write script call (a script blocks Redis while it runs)."""
+_WRITE = """
+-- One writer round trip: every run's ops in order, one command to encode and one reply however
+-- many runs it touched. KEYS: one per op; ARGV: cap, orphan TTL ms, finished TTL ms, the
+-- channel that names the touched runs to every process's reader (one PUBLISH), then per op:
+-- 'x', first seq, n, n frames (XADD 1-<seq>.. with exact MAXLEN, then the orphan TTL) |
+-- 'c' (the created marker 0-1, orphan TTL) | 'f' (the finished marker 2-0, the TTL). An id
+-- already there (a retry after a cut) is skipped. Returns '' or the first other error.
+local cap, orphan, ttl, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local at, refused = 5, ''
+local function check(r)
   if type(r) == 'table' and r.err and refused == '' and
      not string.find(r.err, 'equal or smaller', 1, true) then
     refused = r.err
   end
 end
+for k = 1, #KEYS do
+  local key, kind = KEYS[k], ARGV[at]
+  if kind == 'x' then
+    local seq, n = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+    for i = 0, n - 1 do
+      check(redis.pcall('XADD', key, 'MAXLEN', cap, '1-' .. (seq + i), 'f', ARGV[at + 3 + i]))
+    end
+    redis.call('PEXPIRE', key, orphan)
+    at = at + 3 + n
+  elseif kind == 'c' then
+    check(redis.pcall('XADD', key, '0-1', 'f', ''))
+    redis.call('PEXPIRE', key, orphan)
+    at = at + 1
+  else
+    check(redis.pcall('XADD', key, '2-0', 'f', ''))
+    redis.call('PEXPIRE', key, ttl)
+    at = at + 1
+  end
+end
+redis.call('PUBLISH', channel, table.concat(KEYS, '\\n'))
 return refused
 """
+
+
+POOL_CONNECTIONS = 64
+"""Connections per client and process: commands beyond wait for one (``POOL_WAIT`` s at most).
+The shared reader holds one, whatever the number of viewers; redis-py's default pool would
+instead refuse the 101st concurrent command with "Too many connections"."""
+POOL_WAIT = 10.0
+
+
+def redis_client(url: str, socket_timeout: float) -> aioredis.Redis:
+    """A client on a bounded, blocking connection pool (see ``POOL_CONNECTIONS``)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT, socket_timeout=socket_timeout
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 def event_id(seq: int) -> str:
@@ -111,8 +153,86 @@ class _Local:
     finished_at: float | None = None
 
 
+@dataclass(slots=True, eq=False)
+class _Follow:
+    """One viewer following a run live through the process's shared reader."""
+
+    key: bytes
+    run_id: str
+    after: int
+    """The seq of the last frame handed to it (its cursor in the shared XREAD)."""
+    frames: list[bytes] = field(default_factory=list)
+    waiter: asyncio.Future[bool] | None = None
+    done: bool = False
+    lagging: bool = False
+    """It fell ``LAG_FRAMES`` behind (a slow socket): out of the shared read, it catches up by
+    itself with XRANGE and joins again."""
+    error: BaseException | None = None
+    sent: float = 0.0
+    timer: asyncio.TimerHandle | None = None
+    """Its ping timer: one ``call_later`` re-armed per ping interval, not per event."""
+
+    def wake(self, ping: bool = False) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(ping)
+
+
+def _ping(follow: _Follow, heartbeat: float) -> None:
+    """A follower's ping timer: wake it with True once idle for ``heartbeat`` s, re-arm."""
+    if follow.timer is None:
+        return  # the viewer left
+    loop = asyncio.get_running_loop()
+    idle = loop.time() - follow.sent
+    if idle >= heartbeat - 0.001:
+        follow.wake(ping=True)
+        wait = heartbeat
+    else:
+        wait = heartbeat - idle
+    follow.timer = loop.call_later(wait, _ping, follow, heartbeat)
+
+
 def _unavailable(exc: BaseException) -> EventLogUnavailable:
     return EventLogUnavailable(f"the event log (Redis) is unavailable: {exc}")
+
+
+def _write_calls(
+    ops: list[tuple[bytes, str, int, bytes]],
+) -> Iterator[tuple[list[str], list[Any]]]:
+    """The ``_WRITE`` calls (keys, args after the header) for these queued ops, in order:
+    consecutive events of one run as one ``x`` op, at most ``BATCH_EVENTS`` events per call."""
+    keys: list[str] = []
+    args: list[Any] = []
+    events = 0
+    run_key, run_first = "", 0
+    frames: list[bytes] = []  # the open 'x' op's
+    for kind, key, seq, frame in ops:
+        if events >= BATCH_EVENTS:  # this call is full: close it
+            if frames:
+                keys.append(run_key)
+                args += [b"x", run_first, len(frames), *frames]
+                frames = []
+            yield keys, args
+            keys, args, events = [], [], 0
+        if kind == b"x" and frames and key == run_key and seq == run_first + len(frames):
+            frames.append(frame)
+            events += 1
+            continue
+        if frames:  # close the open 'x' op
+            keys.append(run_key)
+            args += [b"x", run_first, len(frames), *frames]
+            frames = []
+        if kind == b"x":
+            run_key, run_first, frames = key, seq, [frame]
+        else:
+            keys.append(key)
+            args.append(b"c" if kind == b"c" else b"f")
+        events += 1
+    if frames:
+        keys.append(run_key)
+        args += [b"x", run_first, len(frames), *frames]
+    if keys:
+        yield keys, args
 
 
 class RedisEventLog(EventLog):
@@ -135,7 +255,7 @@ class RedisEventLog(EventLog):
         if client is None:
             if url is None:
                 raise ValueError("RedisEventLog needs a redis:// URL or a client")
-            client = aioredis.Redis.from_url(url, socket_timeout=BLOCK_SECONDS + 5.0)
+            client = redis_client(url, socket_timeout=BLOCK_SECONDS + 5.0)
         self.redis = client
         self.url = url
         self.max_events = max_events
@@ -154,10 +274,27 @@ class RedisEventLog(EventLog):
         self._sent = 0
         self._flushes: list[tuple[int, asyncio.Future[None]]] = []
         self._wake: asyncio.Event | None = None
-        self._append = self.redis.register_script(_APPEND)
+        self._write = self.redis.register_script(_WRITE)
         self._writer: asyncio.Task[None] | None = None
         self.dropped_writes = 0
         self.write_errors = 0
+        # the reader: the runs this process's viewers follow live, read when the channel
+        # says a writer (of any process) appended to them
+        self.channel = f"{prefix}appended"
+        self._follows: dict[bytes, set[_Follow]] = {}
+        self._dirty: set[bytes] = set()  # followed runs to read next
+        self._work: asyncio.Event | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        # the reader's client: the same pool, XREAD's reply left as Redis sends it (lists, no
+        # per-entry dict), which is most of redis-py's cost per event read
+        self._raw = aioredis.Redis(connection_pool=client.connection_pool)
+        self._raw.response_callbacks.pop("XREAD", None)
+        self.shared_reads = 0
+        self.last_read = 0
+        """How many runs the last shared read named."""
+        self.reading = False
+        """A shared read is in flight."""
 
     @property
     def cap(self) -> int:
@@ -230,7 +367,6 @@ class RedisEventLog(EventLog):
     async def _write_batches(self, wake: asyncio.Event) -> None:
         ttl_ms = max(1, int(self.ttl * 1000))
         orphan_ms = max(1, int(self.orphan_ttl * 1000))
-        cap = self.max_events
         while True:
             await wake.wait()
             wake.clear()
@@ -238,40 +374,17 @@ class RedisEventLog(EventLog):
                 ops = self._ops
                 self._ops = []
                 pipe = self.redis.pipeline(transaction=False)
-                touched: set[str] = set()
-                batch: list[bytes] = []  # frames of consecutive events of one run
-                scripts: set[int] = set()  # where the script calls are in the pipeline
-                batch_key, batch_first = "", 0
-                for kind, key, seq, frame in ops:
-                    if kind == b"x":
-                        if batch and (
-                            key != batch_key
-                            or seq != batch_first + len(batch)
-                            or len(batch) >= BATCH_EVENTS
-                        ):
-                            scripts.add(
-                                self._queue_append(pipe, batch_key, cap, batch_first, batch)
-                            )
-                            batch = []
-                        if not batch:
-                            batch_key, batch_first = key, seq
-                        batch.append(frame)
-                        touched.add(key)
-                        continue
-                    if batch:
-                        scripts.add(self._queue_append(pipe, batch_key, cap, batch_first, batch))
-                        batch = []
-                    if kind == b"c":
-                        pipe.xadd(key, {FIELD: b""}, id=CREATED_ID)
-                        touched.add(key)
-                    else:
-                        pipe.xadd(key, {FIELD: b""}, id=FINISHED_ID)
-                        pipe.pexpire(key, ttl_ms)
-                        touched.discard(key)
-                if batch:
-                    scripts.add(self._queue_append(pipe, batch_key, cap, batch_first, batch))
-                for key in touched:
-                    pipe.pexpire(key, orphan_ms)
+                for call_keys, call_args in _write_calls(ops):
+                    pipe.evalsha(
+                        self._write.sha,
+                        len(call_keys),
+                        *call_keys,
+                        self.max_events,
+                        orphan_ms,
+                        ttl_ms,
+                        self.channel,
+                        *call_args,
+                    )
                 try:
                     results = await pipe.execute(raise_on_error=False)
                 except (RedisError, OSError) as exc:
@@ -284,26 +397,21 @@ class RedisEventLog(EventLog):
                     # a new or restarted Redis: load the script, send the batch again (what
                     # landed already is recognised and skipped)
                     try:
-                        await self.redis.script_load(_APPEND)
-                    except (RedisError, OSError):
+                        await self.redis.script_load(_WRITE)
+                    except (RedisError, OSError) as exc:
+                        self.write_errors += 1
+                        logger.warning("event log: loading the write script failed: %s", exc)
                         await asyncio.sleep(self.retry_seconds)
                     self._ops[:0] = ops
                     continue
-                for at, result in enumerate(results):
-                    if at in scripts and isinstance(result, bytes) and result:  # its refusal
+                for result in results:
+                    if isinstance(result, bytes) and result:  # the script's first refusal
                         result = ResponseError(result.decode(errors="replace"))
                     if isinstance(result, ResponseError) and _DUPLICATE not in str(result):
                         self.write_errors += 1
                         logger.error("event log write refused by Redis: %s", result)
                 self._sent += len(ops)
                 self._release()
-
-    def _queue_append(self, pipe: Any, key: str, cap: int, first: int, frames: list[bytes]) -> int:
-        """One ``_APPEND`` call in the pipeline (a Redis without the script: see the writer);
-        its index in the pipeline."""
-        at = len(pipe)
-        pipe.evalsha(self._append.sha, 1, key, cap, first, *frames)
-        return at
 
     def _release(self) -> None:
         sent = self._sent
@@ -336,6 +444,10 @@ class RedisEventLog(EventLog):
         if self._writer is not None:
             self._writer.cancel()
             self._writer = None
+        for task in (self._reader, self._listener):
+            if task is not None:
+                task.cancel()
+        self._reader = self._listener = None
         await self.redis.aclose()
 
     # -- reads -----------------------------------------------------------------------------
@@ -411,51 +523,247 @@ class RedisEventLog(EventLog):
     async def follow_frames(
         self, run_id: str, after: int = 0, *, heartbeat: float | None = None
     ) -> AsyncIterator[FrameBatch]:
-        """Replay, then follow live with XREAD BLOCK: each write is the frames that one XREAD
-        returned (up to ``WRITE_COUNT``), joined as stored; a ping after ``heartbeat`` idle s.
+        """Replay, then follow live: each write is the frames at hand, joined as stored; a ping
+        (``events`` 0) after ``heartbeat`` idle seconds. See ``_follow_raw``."""
+        async with contextlib.aclosing(self._follow_raw(run_id, after, heartbeat)) as raw:
+            async for frames, last in raw:
+                yield FrameBatch(b"".join(frames), len(frames), last)
 
-        Raises ``EventsExpired`` when the cap dropped events this viewer had not read yet (never
-        a gap), ``UnknownRun`` when the run expired, ``EventLogUnavailable`` when Redis is away.
+    async def follow(
+        self, run_id: str, after: int = 0, *, heartbeat: float | None = None, batch: int = 512
+    ) -> AsyncIterator[list[LogEntry]]:
+        """``follow_frames`` decoded, in batches of at most ``batch`` events; ``[]`` is a ping."""
+        decode = self._codec.decode
+        async with contextlib.aclosing(self._follow_raw(run_id, after, heartbeat)) as raw:
+            async for frames, _ in raw:
+                if not frames:
+                    yield []
+                for at in range(0, len(frames), batch):
+                    yield [decode(frame) for frame in frames[at : at + batch]]
+
+    async def _follow_raw(
+        self, run_id: str, after: int, heartbeat: float | None
+    ) -> AsyncGenerator[tuple[list[bytes], int], None]:
+        """The frames at hand and the seq of the last one (no frames: a ping).
+
+        A replay (and a viewer that fell behind) is read with XRANGE by this viewer; once it is
+        at the top it joins the process's shared reader: the write script PUBLISHes the runs
+        each writer round trip touched on ``<prefix>appended``, and one XREAD (no BLOCK, one
+        connection) reads, for all of this process's viewers at once, just the followed runs
+        named since the last read; so a process's Redis work grows with what is written, not
+        with how many viewers wait. Raises ``EventsExpired`` when the cap dropped events this
+        viewer had not read yet (never a gap), ``UnknownRun`` when the run expired,
+        ``EventLogUnavailable`` when Redis is away.
         """
         info, _ = await self._state(run_id)
         self._check(run_id, info, after)
         if info.finished and after == info.last_seq:
             return
         loop = asyncio.get_running_loop()
-        key = self.key(run_id)
-        cursor = event_id(after)
-        sent = loop.time()
-        block = BLOCK_SECONDS if heartbeat is None else min(heartbeat, BLOCK_SECONDS)
-        block_ms = max(1, int(block * 1000))
-        while True:
-            try:
-                got: Any = await self.redis.xread({key: cursor}, count=WRITE_COUNT, block=block_ms)
-            except (RedisError, OSError) as exc:
-                raise _unavailable(exc) from None
-            if got:
-                raw = got[0][1]
-                frames = [f[FIELD] for i, f in raw if i[:2] == b"1-"]
-                done = raw[-1][0] == FINISHED_ID
-                if frames:
-                    first = _seq_of(raw[0][0])
-                    if first is not None and first != after + 1:
-                        raise EventsExpired(run_id, after, first, self.max_events)
+        follow = _Follow(self.key(run_id).encode(), run_id, after, sent=loop.time())
+        if heartbeat is not None:
+            follow.timer = loop.call_later(heartbeat, _ping, follow, heartbeat)
+        joined = False
+        try:
+            while True:
+                if not joined:  # catch up by itself: a replay, or after falling behind
+                    try:
+                        raw: Any = await self.redis.xrange(
+                            follow.key, "(" + event_id(after), "+", count=WRITE_COUNT
+                        )
+                    except (RedisError, OSError) as exc:
+                        raise _unavailable(exc) from None
+                    frames = [f[FIELD] for i, f in raw if i[:2] == b"1-"]
+                    if frames:
+                        first = _seq_of(raw[0][0])
+                        if first is not None and first != after + 1:
+                            raise EventsExpired(run_id, after, first, self.max_events)
+                        after += len(frames)
+                        follow.sent = loop.time()
+                        yield frames, after
+                    if raw and raw[-1][0] == FINISHED_ID:
+                        return
+                    if len(raw) < WRITE_COUNT:  # at the top: follow through the shared reader
+                        follow.after, follow.lagging = after, False
+                        self._join(follow)
+                        joined = True
+                    continue
+                if not follow.frames and not follow.done and follow.error is None:
+                    if not follow.lagging:
+                        follow.waiter = loop.create_future()
+                        ping = await follow.waiter
+                        follow.waiter = None
+                        if ping:
+                            try:
+                                exists = await self.redis.exists(follow.key)
+                            except (RedisError, OSError) as exc:
+                                raise _unavailable(exc) from None
+                            if not exists:
+                                raise UnknownRun(run_id)
+                            follow.sent = loop.time()
+                            yield [], after
+                            continue
+                if follow.frames:
+                    frames, follow.frames = follow.frames, []
                     after += len(frames)
-                    cursor = event_id(after)
-                    sent = loop.time()
-                    yield FrameBatch(b"".join(frames), len(frames), after)
-                if done:
+                    follow.sent = loop.time()
+                    yield frames, after
+                    continue
+                if follow.error is not None:
+                    raise follow.error
+                if follow.done:
                     return
+                if follow.lagging:
+                    joined = False
+        finally:
+            if follow.timer is not None:
+                follow.timer.cancel()
+                follow.timer = None
+            self._leave(follow)
+
+    # -- the shared reader ---------------------------------------------------------------
+
+    def _join(self, follow: _Follow) -> None:
+        self._follows.setdefault(follow.key, set()).add(follow)
+        self._dirty.add(follow.key)  # one read after the join: no event between is missed
+        if self._reader is None or self._reader.done():
+            self._work = asyncio.Event()
+            self._reader = asyncio.get_running_loop().create_task(
+                self._read_loop(self._work), name="stagecast redis event log reader"
+            )
+            self._listener = asyncio.get_running_loop().create_task(
+                self._listen(self._work), name="stagecast redis event log listener"
+            )
+        assert self._work is not None
+        self._work.set()
+
+    def _leave(self, follow: _Follow) -> None:
+        follows = self._follows.get(follow.key)
+        if follows is not None:
+            follows.discard(follow)
+            if not follows:
+                del self._follows[follow.key]
+
+    def _fail_followers(self, error: BaseException) -> None:
+        for follows in list(self._follows.values()):
+            for follow in follows:
+                follow.error = error
+                follow.wake()
+        self._follows.clear()
+        self._dirty.clear()
+
+    async def _listen(self, work: asyncio.Event) -> None:
+        """The ``appended`` channel: the runs each writer round trip touched (any process's);
+        those this process's viewers follow are read next. Idle for ``BLOCK_SECONDS``: every
+        followed run is read (a safety net for a message lost with a connection)."""
+        channel = self.channel.encode()
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                self._dirty.update(self._follows)  # what was written while not subscribed
+                work.set()
+                while True:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=BLOCK_SECONDS
+                    )
+                    if message is None:
+                        if self._follows:
+                            self._dirty.update(self._follows)
+                            work.set()
+                        continue
+                    if message.get("type") != "message":
+                        continue
+                    follows = self._follows
+                    hit = False
+                    for key in message["data"].split(b"\n"):
+                        if key in follows:
+                            self._dirty.add(key)
+                            hit = True
+                    if hit:
+                        work.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: every follower hears of it, then resubscribe
+                self._fail_followers(_unavailable(exc))
+                await asyncio.sleep(self.retry_seconds)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _read_loop(self, work: asyncio.Event) -> None:
+        """Read what changed for this process's viewers: one XREAD (no BLOCK) for the runs
+        named on the channel since the last read, or joined since."""
+        while True:
+            await work.wait()
+            work.clear()
+            await asyncio.sleep(0)  # let the messages and joins already at hand come in
+            follows = self._follows
+            keys = [key for key in self._dirty if key in follows]
+            self._dirty.clear()
+            if not keys:
                 continue
-            if heartbeat is not None and loop.time() - sent >= heartbeat - 0.001:
+            streams: dict[Any, Any] = {
+                key: b"1-%d" % min(f.after for f in follows[key]) for key in keys
+            }
+            self.reading = True
+            try:
+                got: Any = await self._raw.xread(streams, count=WRITE_COUNT)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away (or a bug): every follower hears of it
+                self._fail_followers(_unavailable(exc))
+                continue
+            finally:
+                self.reading = False
+            self.shared_reads += 1
+            self.last_read = len(streams)
+            # RESP3 (redis-py 8's default) sends a map, RESP2 a list of [key, entries]
+            for key, entries in got.items() if isinstance(got, dict) else got or []:
+                followers = self._follows.get(key)
+                if not followers:
+                    continue
+                if len(entries) >= WRITE_COUNT:  # more than one read's worth: read on
+                    self._dirty.add(key)
+                    work.set()
                 try:
-                    exists = await self.redis.exists(key)
-                except (RedisError, OSError) as exc:
-                    raise _unavailable(exc) from None
-                if not exists:
-                    raise UnknownRun(run_id)
-                sent = loop.time()
-                yield FrameBatch(b"", 0, after)
+                    self._deliver(key, followers, entries)
+                except Exception as exc:  # a bug: end these viewers, not the reader
+                    logger.exception("event log reader: delivering %r failed", key)
+                    for follow in followers:
+                        follow.error = EventLogUnavailable(f"the event log reader failed: {exc}")
+                        follow.wake()
+                    self._follows.pop(key, None)
+
+    def _deliver(
+        self, key: bytes, follows: set[_Follow], entries: list[tuple[bytes, list[bytes]]]
+    ) -> None:
+        """Hand a run's entries (as XREAD sent them: ``[id, [b"f", frame]]``) to its viewers."""
+        done = entries[-1][0] == FINISHED_ID
+        frames = [f[1] for i, f in entries if i[:2] == b"1-"]
+        first = _seq_of(entries[0][0]) if frames else None
+        for follow in list(follows):
+            if first is not None:
+                if first > follow.after + 1:  # the cap dropped events it had not read
+                    follow.error = EventsExpired(
+                        follow.run_id, follow.after, first, self.max_events
+                    )
+                    follows.discard(follow)
+                    follow.wake()
+                    continue
+                new = frames[follow.after + 1 - first :]
+                if new:
+                    follow.frames.extend(new)
+                    follow.after += len(new)
+            if done:
+                follow.done = True
+                follows.discard(follow)
+            elif len(follow.frames) > LAG_FRAMES:
+                follow.lagging = True
+                follows.discard(follow)
+            follow.wake()
+        if not follows:
+            self._follows.pop(key, None)
 
     def expire(self) -> list[str]:
         """Forget what this process knows of its finished runs after the TTL (Redis deletes

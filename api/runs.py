@@ -102,6 +102,8 @@ class ManagedRun:
     """The pending cancel of an ``on_disconnect: cancel`` run that has no viewer."""
     takeovers: int = 0
     """How many times a worker took this run over after its worker was lost (``api.cluster``)."""
+    changes: int = 0
+    """Events other than tokens so far: what the status shows besides counts changed."""
 
     @property
     def run_id(self) -> str:
@@ -295,6 +297,9 @@ class RunManager:
         def sink(event: RunEvent) -> None:
             append(run_id, LogEntry(event.seq, event.type, event_to_json(event)))
             kind = event.type
+            if kind == "token":
+                return
+            managed.changes += 1
             if kind == "stage-end" and event.path is not None and len(event.path) == 1:
                 stage = event.stage or ""
                 observe(kinds.get(stage, "unknown"), event.status, event.duration_ms / 1000)  # type: ignore[union-attr]

@@ -9,7 +9,8 @@ an httpx client costs 65–137 µs of CPU per event and saturates a core near C 
 
 Reported per C: runs completed with every event (run-end received, ``seq`` without gaps);
 lateness of each event = receive time − the event's ``ts`` (p50/p99/max, ms); server RSS per run
-(peak RSS during the runs minus the idle server's RSS, over C); server CPU (% of one core over
+(peak RSS during the runs minus the idle server's RSS, over C; summed over the servers with
+``--servers N``); server CPU (% of one core over
 the run time); the client's CPU share, to show it was not the bottleneck.
 
     python bench/bench_concurrency.py                 # C = 100, 500, 1000; ~1.5 min
@@ -17,6 +18,7 @@ the run time); the client's CPU share, to show it was not the bottleneck.
     python bench/bench_concurrency.py -c 1000 --model raw-50   # without LangChain's chunk cost
     python bench/bench_concurrency.py -c 1000 --model wire     # real wire: OpenAI-wire server
     python bench/bench_concurrency.py -c 1000 --model wire-sdk # the same, the SDK's HTTP client
+    python bench/bench_concurrency.py -c 1000 --log redis --servers 2  # scale-out on Redis
     python bench/bench_concurrency.py --smoke         # C = 20, one stage (~4 s)
 """
 
@@ -33,6 +35,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C
+
+C.ensure_root_on_path()
 
 _TS = re.compile(rb'"ts":(\d+)')
 _ID = re.compile(rb"^id: (\d+)$", re.M)
@@ -163,16 +167,34 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
     ):  # a real OpenAI-wire server, its own process
         wire = C.Server("wire", "--tokens", "56", "--delay-ms", "50").wait_ready()
         extra = ["--wire-url", wire.url + "/v1"]
-    server = C.Server(
-        "stagecast",
-        "--tokens",
-        "10",
-        "--ttl",
-        "600",
-        "--chain-yaml",
-        chain_yaml(args.stages, args.model),
-        *extra,
-    ).wait_ready()
+    redis_server = None
+    if args.log == "redis":  # a redis-server of its own, no persistence; the servers share it
+        import tempfile
+        from pathlib import Path
+
+        from tests.redis_server import RedisServer
+
+        redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="stagecast-bench-redis-")))
+        try:
+            redis_server.start()
+        except (OSError, RuntimeError) as exc:
+            raise SystemExit(f"--log redis needs redis-server (tests/setup.sh): {exc}") from None
+        extra += ["--event-log", redis_server.url]
+    servers = [
+        C.Server(
+            "stagecast",
+            "--tokens",
+            "10",
+            "--ttl",
+            "600",
+            "--chain-yaml",
+            chain_yaml(args.stages, args.model),
+            *extra,
+        )
+        for _ in range(args.servers)
+    ]
+    for one in servers:
+        one.wait_ready()
     try:
         loop = asyncio.get_running_loop()
         body = json.dumps({"chain": "bench_long", "inputs": {"topic": TOPIC}}).encode()
@@ -185,7 +207,6 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
         # openai SDK are ~17 MiB, 17 KiB "per run" at C = 1,000), the model's client and
         # first-request paths are not counted as per-run memory.
         warm: list[float] = []
-        fut = loop.create_future()
         warm_model = args.model if wire is not None else "offline"
         warm_body = json.dumps({"chain": "bench_stream", "model": warm_model}).encode()
         warm_request = (
@@ -195,14 +216,29 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
             + b"\r\n\r\n"
             + warm_body
         )
-        await loop.create_connection(
-            lambda: SseClient(warm_request, warm, fut), "127.0.0.1", server.port
-        )
-        await asyncio.wait_for(fut, 120)
+        for one in servers:  # each one warms up (on Redis, some other process may work it)
+            fut = loop.create_future()
+            await loop.create_connection(
+                lambda f=fut: SseClient(warm_request, warm, f), "127.0.0.1", one.port
+            )
+            await asyncio.wait_for(fut, 120)
         await asyncio.sleep(0.3)
-        rss0 = server.rss_kib()
+
+        def rss() -> int:
+            return sum(one.rss_kib() for one in servers)
+
+        def cpu() -> float:
+            return sum(one.cpu() for one in servers)
+
+        def redis_cpu() -> float:
+            if redis_server is None or redis_server.process is None:
+                return 0.0
+            return C.proc_cpu_seconds(redis_server.process.pid)
+
+        rss0 = rss()
         wcpu0 = wire.cpu() if wire is not None else 0.0
-        cpu0, ccpu0, t0 = server.cpu(), time.process_time(), time.perf_counter()
+        rcpu0 = redis_cpu()
+        cpu0, ccpu0, t0 = cpu(), time.process_time(), time.perf_counter()
         lateness: list[float] = []
         clients: list[SseClient] = []
         futures = []
@@ -211,16 +247,18 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
             client = SseClient(request, lateness, fut)
             clients.append(client)
             futures.append(fut)
-            await loop.create_connection(lambda c=client: c, "127.0.0.1", server.port)
+            port = servers[_i % len(servers)].port  # no sticky routing: round robin
+            await loop.create_connection(lambda c=client: c, "127.0.0.1", port)
         peak = rss0
         pending = set(futures)
         deadline = time.monotonic() + args.timeout
         while pending and time.monotonic() < deadline:
             _, pending = await asyncio.wait(pending, timeout=0.25)
-            peak = max(peak, server.rss_kib())
+            peak = max(peak, rss())
         elapsed = time.perf_counter() - t0
-        cpu, ccpu = server.cpu() - cpu0, time.process_time() - ccpu0
+        cpu_s, ccpu = cpu() - cpu0, time.process_time() - ccpu0
         wcpu = wire.cpu() - wcpu0 if wire is not None else None
+        rcpu = redis_cpu() - rcpu0 if redis_server is not None else None
         for client in clients:
             if not client.transport.is_closing():
                 client.transport.close()
@@ -243,22 +281,32 @@ async def run_level(args: argparse.Namespace, concurrency: int) -> dict[str, Any
             "rss_per_run_kib": (peak - rss0) / concurrency,
             "rss0_kib": rss0,
             "peak_kib": peak,
-            "server_cpu": cpu / elapsed * 100,
+            "server_cpu": cpu_s / elapsed * 100,
             "client_cpu": ccpu / elapsed * 100,
             "wire_cpu": wcpu / elapsed * 100 if wcpu is not None else None,
-            "cpu_us_per_token": cpu / max(1, sum(tokens)) * 1e6,
+            "cpu_us_per_token": cpu_s / max(1, sum(tokens)) * 1e6,
+            "redis_cpu": rcpu / elapsed * 100 if rcpu is not None else None,
             "status": sorted({c.status.decode(errors="replace") for c in clients}),
         }
     finally:
-        server.stop()
+        for one in servers:
+            one.stop()
         if wire is not None:
             wire.stop()
+        if redis_server is not None:
+            redis_server.stop()
 
 
 async def main_async(args: argparse.Namespace) -> None:
     results = [await run_level(args, c) for c in args.c]
+    where = (
+        "one uvicorn worker, in-memory log"
+        if args.servers == 1 and args.log == "memory"
+        else f"{args.servers} stagecast serve process(es) on the {args.log} log, "
+        "connections round robin, runs taken from the shared queue"
+    )
     C.header(
-        f"Concurrency: C runs at once on one uvicorn worker, {args.stages} stages × ~56 "
+        f"Concurrency: C runs at once on {where}, {args.stages} stages × ~56 "
         f"tokens at 50 ms/token each ({args.model}), raw asyncio client"
     )
     rows = []
@@ -280,6 +328,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"{r['cpu_us_per_token']:.1f}",
                 f"{r['client_cpu']:.0f}%",
                 "–" if r["wire_cpu"] is None else f"{r['wire_cpu']:.0f}%",
+                "–" if r["redis_cpu"] is None else f"{r['redis_cpu']:.0f}%",
             ]
         )
     print(
@@ -300,6 +349,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 "server CPU µs/token",
                 "client CPU",
                 "wire server CPU",
+                "redis-server CPU",
             ],
             rows,
         )
@@ -337,9 +387,21 @@ def main() -> None:
     parser.add_argument(
         "--stages", type=int, default=7, help="sequential stages per run (~2.8 s each)"
     )
+    parser.add_argument(
+        "--log",
+        choices=["memory", "redis"],
+        default="memory",
+        help="the event log: memory (one process), or redis (a redis-server of its own; runs "
+        "go through the shared queue)",
+    )
+    parser.add_argument(
+        "--servers", type=int, default=1, help="stagecast serve processes (Redis for > 1)"
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="give up after (s)")
     parser.add_argument("--smoke", action="store_true", help="C = 20, one stage")
     args = parser.parse_args()
+    if args.servers > 1 and args.log != "redis":
+        parser.error("--servers > 1 needs --log redis (processes share runs through Redis)")
     if args.smoke:
         args.c, args.stages = [20], 1
     elif args.model.startswith("wire") and args.c == [100, 500, 1000]:

@@ -25,7 +25,7 @@ from stagecast.api.eventlog import (
     UnknownRun,
 )
 from stagecast.api.memlog import InMemoryEventLog
-from stagecast.api.redislog import RedisEventLog
+from stagecast.api.redislog import POOL_CONNECTIONS, RedisEventLog
 from stagecast.api.sse import SSE_CODEC, encode_frame
 
 pytestmark = pytest.mark.anyio
@@ -114,13 +114,17 @@ async def test_follow_replays_then_follows_live_in_batches_and_ends(make_log: Lo
 
 
 async def until_waiting(log: EventLog) -> None:
-    """Until every reader of the log waits for more (in Redis: blocked in XREAD)."""
+    """Until every reader of the log waits for more (in Redis: joined the shared reader, which
+    waits on its channel subscription with nothing left to read)."""
     await anyio.wait_all_tasks_blocked()
     if isinstance(log, RedisEventLog):
-        while not any(
-            c.get("cmd") == "xread" for c in await log.redis.client_list()
+        while (
+            not log._follows
+            or log._dirty
+            or not any(c.get("cmd") == "subscribe" for c in await log.redis.client_list())
         ):  # bounded by the caller's fail_after
             await anyio.sleep(0.001)
+        await anyio.wait_all_tasks_blocked()
 
 
 async def test_follow_heartbeat_yields_an_empty_batch_when_idle(make_log: Logs) -> None:
@@ -346,3 +350,187 @@ async def test_interleaved_runs_and_long_bursts_read_back_whole(make_log: Logs) 
         got = [e async for batch in log.follow(run_id, 0) for e in batch]
         assert got == [entry(seq) for seq in range(1, last + 1)]
         assert await log.ainfo(run_id) == LogInfo(1, last, True)
+
+
+# -- the Redis log's shared reader: one XREAD for every viewer of the process -------------
+
+
+async def _blocked(log: RedisEventLog) -> int:
+    """Clients of this log blocked in Redis (XREAD BLOCK), by CLIENT LIST's ``b`` flag."""
+    return sum("b" in c["flags"] for c in await log.redis.client_list())
+
+
+async def test_redis_viewers_of_many_runs_share_one_reader_connection(redis_url: str) -> None:
+    log = RedisEventLog(redis_url, prefix="test:shared:")
+    runs = [f"r{i}" for i in range(40)]
+    for run_id in runs:
+        log.create(run_id)
+    await log.flush(5)
+    got: dict[tuple[str, int], list[int]] = {}
+
+    async def view(run_id: str, viewer: int) -> None:
+        seqs = got.setdefault((run_id, viewer), [])
+        async for batch in log.follow(run_id, 0):
+            seqs.extend(e.seq for e in batch)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for run_id in runs:
+                for viewer in range(3):  # 120 live viewers
+                    tg.start_soon(view, run_id, viewer)
+            while sum(len(fs) for fs in log._follows.values()) < 120:  # all at the top, waiting
+                await anyio.sleep(0.01)  # bounded by fail_after
+            blocked = await _blocked(log)
+            for seq in range(1, 31):
+                for run_id in runs:
+                    log.append(run_id, entry(seq))
+                await anyio.sleep(0.001)
+            for run_id in runs:
+                log.finish(run_id)
+    assert got == {(r, v): list(range(1, 31)) for r in runs for v in range(3)}
+    # 120 viewers following live: no XREAD blocked in Redis for them (the channel wakes the
+    # shared reader; only its subscription waits), and the pool never opened more than its
+    # bound while 120 replays started at once
+    assert blocked == 0
+    assert len(await log.redis.client_list()) <= POOL_CONNECTIONS
+    assert log._follows == {}
+    await log.aclose()
+
+
+async def test_redis_the_shared_reader_reads_only_the_runs_written_to(redis_url: str) -> None:
+    writer = RedisEventLog(redis_url, prefix="test:targeted:")  # another process's writes
+    log = RedisEventLog(redis_url, prefix="test:targeted:")
+    runs = [f"r{i}" for i in range(20)]
+    for run_id in runs:
+        writer.create(run_id)
+    await writer.flush(5)
+    seen: dict[str, list[int]] = {run_id: [] for run_id in runs}
+
+    async def view(run_id: str) -> None:
+        async for batch in log.follow(run_id, 0):
+            seen[run_id].extend(e.seq for e in batch)
+
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            for run_id in runs:
+                tg.start_soon(view, run_id)
+            while len(log._follows) < len(runs) or log._dirty or log.reading:
+                await anyio.sleep(0.01)
+            reads = log.shared_reads
+            for seq in range(1, 6):  # only r3 is written to: each read names r3 alone
+                writer.append("r3", entry(seq))
+                await writer.flush(5)
+                while seen["r3"] != list(range(1, seq + 1)):
+                    await anyio.sleep(0.005)
+                assert log.last_read == 1
+            assert 1 <= log.shared_reads - reads <= 5
+            for run_id in runs:
+                writer.finish(run_id)
+    assert seen == {run_id: list(range(1, 6)) if run_id == "r3" else [] for run_id in runs}
+    await writer.aclose()
+    await log.aclose()
+
+
+async def test_redis_a_viewer_joining_as_the_run_ends_is_not_left_waiting(
+    redis_url: str,
+) -> None:
+    # the write (and its message on the channel) may land between the viewer's own replay read
+    # and its joining the shared reader: the read after a join covers it
+    writer = RedisEventLog(redis_url, prefix="test:race:")
+    log = RedisEventLog(redis_url, prefix="test:race:")
+    with anyio.fail_after(20):
+        for round_ in range(30):
+            run_id = f"r{round_}"
+            writer.create(run_id)
+            await writer.flush(5)
+            got: list[int] = []
+
+            async def view(run_id: str = run_id, got: list[int] = got) -> None:
+                async for batch in log.follow(run_id, 0):
+                    got.extend(e.seq for e in batch)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(view)
+                for _ in range(round_ % 4):  # the write lands at a different point each round
+                    await anyio.sleep(0)
+                writer.append(run_id, entry(1))
+                writer.finish(run_id)
+                await writer.flush(5)
+            assert got == [1]
+    await writer.aclose()
+    await log.aclose()
+
+
+async def test_redis_a_viewer_that_falls_behind_catches_up_by_itself(redis_url: str) -> None:
+    from stagecast.api.redislog import LAG_FRAMES
+
+    log = RedisEventLog(redis_url, prefix="test:lag:")
+    log.create("r")
+    log.append("r", entry(1))
+    seen: list[int] = []
+    total = LAG_FRAMES * 3
+    with anyio.fail_after(30):
+        stream = log.follow("r", 0)
+        seen.extend(e.seq for e in await stream.__anext__())  # joined the shared reader
+        for seq in range(2, total + 1):  # the viewer does not read while these arrive
+            log.append("r", entry(seq))
+        await log.flush(5)
+        for _ in range(50):  # the shared reader hands out until the viewer is LAG_FRAMES over
+            await anyio.sleep(0.02)
+            if not log._follows:
+                break
+        assert log._follows == {}  # it left the shared read instead of buffering it all
+        log.finish("r")
+        async for batch in stream:
+            seen.extend(e.seq for e in batch)
+    assert seen == list(range(1, total + 1))
+    await log.aclose()
+
+
+async def test_redis_a_lagging_viewer_whose_events_were_capped_gets_expired(
+    redis_url: str,
+) -> None:
+    from stagecast.api.redislog import LAG_FRAMES
+
+    log = RedisEventLog(redis_url, prefix="test:lagcap:", max_events=LAG_FRAMES)
+    log.create("r")
+    log.append("r", entry(1))
+    with anyio.fail_after(30):
+        stream = log.follow("r", 0)
+        assert [e.seq for e in await stream.__anext__()] == [1]
+        for seq in range(2, LAG_FRAMES * 4):
+            log.append("r", entry(seq))
+        await log.flush(5)
+        seen: list[int] = []
+        with pytest.raises(EventsExpired, match=r"at most 4000 events are kept per run"):
+            async for batch in stream:
+                seen.extend(e.seq for e in batch)
+    assert seen == list(range(2, len(seen) + 2))  # what it got had no gap
+    await log.aclose()
+
+
+async def test_redis_away_ends_every_shared_viewer_with_unavailable(redis_url: str) -> None:
+    from stagecast.api.eventlog import EventLogUnavailable
+
+    log = RedisEventLog(redis_url, prefix="test:away:", retry_seconds=0.05)
+    for run_id in ("a", "b"):
+        log.create(run_id)
+    errors: list[str] = []
+
+    async def view(run_id: str) -> None:
+        try:
+            async for _ in log.follow(run_id, 0):
+                pass
+        except EventLogUnavailable as exc:
+            errors.append(str(exc))
+
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(view, "a")
+            tg.start_soon(view, "b")
+            await anyio.sleep(0.2)
+            for kind in ("normal", "pubsub"):  # cut every connection (as a Redis restart does)
+                await log.redis.client_kill_filter(skipme=True, _type=kind)
+    assert len(errors) == 2 and all("the event log (Redis) is unavailable" in e for e in errors)
+    assert log._follows == {}
+    await log.aclose()
