@@ -8,8 +8,13 @@ input, with no sticky routing. The keys (prefix ``stagecast:``)::
     runs:<id>       Hash: status, worker, request (JSON), snapshot (the status JSON),
                     cancel (1 once asked), viewers (open streams, every process),
                     takeovers (how many times the run was taken over from a lost worker)
+    source:<id>     String (NDJSON): what a queued replay plays (its recording) or a queued
+                    re-run reuses (the earlier run-start and reusable stage-ends, no tokens);
+                    at most ``MAX_SOURCE_BYTES``, deleted when the run is done
     admitted        Sorted set of the runs holding a slot: ``max_concurrent_runs`` holds
                     across the deployment (checked and taken in one script with the enqueue)
+    waiting         Sorted set of the runs waiting for input, scored by a lease (ms) that
+                    their owner renews: ``max_waiting_runs`` holds across the deployment
     idem:<key>      ``<fingerprint> <run_id>`` of an ``Idempotency-Key``
     worker:<id>     Set with a PX of ``heartbeat_timeout``: the worker is alive
     control         Pub/sub channel: ``{"op": "cancel", "run_id": …}`` reaches the owner
@@ -18,6 +23,17 @@ input, with no sticky routing. The keys (prefix ``stagecast:``)::
   then one Lua script takes a slot, writes the registry entry and the log's created marker, and
   XADDs the queue. Workers (every serve process unless ``work_runs: false``, and
   ``stagecast worker``) XREADGROUP one entry at a time and run it.
+- **Re-runs and replays.** The receiving process checks them as one process does (``reuse``:
+  the earlier run from the shared log, or a recording of its ``--recordings`` folder; the same
+  refusals) and puts what the worker needs in ``source:<id>`` in the admit script; the request
+  stays small (``{"kind": "replay", "name", "speed", …}`` or ``"reuse": {"name", "from"}``).
+  The worker rebuilds the ``Recording`` (and ``Reuse``) from it: no recordings folder needed.
+  A replay takes a slot like a run and is not checked against ``max_waiting_runs``.
+- **Waiting runs.** The owner's snapshots add a run that waits for input to ``waiting`` (and
+  give its slot back unless ``waiting_runs_hold_slots``), and remove it once answered; the admit
+  script drops lapsed leases, then refuses a run at ``max_waiting_runs``. A run that is done
+  leaves ``waiting`` with its slot; a lost worker's waiting runs leave it when their lease
+  (``heartbeat_timeout``, renewed every third of it) runs out, taken over or not.
 - **Heartbeat.** A worker re-claims its own pending entries (``XCLAIM … 0 JUSTID``) every third
   of ``heartbeat_timeout``, which keeps them idle-fresh. An entry idle for longer (its worker was
   killed, or lost Redis) is taken by another worker with ``XAUTOCLAIM``: a run that had not
@@ -48,7 +64,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -72,12 +88,13 @@ from stagecast.engine.chain import Chain
 from stagecast.engine.events import (
     ErrorInfo,
     RunEnded,
+    RunEvent,
     StageEnded,
     event_from_json,
     event_to_json,
 )
-from stagecast.engine.orchestrator import ChainRun
-from stagecast.engine.reuse import Resume
+from stagecast.engine.orchestrator import ChainRun, new_run_id
+from stagecast.engine.reuse import Recording, RecordingError, Resume, Reuse, ReuseError
 
 __all__ = ["FINAL", "MAX_TAKEOVERS", "Cluster", "continued_message", "worker_lost_message"]
 
@@ -96,17 +113,23 @@ FINAL = ("succeeded", "failed", "cancelled")
 BLOCK_MS = 2000
 MAX_TAKEOVERS = 3
 """A run taken over this many times (its workers keep dying, or it kills them) ends failed."""
-_REQUEST_KEYS = {"chain", "inputs", "model", "on_disconnect", "coalesce_ms"}
+_REQUEST_KEYS = {"chain", "inputs", "model", "on_disconnect", "coalesce_ms", "reuse"}
 """The queued request's fields a takeover rebuilds the run from."""
 
 _ADMIT = """
--- KEYS: admitted, runs:<id>, queue, run log stream, idem:<key> (or the same as KEYS[2])
--- ARGV: limit, run_id, now_ms, request, snapshot, keep_ms, idem value ('' for none)
+-- KEYS: admitted, runs:<id>, queue, run log stream, idem:<key> (or the same as KEYS[2]),
+--       waiting, source:<id>
+-- ARGV: limit, run_id, now_ms, request, snapshot, keep_ms, idem value ('' for none),
+--       waiting limit ('' for none: a replay never waits), source ('' for none)
 if ARGV[7] ~= '' then
   local known = redis.call('GET', KEYS[5])
   if known then return 'known ' .. known end
 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 'limit' end
+if ARGV[8] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[3])  -- leases of lost workers
+  if redis.call('ZCARD', KEYS[6]) >= tonumber(ARGV[8]) then return 'waiting_limit' end
+end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
 redis.call('HSET', KEYS[2], 'status', 'pending', 'request', ARGV[4], 'snapshot', ARGV[5],
            'viewers', 0)
@@ -114,9 +137,36 @@ redis.call('PEXPIRE', KEYS[2], ARGV[6])
 redis.call('XADD', KEYS[4], '0-1', 'f', '')
 redis.call('PEXPIRE', KEYS[4], ARGV[6])
 if ARGV[7] ~= '' then redis.call('SET', KEYS[5], ARGV[7], 'PX', ARGV[6]) end
+if ARGV[9] ~= '' then redis.call('SET', KEYS[7], ARGV[9], 'PX', ARGV[6]) end
 redis.call('XADD', KEYS[3], '*', 'run', ARGV[2])
 return 'ok'
 """
+
+MAX_SOURCE_BYTES = 32 * 1024 * 1024
+"""The most a queued run carries to its worker (``source:<id>``): a replay's recording, or
+what a re-run reuses (its earlier run's run-start and succeeded stage-ends, no tokens)."""
+
+
+class _Unstartable(Exception):
+    """A queued run this worker cannot start (the message says why); it ends failed."""
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _ndjson(events: Iterable[RunEvent], field: str, name: str) -> str:
+    """Events as NDJSON for ``source:<id>``; ApiError 422 over ``MAX_SOURCE_BYTES``."""
+    text = "\n".join(event_to_json(event) for event in events)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_SOURCE_BYTES:
+        code = "invalid_reuse" if field == "reuse" else "invalid_recording"
+        problem = (
+            f"{name}: {_size(size)} to carry to a worker; a deployment on Redis carries up to "
+            f"{_size(MAX_SOURCE_BYTES)}"
+        )
+        raise ApiError(422, code, f"{field}: {problem}", {"fields": {field: problem}})
+    return text
 
 
 def worker_lost_message(worker: str, timeout: float, why: str) -> str:
@@ -178,6 +228,7 @@ class Cluster:
         self.queue = f"{prefix}queue"
         self.admitted = f"{prefix}admitted"
         self.control = f"{prefix}control"
+        self.waiting = f"{prefix}waiting"
         self.heartbeat_timeout = settings.heartbeat_timeout
         self._owned: dict[str, bytes] = {}  # run_id -> queue entry id
         self._snapshots: dict[str, str] = {}  # run_id -> the snapshot last written
@@ -193,6 +244,10 @@ class Cluster:
 
     def runs_key(self, run_id: str) -> str:
         return f"{self.prefix}runs:{run_id}"
+
+    def source_key(self, run_id: str) -> str:
+        """What a queued run carries to its worker: a replay's recording, a re-run's reuse."""
+        return f"{self.prefix}source:{run_id}"
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -272,9 +327,12 @@ class Cluster:
         on_disconnect: OnDisconnect,
         coalesce_ms: float | None,
         idempotency: tuple[str, str] | None,
+        reuse: Reuse | None = None,
+        reuse_from: str | None = None,
     ) -> tuple[str, bool]:
         """Check and queue a run; ``(run_id, replayed)``. Raises InputError, ModelConfigError
-        (from the engine's checks), RunLimitError, IdempotencyConflict."""
+        (from the engine's checks), RunLimitError, IdempotencyConflict, ApiError (what the run
+        reuses is over ``MAX_SOURCE_BYTES``)."""
         if idempotency is not None:
             known = await self.redis.get(f"{self.prefix}idem:{idempotency[0]}")
             if known is not None:
@@ -285,20 +343,59 @@ class Cluster:
             models=self.manager.registry,
             model=model,
             render_limits=self.settings.render_limits(),
+            reuse=reuse,
         )
         run_id = probe.run_id
-        request = {
+        request: dict[str, Any] = {
             "chain": chain.id,
             "inputs": inputs,
             "model": model,
             "on_disconnect": on_disconnect,
             "coalesce_ms": coalesce_ms,
         }
-        snapshot = {
+        source = ""
+        if reuse is not None:  # the worker rebuilds the same Reuse from what it needs
+            request["reuse"] = {"name": reuse.recording.name, "from": reuse_from}
+            source = _ndjson(reuse.needed(), "reuse", reuse.recording.name)
+        snapshot = self._pending_snapshot(
+            run_id,
+            {"id": chain.id, "title": chain.title, "version": chain.spec.version},
+            probe.default_model.label,
+            on_disconnect,
+        )
+        answer = await self._queue(
+            run_id, request, snapshot, idempotency, source, self.settings.max_waiting_runs
+        )
+        if answer.startswith("known "):
+            assert idempotency is not None
+            return self._known(idempotency, answer[6:]), True
+        return run_id, False
+
+    async def _submit_replay(
+        self, recording: Recording, speed: float | None, on_disconnect: OnDisconnect
+    ) -> str:
+        start = recording.start
+        run_id = new_run_id()
+        request = {
+            "kind": "replay",
+            "name": recording.name,
+            "speed": speed,
+            "on_disconnect": on_disconnect,
+        }
+        source = _ndjson(recording.events, "recording", recording.name)
+        snapshot = self._pending_snapshot(run_id, asdict(start.chain), start.model, on_disconnect)
+        await self._queue(run_id, request, snapshot, None, source, None)
+        return run_id
+
+    @staticmethod
+    def _pending_snapshot(
+        run_id: str, chain: dict[str, Any], model: str, on_disconnect: str
+    ) -> dict[str, Any]:
+        return {
             "run_id": run_id,
-            "chain": {"id": chain.id, "title": chain.title, "version": chain.spec.version},
+            "chain": chain,
             "status": "pending",
-            "model": probe.default_model.label,
+            "model": model,
             "created_at": _now_ms(),
             "finished_at": None,
             "last_seq": 0,
@@ -310,6 +407,18 @@ class Cluster:
             "usage": {"input_tokens": 0, "output_tokens": 0, "cost": None},
             "error": None,
         }
+
+    async def _queue(
+        self,
+        run_id: str,
+        request: dict[str, Any],
+        snapshot: dict[str, Any],
+        idempotency: tuple[str, str] | None,
+        source: str,
+        waiting_limit: int | None,
+    ) -> str:
+        """The admit script: limits, registry entry, created marker, source, queue entry.
+        Raises RunLimitError; returns ``ok`` or ``known <fingerprint> <run_id>``."""
         keep_ms = int(max(self.log.orphan_ttl, self.settings.finished_run_ttl) * 1000)
         idem_key = f"{self.prefix}idem:{idempotency[0]}" if idempotency else self.runs_key(run_id)
         answer = _text(
@@ -320,6 +429,8 @@ class Cluster:
                     self.queue,
                     self.log.key(run_id),
                     idem_key,
+                    self.waiting,
+                    self.source_key(run_id),
                 ],
                 args=[
                     self.settings.max_concurrent_runs,
@@ -329,15 +440,18 @@ class Cluster:
                     json.dumps(snapshot),
                     keep_ms,
                     f"{idempotency[1]} {run_id}" if idempotency else "",
+                    "" if waiting_limit is None else waiting_limit,
+                    source,
                 ],
             )
         )
         if answer == "limit":
+            self.manager.metrics.runs_rejected["limit"] += 1
             raise RunLimitError(self.settings.max_concurrent_runs)
-        if answer.startswith("known "):
-            assert idempotency is not None
-            return self._known(idempotency, answer[6:]), True
-        return run_id, False
+        if answer == "waiting_limit":
+            self.manager.metrics.runs_rejected["waiting_limit"] += 1
+            raise RunLimitError(self.settings.max_waiting_runs, "max_waiting_runs")
+        return answer
 
     async def submit(
         self, chain: Chain, inputs: dict[str, Any], **options: Any
@@ -346,6 +460,22 @@ class Cluster:
         (from the engine's checks), RunLimitError, IdempotencyConflict, EventLogUnavailable."""
         with _store():
             return await self._submit(chain, inputs, **options)
+
+    async def known(self, idempotency: tuple[str, str]) -> str | None:
+        """The run an ``Idempotency-Key`` started, None for a new key; raises
+        IdempotencyConflict when it came with another request."""
+        with _store():
+            found = await self.redis.get(f"{self.prefix}idem:{idempotency[0]}")
+        return None if found is None else self._known(idempotency, _text(found))
+
+    async def submit_replay(
+        self, recording: Recording, *, speed: float | None, on_disconnect: OnDisconnect
+    ) -> str:
+        """Queue a replay of ``recording`` (a slot like a run's, never ``max_waiting_runs``: a
+        replay does not wait); its run id. Raises RunLimitError, ApiError (over
+        ``MAX_SOURCE_BYTES``), EventLogUnavailable."""
+        with _store():
+            return await self._submit_replay(recording, speed, on_disconnect)
 
     async def status(self, run_id: str) -> dict[str, Any]:
         """The run's status: the owner's if it is here, else the snapshot in the registry."""
@@ -586,24 +716,10 @@ class Cluster:
         if status != "pending":  # it had started (running, or waiting for input): lost
             await self._take_lost(entry_id, run_id, record)
             return
-        request = json.loads(record["request"])
-        entry = self.catalog.find(request["chain"])
-        if entry is None or entry.chain is None:
-            await self._fail_unstarted(run_id, f"chain {request['chain']!r} is not on this worker")
-            await self._done(entry_id, run_id)
-            return
         try:
-            managed = self.manager.start(
-                entry.chain,
-                request["inputs"],
-                model=request["model"],
-                on_disconnect=request["on_disconnect"],
-                coalesce_ms=request["coalesce_ms"],
-                run_id=run_id,
-                admitted=True,
-            )
-        except Exception as exc:  # checked when queued; a worker with other configs fails it
-            await self._fail_unstarted(run_id, f"the worker could not start it: {exc}")
+            managed = await self._start_pending(run_id, json.loads(record["request"]))
+        except _Unstartable as exc:  # checked when queued; a worker with other configs fails it
+            await self._fail_unstarted(run_id, str(exc))
             await self._done(entry_id, run_id)
             return
         self._owned[run_id] = entry_id
@@ -614,6 +730,55 @@ class Cluster:
         )
         if record.get("cancel") or await self.redis.hget(key, "cancel"):
             managed.run.cancel()
+
+    async def _start_pending(self, run_id: str, request: dict[str, Any]) -> ManagedRun:
+        """Start a queued run here (a chain run, a re-run, a replay); raises _Unstartable."""
+        if request.get("kind") == "replay":
+            recording = await self._source(run_id, request["name"])
+            try:
+                return self.manager.start_replay(
+                    recording,
+                    speed=request["speed"],
+                    on_disconnect=request["on_disconnect"],
+                    run_id=run_id,
+                    admitted=True,
+                )
+            except Exception as exc:
+                raise _Unstartable(f"the worker could not start it: {exc}") from None
+        entry = self.catalog.find(request["chain"])
+        if entry is None or entry.chain is None:
+            raise _Unstartable(f"chain {request['chain']!r} is not on this worker")
+        reuse = None
+        if request.get("reuse"):
+            asked = request["reuse"]
+            recording = await self._source(run_id, asked["name"])
+            try:
+                reuse = Reuse(recording, entry.chain, asked["from"])
+            except ReuseError as exc:
+                raise _Unstartable(f"the worker could not start it: {exc}") from None
+        try:
+            return self.manager.start(
+                entry.chain,
+                request["inputs"],
+                model=request["model"],
+                on_disconnect=request["on_disconnect"],
+                coalesce_ms=request["coalesce_ms"],
+                run_id=run_id,
+                admitted=True,
+                reuse=reuse,
+            )
+        except Exception as exc:
+            raise _Unstartable(f"the worker could not start it: {exc}") from None
+
+    async def _source(self, run_id: str, name: str) -> Recording:
+        """What the queued run carries (``source:<id>``), read back as a recording."""
+        raw = await self.redis.get(self.source_key(run_id))
+        if raw is None:
+            raise _Unstartable(f"{name}: what the run was queued with is gone from Redis")
+        try:
+            return Recording.from_lines(_text(raw).split("\n"), name)
+        except RecordingError as exc:
+            raise _Unstartable(f"the worker could not start it: {exc}") from None
 
     def _on_finished(self, managed: ManagedRun) -> None:
         run_id = managed.run_id
@@ -648,6 +813,8 @@ class Cluster:
         pipe.xack(self.queue, GROUP, entry_id)
         pipe.xdel(self.queue, entry_id)
         pipe.zrem(self.admitted, run_id)
+        pipe.zrem(self.waiting, run_id)
+        pipe.delete(self.source_key(run_id))
         await pipe.execute()
 
     async def _heartbeat(self) -> None:
@@ -678,14 +845,32 @@ class Cluster:
             await asyncio.sleep(period)
 
     async def _snapshot(self) -> None:
+        renewed = time.monotonic()
         while True:
             await asyncio.sleep(SNAPSHOT_SECONDS)
             if self._owned:
                 await self._write_snapshots(dict(self._owned))
+            if time.monotonic() - renewed >= self.heartbeat_timeout / 3:
+                renewed = time.monotonic()
+                await self._renew_waiting()
+
+    def _lease(self) -> int:
+        """Until when a run counts as waiting unless its owner renews it (a lost worker's
+        waiting runs leave the count after ``heartbeat_timeout``, taken over or not)."""
+        return _now_ms() + max(1, int(self.heartbeat_timeout * 1000))
+
+    async def _renew_waiting(self) -> None:
+        waiting = [r for r, state in self._states.items() if state == "waiting_input"]
+        waiting = [r for r in waiting if r in self._owned]
+        if waiting:
+            lease = self._lease()
+            await self.redis.zadd(self.waiting, dict.fromkeys(waiting, lease), xx=True)
 
     async def _write_snapshots(self, owned: dict[str, bytes]) -> None:
-        """The changed status of these runs into the registry; a run waiting for input gives
-        its slot back (``waiting_runs_hold_slots: false``), and takes it again when answered."""
+        """The changed status of these runs into the registry. A run waiting for input counts
+        in ``waiting`` (``max_waiting_runs``, checked by the admit script) and gives its slot
+        back (``waiting_runs_hold_slots: false``); answered, it leaves ``waiting`` and takes its
+        slot again."""
         pipe = self.redis.pipeline(transaction=False)
         dirty = False
         now = time.monotonic()
@@ -703,16 +888,20 @@ class Cluster:
             snapshot = json.dumps(status)
             if self._snapshots.get(run_id) != snapshot and run_id in self._owned:
                 before = self._states.get(run_id)
+                now = status["status"]
                 self._snapshots[run_id] = snapshot
-                self._states[run_id] = status["status"]
+                self._states[run_id] = now
                 pipe.hset(
                     self.runs_key(run_id),
-                    mapping={"snapshot": snapshot, "status": status["status"]},
+                    mapping={"snapshot": snapshot, "status": now},
                 )
-                if not self.settings.waiting_runs_hold_slots:
-                    if status["status"] == "waiting_input":
+                if now == "waiting_input" and before != "waiting_input":
+                    pipe.zadd(self.waiting, {run_id: self._lease()})
+                    if not self.settings.waiting_runs_hold_slots:
                         pipe.zrem(self.admitted, run_id)
-                    elif before == "waiting_input":
+                elif now != "waiting_input" and before == "waiting_input":
+                    pipe.zrem(self.waiting, run_id)
+                    if not self.settings.waiting_runs_hold_slots and now not in FINAL:
                         pipe.zadd(self.admitted, {run_id: _now_ms()}, nx=True)
                 dirty = True
         if dirty:
@@ -761,8 +950,10 @@ class Cluster:
             return f"it was taken over {MAX_TAKEOVERS} times already"
         try:
             request = json.loads(record["request"])
+            if request.get("kind") == "replay":
+                return "a replay is not continued: start the replay again"
             chain_id, inputs = request["chain"], request["inputs"]
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError, AttributeError):
             return "its request is not in the registry"
         unknown = sorted(set(request) - _REQUEST_KEYS)
         if unknown:
@@ -781,6 +972,14 @@ class Cluster:
                 f"its log starts at seq {info.first_seq}: the first events were dropped "
                 f"(max_events_per_run {self.log.cap:,})"
             )
+        reuse = None
+        if request.get("reuse"):  # a re-run: what it reuses came with it (source:<id>)
+            asked = request["reuse"]
+            try:
+                recording = await self._source(run_id, asked["name"])
+                reuse = Reuse(recording, entry.chain, asked["from"])
+            except (_Unstartable, ReuseError) as exc:
+                return str(exc)
         part = await self.log.read(run_id, 0)
         lost = ErrorInfo(
             type="worker_lost",
@@ -796,6 +995,7 @@ class Cluster:
                 coalesce_ms=request.get("coalesce_ms"),
                 run_id=run_id,
                 admitted=True,
+                reuse=reuse,
                 resume=resume,
             )
         except Exception as exc:  # ResumeError, InputError, ModelConfigError: this worker's

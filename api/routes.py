@@ -594,16 +594,16 @@ async def _create_queued(
 ) -> Response:
     """``POST /v1/runs`` of a deployment on Redis: checked here, queued for any worker."""
     assert state.cluster is not None
-    if body.reuse is not None:
-        raise ApiError(
-            422,
-            "not_supported",
-            "reuse: re-runs are served by a single-process server (event_log: memory) for now, "
-            "not by a deployment on Redis",
-            {"fields": {"reuse": "not supported on a deployment on Redis yet"}},
-        )
     chain = _loaded(_find_chain(state, body.chain))
     on_disconnect = body.on_disconnect or ("cancel" if stream else "continue")
+    # checked here, as in one process: an unknown run, another chain or version is refused now
+    # (after the Idempotency-Key: a retried create finds its run even if the earlier one is gone)
+    reuse = None
+    if body.reuse is not None:
+        with _start_errors(body.model):
+            known = await state.cluster.known(idempotency) if idempotency else None
+        if known is None:
+            reuse = await _reuse(state, body.reuse, chain)
     with _start_errors(body.model):
         run_id, replayed = await state.cluster.submit(
             chain,
@@ -612,6 +612,8 @@ async def _create_queued(
             on_disconnect=on_disconnect,
             coalesce_ms=body.coalesce_ms,
             idempotency=idempotency,
+            reuse=reuse,
+            reuse_from=body.reuse.from_ if body.reuse is not None else None,
         )
     urls = _urls(request, run_id)
     extra = {"Idempotent-Replayed": "true"} if replayed else {}
@@ -673,9 +675,14 @@ async def _load_recording(state: AppState, name: str, where: str) -> Recording:
 
 
 async def _run_recording(state: AppState, run_id: str) -> Recording:
-    """An earlier run of this server, as a recording (the events its log still holds)."""
+    """An earlier run of this server (of any process of a deployment: the shared log), as a
+    recording (the events its log still holds)."""
     try:
         part = await state.log.read(run_id, 0)
+    except EventLogUnavailable as exc:
+        raise ApiError(
+            503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"}
+        ) from None
     except UnknownRun as exc:
         raise ApiError(
             404, "unknown_run", f"reuse.run_id: {exc}", {"fields": {"reuse.run_id": str(exc)}}
@@ -754,13 +761,6 @@ def _recording_summaries(folder: Path) -> list[dict[str, Any]]:
 )
 async def create_replay(body: ReplayRequest, request: Request) -> Response:
     state = state_of(request)
-    if state.cluster is not None:
-        raise ApiError(
-            422,
-            "not_supported",
-            "replays are served by a single-process server (event_log: memory) for now, not "
-            "by a deployment on Redis",
-        )
     recording = await _load_recording(state, body.recording, "recording")
     try:
         speed = parse_speed(body.speed)
@@ -768,13 +768,21 @@ async def create_replay(body: ReplayRequest, request: Request) -> Response:
         raise ApiError(
             422, "invalid_request", f"speed: {exc}", {"fields": {"speed": str(exc)}}
         ) from None
-    with _start_errors(None):
-        managed = state.manager.start_replay(
-            recording, speed=speed, on_disconnect=body.on_disconnect
-        )
-    urls = _urls(request, managed.run_id)
+    if state.cluster is not None:  # queued: any worker plays it, any process serves it
+        with _start_errors(None):
+            run_id = await state.cluster.submit_replay(
+                recording, speed=speed, on_disconnect=body.on_disconnect
+            )
+        status = "pending"
+    else:
+        with _start_errors(None):
+            managed = state.manager.start_replay(
+                recording, speed=speed, on_disconnect=body.on_disconnect
+            )
+        run_id, status = managed.run_id, managed.status
+    urls = _urls(request, run_id)
     return JSONResponse(
-        {"run_id": managed.run_id, "status": managed.status, **urls},
+        {"run_id": run_id, "status": status, **urls},
         status_code=201,
         headers={"Location": urls["status_url"]},
     )

@@ -267,13 +267,16 @@ class RunManager:
         *,
         speed: float | None = 1.0,
         on_disconnect: OnDisconnect = "continue",
+        run_id: str | None = None,
+        admitted: bool = False,
     ) -> ManagedRun:
-        """Serve ``recording`` as a new run (``engine.replay``). Raises RunLimitError."""
+        """Serve ``recording`` as a new run (``engine.replay``). Raises RunLimitError.
+        A worker of a deployment passes ``run_id`` and ``admitted``, as for ``start``."""
         self.expire()
-        if self.active >= self.settings.max_concurrent_runs:
+        if not admitted and self.active >= self.settings.max_concurrent_runs:
             self.metrics.runs_rejected["limit"] += 1
             raise RunLimitError(self.settings.max_concurrent_runs)
-        run = ReplayRun(recording, speed=speed)
+        run = ReplayRun(recording, speed=speed, run_id=run_id)
         managed = ManagedRun(
             run=run,
             chain=None,

@@ -259,6 +259,16 @@ class Reuse:
                 if event.status == "succeeded" and event.fingerprint:
                     self._earlier[key] = _Earlier(event, found)
 
+    def needed(self) -> list[RunEvent]:
+        """The recording's events this re-run can use: its run-start, then each reusable
+        stage-end after its sources (no tokens). ``Reuse`` of a recording of just these events
+        decides exactly as this one does (what a worker of a deployment is handed)."""
+        found: list[RunEvent] = [self.recording.start]
+        for earlier in self._earlier.values():
+            found.extend(earlier.sources)
+            found.append(earlier.end)
+        return found
+
     def find(self, path: list[str | int], fingerprint: str) -> _Earlier | None:
         """The earlier stage-end (and its sources) to reuse at ``path``, or None: run it."""
         if path and path[0] in self.forced:
