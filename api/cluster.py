@@ -888,20 +888,20 @@ class Cluster:
             snapshot = json.dumps(status)
             if self._snapshots.get(run_id) != snapshot and run_id in self._owned:
                 before = self._states.get(run_id)
-                now = status["status"]
+                state = status["status"]
                 self._snapshots[run_id] = snapshot
-                self._states[run_id] = now
+                self._states[run_id] = state
                 pipe.hset(
                     self.runs_key(run_id),
-                    mapping={"snapshot": snapshot, "status": now},
+                    mapping={"snapshot": snapshot, "status": state},
                 )
-                if now == "waiting_input" and before != "waiting_input":
+                if state == "waiting_input" and before != "waiting_input":
                     pipe.zadd(self.waiting, {run_id: self._lease()})
                     if not self.settings.waiting_runs_hold_slots:
                         pipe.zrem(self.admitted, run_id)
-                elif now != "waiting_input" and before == "waiting_input":
+                elif state != "waiting_input" and before == "waiting_input":
                     pipe.zrem(self.waiting, run_id)
-                    if not self.settings.waiting_runs_hold_slots and now not in FINAL:
+                    if not self.settings.waiting_runs_hold_slots and state not in FINAL:
                         pipe.zadd(self.admitted, {run_id: _now_ms()}, nx=True)
                 dirty = True
         if dirty:
