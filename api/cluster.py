@@ -121,6 +121,8 @@ _ADMIT = """
 --       waiting, source:<id>
 -- ARGV: limit, run_id, now_ms, request, snapshot, keep_ms, idem value ('' for none),
 --       waiting limit ('' for none: a replay never waits), source ('' for none)
+-- a retry of this very call (its reply was lost with the connection): it landed already
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'ok' end
 if ARGV[7] ~= '' then
   local known = redis.call('GET', KEYS[5])
   if known then return 'known ' .. known end

@@ -47,7 +47,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stagecast.api.eventlog import (
     CursorError,
@@ -74,6 +78,8 @@ BLOCK_SECONDS = 2.0
 """Longest single XREAD BLOCK (under the client's socket timeout); longer waits loop."""
 WRITE_COUNT = 1000
 """At most this many events per XREAD, so one write of a replay stays bounded."""
+SWEEP_SECONDS = 1.0
+"""How often the shared reader reads every followed run, whatever the channel said."""
 LAG_FRAMES = 4 * WRITE_COUNT
 """A viewer with this many frames handed to it and not yet written leaves the shared read."""
 _DUPLICATE = "equal or smaller than the target stream top item"
@@ -123,12 +129,23 @@ POOL_CONNECTIONS = 64
 The shared reader holds one, whatever the number of viewers; redis-py's default pool would
 instead refuse the 101st concurrent command with "Too many connections"."""
 POOL_WAIT = 10.0
+RETRIES = 2
+"""A command whose connection broke is sent again on a new one this many times (a pooled
+connection to a Redis that restarted fails once; redis-py's URL clients retry none). Every
+command Stagecast sends is safe to repeat: the write script skips ids already there, the admit
+script recognises a run it already queued."""
 
 
 def redis_client(url: str, socket_timeout: float) -> aioredis.Redis:
-    """A client on a bounded, blocking connection pool (see ``POOL_CONNECTIONS``)."""
+    """A client on a bounded, blocking connection pool (see ``POOL_CONNECTIONS``) that sends a
+    command again after a broken connection (``RETRIES``)."""
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT, socket_timeout=socket_timeout
+        url,
+        max_connections=POOL_CONNECTIONS,
+        timeout=POOL_WAIT,
+        socket_timeout=socket_timeout,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), RETRIES),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     return aioredis.Redis.from_pool(pool)
 
@@ -654,25 +671,30 @@ class RedisEventLog(EventLog):
 
     async def _listen(self, work: asyncio.Event) -> None:
         """The ``appended`` channel: the runs each writer round trip touched (any process's);
-        those this process's viewers follow are read next. Idle for ``BLOCK_SECONDS``: every
+        those this process's viewers follow are read next. Every ``SWEEP_SECONDS`` every
         followed run is read (a safety net for a message lost with a connection)."""
         channel = self.channel.encode()
+        loop = asyncio.get_running_loop()
         while True:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(channel)
                 self._dirty.update(self._follows)  # what was written while not subscribed
                 work.set()
+                swept = loop.time()
                 while True:
                     message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=BLOCK_SECONDS
+                        ignore_subscribe_messages=True, timeout=SWEEP_SECONDS
                     )
-                    if message is None:
+                    if loop.time() - swept >= SWEEP_SECONDS:
+                        # every followed run, now and then: a message lost while redis-py
+                        # reconnected the subscription (it resubscribes by itself) costs at
+                        # most this long, never a viewer left waiting
+                        swept = loop.time()
                         if self._follows:
                             self._dirty.update(self._follows)
                             work.set()
-                        continue
-                    if message.get("type") != "message":
+                    if message is None or message.get("type") != "message":
                         continue
                     follows = self._follows
                     hit = False
