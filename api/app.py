@@ -37,7 +37,7 @@ from stagecast.engine.resources import chain_dirs
 
 __all__ = ["BodyLimitMiddleware", "StagecastApp", "create_app", "make_event_log"]
 
-API_VERSION = "1.2"
+API_VERSION = "1.3"
 SWEEP_SECONDS = 30.0
 
 

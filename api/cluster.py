@@ -6,7 +6,8 @@ input, with no sticky routing. The keys (prefix ``stagecast:``)::
 
     queue           Stream, consumer group ``workers``: one entry (``run <id>``) per run
     runs:<id>       Hash: status, worker, request (JSON), snapshot (the status JSON),
-                    cancel (1 once asked), viewers (open streams, every process)
+                    cancel (1 once asked), viewers (open streams, every process),
+                    takeovers (how many times the run was taken over from a lost worker)
     source:<id>     String (NDJSON): what a queued replay plays (its recording) or a queued
                     re-run reuses (the earlier run-start and reusable stage-ends, no tokens);
                     at most ``MAX_SOURCE_BYTES``, deleted when the run is done
@@ -36,10 +37,19 @@ input, with no sticky routing. The keys (prefix ``stagecast:``)::
 - **Heartbeat.** A worker re-claims its own pending entries (``XCLAIM … 0 JUSTID``) every third
   of ``heartbeat_timeout``, which keeps them idle-fresh. An entry idle for longer (its worker was
   killed, or lost Redis) is taken by another worker with ``XAUTOCLAIM``: a run that had not
-  started starts there; a run that had started ends ``failed`` with an error of type
-  ``worker_lost`` (each stage that had not ended gets a failed ``stage-end`` first, then the
-  ``run-end``, continuing the seq), so no viewer waits forever. Continuing such a run from its
-  succeeded stages needs the edit-loop issue's stage reuse, not here yet.
+  started starts there. A run that had started is **continued** there (``lost_runs:
+  continue``, the default): the new owner reads the run's whole log, rebuilds the request from
+  the registry and starts the same run (same ``run_id``) with ``engine.reuse.Resume``: no second
+  ``run-start``, seq after the log's last, every stage (map item) that had ended is taken as it
+  ended and not emitted again, every one that was running gets a ``stage-retry`` (error type
+  ``worker_lost``, naming the lost worker and the timeout) and a new ``stage-start`` with the
+  next attempt, an input stage that was waiting asks again. When it cannot be continued (the
+  log's first events are gone, the chain or its version or plan is not on this worker, the
+  request cannot be rebuilt, it was taken over ``MAX_TAKEOVERS`` times already, or
+  ``lost_runs: fail``) it ends ``failed`` with an error of type ``worker_lost`` saying why (each
+  stage that had not ended gets a failed ``stage-end`` first, then the ``run-end``, continuing
+  the seq). Either way no viewer waits forever; the registry's ``takeovers`` counts the
+  takeovers (``GET /v1/runs/{id}`` shows it).
 - **Control.** Cancel sets the registry's ``cancel`` flag (a worker that starts the run later
   sees it) and publishes on ``control``; the owning worker cancels within a round trip.
 """
@@ -84,9 +94,9 @@ from stagecast.engine.events import (
     event_to_json,
 )
 from stagecast.engine.orchestrator import ChainRun, new_run_id
-from stagecast.engine.reuse import Recording, RecordingError, Reuse, ReuseError
+from stagecast.engine.reuse import Recording, RecordingError, Resume, Reuse, ReuseError
 
-__all__ = ["FINAL", "Cluster", "worker_lost_message"]
+__all__ = ["FINAL", "MAX_TAKEOVERS", "Cluster", "continued_message", "worker_lost_message"]
 
 logger = logging.getLogger("stagecast.cluster")
 
@@ -103,6 +113,10 @@ SNAPSHOT_REFRESH = 2.0
 counts; ``last_seq`` itself is read from the log by the status route)."""
 FINAL = ("succeeded", "failed", "cancelled")
 BLOCK_MS = 2000
+MAX_TAKEOVERS = 3
+"""A run taken over this many times (its workers keep dying, or it kills them) ends failed."""
+_REQUEST_KEYS = {"chain", "inputs", "model", "on_disconnect", "coalesce_ms", "reuse"}
+"""The queued request's fields a takeover rebuilds the run from."""
 
 _ADMIT = """
 -- KEYS: admitted, runs:<id>, queue, run log stream, idem:<key> (or the same as KEYS[2]),
@@ -159,11 +173,20 @@ def _ndjson(events: Iterable[RunEvent], field: str, name: str) -> str:
     return text
 
 
-def worker_lost_message(worker: str, timeout: float) -> str:
+def worker_lost_message(worker: str, timeout: float, why: str) -> str:
+    """The error of a lost worker's run that is not continued: ``why`` says why not."""
     return (
         f"the worker running this run ({worker}) stopped: no heartbeat for {timeout:g} s; "
-        "the run ended failed (stages that had not ended are failed). Start a new run to try "
-        "again"
+        f"the run could not be continued ({why}), so it ended failed (stages that had not "
+        "ended are failed). Start a new run to try again"
+    )
+
+
+def continued_message(worker: str, timeout: float, taker: str) -> str:
+    """The ``stage-retry`` error of a stage that was running when its worker was lost."""
+    return (
+        f"the worker running this run ({worker}) stopped: no heartbeat for {timeout:g} s; "
+        f"worker {taker} continues the run, and this stage runs again"
     )
 
 
@@ -491,7 +514,9 @@ class Cluster:
 
     async def _status(self, run_id: str) -> dict[str, Any]:
         """The run's status: the owner's if it is here, else the snapshot in the registry."""
-        got: Any = await self.redis.hmget(self.runs_key(run_id), ["snapshot", "viewers"])
+        got: Any = await self.redis.hmget(
+            self.runs_key(run_id), ["snapshot", "viewers", "takeovers"]
+        )
         local: dict[str, Any] | None = None
         try:
             local = self.manager.status(run_id)
@@ -501,6 +526,7 @@ class Cluster:
             raise RunNotFound(run_id)
         status: dict[str, Any] = local if local is not None else json.loads(got[0])
         status["viewers"] = int(got[1] or 0)
+        status["takeovers"] = int(got[2] or 0)
         if status["status"] not in FINAL:
             last_seq, ended = await self._log_end(run_id)
             if local is None:  # the snapshot's last_seq may be SNAPSHOT_REFRESH s old
@@ -692,8 +718,7 @@ class Cluster:
             await self._done(entry_id, run_id)
             return
         if status != "pending":  # it had started (running, or waiting for input): lost
-            await self._fail_lost(run_id, _text(record.get("worker", b"?")))
-            await self._done(entry_id, run_id)
+            await self._take_lost(entry_id, run_id, record)
             return
         try:
             managed = await self._start_pending(run_id, json.loads(record["request"]))
@@ -913,9 +938,104 @@ class Cluster:
                 if _text(start) == "0-0":
                     break
 
-    async def _fail_lost(self, run_id: str, worker: str) -> None:
+    async def _take_lost(self, entry_id: bytes, run_id: str, record: dict[str, Any]) -> None:
+        """A started run whose worker was lost: continue it here, or end it failed (why)."""
+        worker = _text(record.get("worker", b"?"))
+        key = self.runs_key(run_id)
+        takeovers = int(await self.redis.hincrby(key, "takeovers", 1))
+        why = await self._continue_lost(entry_id, run_id, worker, record, takeovers)
+        if why is None:
+            logger.warning(
+                "worker %s: continues run %s of lost worker %s", self.worker_id, run_id, worker
+            )
+            return
+        await self._fail_lost(run_id, worker, why, takeovers)
+        await self._done(entry_id, run_id)
+
+    async def _continue_lost(
+        self, entry_id: bytes, run_id: str, worker: str, record: dict[str, Any], takeovers: int
+    ) -> str | None:
+        """Start the lost run again here from its log (``engine.reuse.Resume``); None when it
+        goes on, else why it cannot."""
+        if self.settings.lost_runs == "fail":
+            return "lost_runs is `fail`"
+        if takeovers > MAX_TAKEOVERS:
+            return f"it was taken over {MAX_TAKEOVERS} times already"
+        try:
+            request = json.loads(record["request"])
+            if request.get("kind") == "replay":
+                return "a replay is not continued: start the replay again"
+            chain_id, inputs = request["chain"], request["inputs"]
+        except (KeyError, ValueError, TypeError, AttributeError):
+            return "its request is not in the registry"
+        unknown = sorted(set(request) - _REQUEST_KEYS)
+        if unknown:
+            return f"its request has fields this worker does not rebuild: {', '.join(unknown)}"
+        entry = self.catalog.find(chain_id)
+        if entry is None or entry.chain is None:
+            return f"chain {chain_id!r} is not on this worker"
+        try:
+            info = await self.log.ainfo(run_id)
+        except UnknownRun:
+            return "its events expired"
+        if info.finished:
+            return "its log had ended"
+        if info.first_seq > 1:
+            return (
+                f"its log starts at seq {info.first_seq}: the first events were dropped "
+                f"(max_events_per_run {self.log.cap:,})"
+            )
+        reuse = None
+        if request.get("reuse"):  # a re-run: what it reuses came with it (source:<id>)
+            asked = request["reuse"]
+            try:
+                recording = await self._source(run_id, asked["name"])
+                reuse = Reuse(recording, entry.chain, asked["from"])
+            except (_Unstartable, ReuseError) as exc:
+                return str(exc)
+        part = await self.log.read(run_id, 0)
+        lost = ErrorInfo(
+            type="worker_lost",
+            message=continued_message(worker, self.heartbeat_timeout, self.worker_id),
+        )
+        try:
+            resume = Resume([event_from_json(item.data) for item in part.entries], lost)
+            managed = self.manager.start(
+                entry.chain,
+                inputs,
+                model=request.get("model"),
+                on_disconnect=request.get("on_disconnect", "continue"),
+                coalesce_ms=request.get("coalesce_ms"),
+                run_id=run_id,
+                admitted=True,
+                reuse=reuse,
+                resume=resume,
+            )
+        except Exception as exc:  # ResumeError, InputError, ModelConfigError: this worker's
+            return str(exc)
+        managed.takeovers = takeovers
+        with contextlib.suppress(KeyError, ValueError, TypeError):
+            managed.created_at = int(json.loads(record["snapshot"])["created_at"])
+        self._owned[run_id] = entry_id
+        self._states[run_id] = _text(record.get("status", b""))
+        snapshot = json.dumps(self.manager.status(run_id))
+        self._snapshots[run_id] = snapshot
+        key = self.runs_key(run_id)
+        await self.redis.hset(
+            key,
+            mapping={
+                "status": managed.status,
+                "worker": self.worker_id,  # the lost owner, if alive after all, stops the run
+                "snapshot": snapshot,
+            },
+        )
+        if record.get("cancel") or await self.redis.hget(key, "cancel"):
+            managed.run.cancel()
+        return None
+
+    async def _fail_lost(self, run_id: str, worker: str, why: str, takeovers: int = 0) -> None:
         """End a run whose worker died: failed stage-ends for the open stages, then run-end."""
-        message = worker_lost_message(worker, self.heartbeat_timeout)
+        message = worker_lost_message(worker, self.heartbeat_timeout, why)
         try:
             info = await self.log.ainfo(run_id)
             part = await self.log.read(run_id, info.first_seq - 1)
@@ -964,6 +1084,7 @@ class Cluster:
             last_seq=seq,
             viewers=0,
             error={"type": "worker_lost", "message": message, "stage": None},
+            takeovers=takeovers,
         )
         if ended is not None and ended.error is not None:
             snapshot["error"] = {
@@ -983,7 +1104,9 @@ class Cluster:
         )
         pipe.pexpire(key, ttl_ms)
         await pipe.execute()
-        logger.warning("worker %s: run %s of lost worker %s failed", self.worker_id, run_id, worker)
+        logger.warning(
+            "worker %s: run %s of lost worker %s failed: %s", self.worker_id, run_id, worker, why
+        )
 
     async def _fail_unstarted(self, run_id: str, why: str) -> None:
         """A queued run that cannot start on this worker: run-start is never sent; it fails."""

@@ -140,6 +140,11 @@ class EventLog(ABC):
     def append(self, run_id: str, entry: LogEntry) -> None:
         """Add the next event. Synchronous, non-blocking; ``entry.seq`` is last_seq + 1."""
 
+    def adopt(self, run_id: str, last_seq: int) -> None:
+        """Write the events after ``last_seq`` of a run another process created (a takeover);
+        only a shared log (Redis) can."""
+        raise NotImplementedError(f"{type(self).__name__} holds only this process's runs")
+
     @abstractmethod
     def finish(self, run_id: str) -> None:
         """The run ended: wake every reader; the TTL starts now."""

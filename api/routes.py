@@ -282,6 +282,10 @@ class RunStatusModel(BaseModel):
     outputs: Any
     usage: dict[str, Any]
     error: dict[str, Any] | None
+    takeovers: int = Field(
+        description="How many times another worker took the run over after its worker was "
+        "lost (a deployment on Redis): 0 for a run worked by one worker from start to end.",
+    )
 
 
 # -- helpers --------------------------------------------------------------------------------

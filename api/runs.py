@@ -41,7 +41,7 @@ from stagecast.engine.events import (
 from stagecast.engine.orchestrator import ChainRun
 from stagecast.engine.providers import ModelRegistry
 from stagecast.engine.replay import ReplayRun
-from stagecast.engine.reuse import Recording, Reuse
+from stagecast.engine.reuse import Recording, Resume, Reuse
 
 __all__ = [
     "IdempotencyConflict",
@@ -100,6 +100,8 @@ class ManagedRun:
     idempotency_key: str | None = None
     grace: asyncio.TimerHandle | None = None
     """The pending cancel of an ``on_disconnect: cancel`` run that has no viewer."""
+    takeovers: int = 0
+    """How many times a worker took this run over after its worker was lost (``api.cluster``)."""
     changes: int = 0
     """Events other than tokens so far: what the status shows besides counts changed."""
 
@@ -200,6 +202,7 @@ class RunManager:
         run_id: str | None = None,
         admitted: bool = False,
         reuse: Reuse | None = None,
+        resume: Resume | None = None,
     ) -> ManagedRun:
         """Check and start a run. Raises InputError, ModelConfigError or RunLimitError.
 
@@ -207,6 +210,8 @@ class RunManager:
         ``idempotency`` is ``(key, fingerprint of the request)`` (see ``find_idempotent``).
         A worker of a deployment (``api.cluster``) passes the ``run_id`` the queue gave and
         ``admitted`` (the deployment-wide limit was checked when the run was queued).
+        ``resume`` continues that run from its log (a takeover): the log is adopted at the
+        resume's last seq instead of created; raises ResumeError when it does not fit the chain.
         """
         self.expire()
         settings = self.settings
@@ -232,6 +237,7 @@ class RunManager:
             max_map_items=self.settings.max_map_items,
             reuse=reuse,
             max_input_wait=self.settings.max_input_wait,
+            resume=resume,
         )
         managed = ManagedRun(
             run=run,
@@ -241,7 +247,10 @@ class RunManager:
             kinds={s.id or "": s.kind for s in chain.spec.stages},
         )
         run.sink = self._sink(managed)
-        self.log.create(run.run_id)
+        if resume is None:
+            self.log.create(run.run_id)
+        else:
+            self.log.adopt(run.run_id, resume.last_seq)
         self._runs[run.run_id] = managed
         if idempotency is not None:
             managed.idempotency_key = idempotency[0]
@@ -449,4 +458,5 @@ class RunManager:
             "outputs": ended.outputs if ended is not None else None,
             "usage": asdict(ended.usage if ended is not None else run.usage),
             "error": asdict(ended.error) if ended is not None and ended.error else None,
+            "takeovers": managed.takeovers,
         }

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -143,7 +143,15 @@ class ServerSettings(BaseModel):
         10.0,
         gt=0,
         description="With a Redis event log: seconds without a worker's heartbeat after which "
-        "another worker takes its runs (a run that had started ends `failed`).",
+        "another worker takes its runs (a run that had started is continued, see `lost_runs`).",
+    )
+    lost_runs: Literal["continue", "fail"] = Field(
+        "continue",
+        description="With a Redis event log: what the worker that takes over a started run of a "
+        "lost worker does: `continue` it from the stages that had ended (the stage that was "
+        "running gets a `stage-retry` and runs again), or `fail` it (`worker_lost`). A run "
+        "that cannot be continued (its first events are gone, its chain or version is not on "
+        "this worker, taken over 3 times already) ends `failed` either way.",
     )
 
     @field_validator("event_log")

@@ -72,7 +72,7 @@ from stagecast.engine.openai_model import prepare_json_model
 from stagecast.engine.openai_stream import fast_stream
 from stagecast.engine.providers import ModelRegistry, ResolvedModel
 from stagecast.engine.retrieval import Retriever, resolve_retriever
-from stagecast.engine.reuse import Fingerprints, Reuse, own_templates
+from stagecast.engine.reuse import Fingerprints, Resume, ResumeError, Reuse, own_templates
 from stagecast.engine.spec import (
     InputStage,
     LlmStage,
@@ -124,6 +124,12 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _monotonic_at(ts: int) -> float:
+    """The ``time.monotonic()`` of the wall-clock ``ts`` (ms since the epoch; not later than
+    now): durations of a continued run count from its own events' times."""
+    return time.monotonic() - max(0, _now_ms() - ts) / 1000
+
+
 @dataclass
 class StageState:
     """What a status endpoint shows of one top-level stage."""
@@ -171,6 +177,8 @@ class _Unit:
     items 0 … i-1 have ended (an interview asks one question at a time, in order)."""
     children: list[_Unit] = field(default_factory=list)
     """For an item of a map with a ``stages`` sequence: the units of its stages."""
+    first_attempt: int = 1
+    """Its first attempt here: after the attempt an interrupted run lost (``resume``)."""
 
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n?(.*?)\n?```\s*$", re.DOTALL)
@@ -250,6 +258,13 @@ class ChainRun:
             ``timeout`` (None: no limit); past it the stage, and so the run, fails.
         on_input: called with each ``PendingInput`` right after its input-required event
             (the CLI asks on the terminal or answers from a file).
+        resume: continue an interrupted run from its own log (``engine.reuse.Resume``; pass its
+            ``run_id``): no run-start, seq after the log's last; units that had ended are taken
+            as they ended and not emitted again; units that were running get a ``stage-retry``
+            (``resume.lost``) and a new ``stage-start`` with the next attempt (one that does not
+            start again, as the run or its map ended first, ends ``cancelled``). Raises
+            ResumeError when the chain's id, version or plan, or the model, differ from the
+            log's run-start.
     """
 
     def __init__(
@@ -273,6 +288,7 @@ class ChainRun:
         reuse: Reuse | None = None,
         max_input_wait: float | None = None,
         on_input: Callable[[PendingInput], None] | None = None,
+        resume: Resume | None = None,
     ) -> None:
         self.chain = chain
         if reuse is not None:
@@ -327,6 +343,39 @@ class ChainRun:
         self.max_input_wait = max_input_wait
         self.on_input = on_input
         self._pending: dict[tuple[str | int, ...], PendingInput] = {}
+        self.resume = resume
+        self._went_on: set[tuple[str | int, ...]] = set()
+        """The units running when the run was interrupted that started again here."""
+        if resume is not None:
+            self._check_resume(resume)
+            self._seq = resume.last_seq  # where the status stands before it goes on
+            maps = {s.id for s in chain.spec.stages if isinstance(s, MapStage)}
+            for key, end in resume.ended.items():
+                state = self.stages.get(str(key[0])) if len(key) == 1 else None
+                if state is not None:
+                    _ended_state(state, end, key[0] in maps)
+            for key, lost in resume.open.items():
+                state = self.stages.get(str(key[0])) if len(key) == 1 else None
+                if state is not None:
+                    state.status, state.attempt = "running", lost.attempt
+
+    def _check_resume(self, resume: Resume) -> None:
+        start, spec = resume.start, self.chain.spec
+        if (start.chain.id, start.chain.version) != (self.chain.id, spec.version):
+            raise ResumeError(
+                f"the run is of chain {start.chain.id!r} version {start.chain.version!r}; "
+                f"here {self.chain.id!r} is version {spec.version!r}"
+            )
+        if start.plan != plan_of(self.chain):
+            raise ResumeError(
+                f"the stages of {self.chain.id!r} here differ from the run's plan (the chain "
+                "was edited without a new version)"
+            )
+        if start.model != self.default_model.label:
+            raise ResumeError(
+                f"the run's model is {start.model!r}; here it resolves to "
+                f"{self.default_model.label!r}"
+            )
 
     # -- public ---------------------------------------------------------------------------
 
@@ -405,13 +454,17 @@ class ChainRun:
         started = time.monotonic()
         self.status = "running"
         spec = self.chain.spec
-        self._emit(
-            RunStarted,
-            chain=ChainInfo(id=self.chain.id, title=self.chain.title, version=spec.version),
-            plan=plan_of(self.chain),
-            model=self.default_model.label,
-            inputs=self.inputs,
-        )
+        if self.resume is not None:  # the run goes on: its run-start is in the log already
+            self._seq = self.resume.last_seq
+            started = _monotonic_at(self.resume.start.ts)
+        else:
+            self._emit(
+                RunStarted,
+                chain=ChainInfo(id=self.chain.id, title=self.chain.title, version=spec.version),
+                plan=plan_of(self.chain),
+                model=self.default_model.label,
+                inputs=self.inputs,
+            )
         error: ErrorInfo | None = None
         outputs: Any = None
         try:
@@ -498,6 +551,7 @@ class ChainRun:
         self.status = status
         self.outputs = outputs
         self.error = error
+        self._end_lost(())  # what was running when the run was interrupted and never went on
         self._usage = self.usage
         event: RunEnded = self._emit(
             RunEnded,
@@ -594,12 +648,18 @@ class ChainRun:
 
     async def _run_unit(self, unit: _Unit) -> Any:
         spec = unit.spec
+        if self.resume is not None:
+            ended = self.resume.ended.get(tuple(unit.path))
+            if ended is not None:
+                return self._take_ended(unit, ended)
         if spec.when is not None:
             try:
                 go = await self._render(spec.when, unit.context)
             except TemplateError as exc:
                 error = ErrorInfo(type=exc.type, message=f"when: {exc}")
-                self._end(unit, "failed", self._start(unit), None, Usage(), 1, error)
+                self._end(
+                    unit, "failed", self._start(unit), None, Usage(), unit.first_attempt, error
+                )
                 raise _StageFailed(error) from None
             if not go:
                 self._done_weight += unit.share
@@ -635,27 +695,84 @@ class ChainRun:
         self, unit: _Unit, started: float, end: StageEnded, sources: list[SourceFound]
     ) -> Any:
         """End ``unit`` (started) with an earlier run's output: its sources again, zero usage."""
-        self._emit_sources(unit, 1, (found.source for found in sources))
+        self._emit_sources(unit, unit.first_attempt, (found.source for found in sources))
         self._done_weight += unit.share
         unit.reused = True
-        self._end(unit, "succeeded", started, end.output, Usage(), 1, None, end.citations)
+        self._end(
+            unit, "succeeded", started, end.output, Usage(), unit.first_attempt, None, end.citations
+        )
         return end.output
+
+    def _take_ended(self, unit: _Unit, end: StageEnded) -> Any:
+        """End ``unit`` as it ended before the run was interrupted (``resume``): its stage-end
+        is in the log already, so nothing is emitted; its usage counts in the run's."""
+        unit.status, unit.usage, unit.reused = end.status, end.usage, end.reused
+        unit.fingerprint = end.fingerprint
+        state = self._state(unit)
+        if state is not None:
+            _ended_state(state, end, isinstance(unit.spec, MapStage))
+        self._done_weight += unit.share
+        return end.output
+
+    def _end_lost(self, under: tuple[str | int, ...]) -> None:
+        """A ``cancelled`` stage-end for each unit under the path ``under`` that was running when
+        the run was interrupted and did not start again here (the run, or its map, ended
+        first): every stage that started ends, items before their map."""
+        if self.resume is None:
+            return
+        for key, lost in reversed(self.resume.open.items()):
+            if key[: len(under)] != under or key in self._went_on:
+                continue
+            self._went_on.add(key)
+            state = self.stages.get(str(key[0])) if len(key) == 1 else None
+            if state is not None:
+                state.status = "cancelled"
+            self._emit(
+                StageEnded,
+                stage=str(key[0]),
+                path=list(key),
+                attempt=lost.attempt,
+                status="cancelled",
+                duration_ms=max(0, _now_ms() - lost.ts),
+                progress=self._progress(),
+            )
 
     def _start(self, unit: _Unit) -> float:
         state = self._state(unit)
+        started = time.monotonic()
+        attempt = 1
+        lost = self.resume.open.get(tuple(unit.path)) if self.resume is not None else None
+        if lost is not None:  # it was running when the run was interrupted
+            assert self.resume is not None
+            self._went_on.add(tuple(unit.path))
+            started = _monotonic_at(lost.ts)
+            if isinstance(unit.spec, MapStage):  # the map goes on; its items start again
+                unit.first_attempt = lost.attempt
+                if state is not None:
+                    state.status, state.attempt = "running", lost.attempt
+                return started
+            reason = self.resume.lost
+            self._emit(
+                StageRetried,
+                stage=unit.stage_id,
+                path=unit.path,
+                attempt=lost.attempt,
+                error=ErrorInfo(type=reason.type, message=reason.message, stage=unit.stage_id),
+            )
+            attempt = unit.first_attempt = lost.attempt + 1
         if state is not None:
-            state.status, state.attempt = "running", 1
+            state.status, state.attempt = "running", attempt
         self._emit(
             StageStarted,
             stage=unit.stage_id,
             path=unit.path,
-            attempt=1,
+            attempt=attempt,
             label=unit.spec.label or unit.stage_id,
             kind=unit.spec.kind,
             index=unit.index,
             total=unit.total,
         )
-        return time.monotonic()
+        return started
 
     def _retry_policy(self, unit: _Unit) -> tuple[int, float | None]:
         spec = unit.spec
@@ -679,7 +796,7 @@ class ChainRun:
         state = self._state(unit)
         usage = unit.usage
         retries, timeout = self._retry_policy(unit)
-        attempt = 1
+        attempt = first = unit.first_attempt
         try:
             # rendered inside the stage (a heavy prompt shows as the stage running), once
             unit.fingerprint = await self._fingerprint(unit)
@@ -693,7 +810,7 @@ class ChainRun:
                     break
                 except Exception as raw:
                     exc = self._as_stage_error(raw, unit, timeout)
-                    if not isinstance(exc, TransientError) or attempt > retries:
+                    if not isinstance(exc, TransientError) or attempt - first >= retries:
                         tries = f" (after {attempt} attempts)" if attempt > 1 else ""
                         error = ErrorInfo(type=exc.type, message=f"{exc}{tries}")
                         self._end(unit, "failed", started, None, usage, attempt, error)
@@ -997,10 +1114,11 @@ class ChainRun:
             items = await self._own_text(unit, spec.over)
         except TemplateError as exc:
             error = ErrorInfo(type=exc.type, message=f"over: {exc}")
-            self._end(unit, "failed", started, None, Usage(), 1, error)
+            self._end(unit, "failed", started, None, Usage(), unit.first_attempt, error)
             raise _StageFailed(error) from None
         except asyncio.CancelledError:  # the render is a wait: the stage started, so it ends
-            self._end(unit, "cancelled", started, None, Usage(), 1, None)
+            self._end_lost(tuple(unit.path))
+            self._end(unit, "cancelled", started, None, Usage(), unit.first_attempt, None)
             raise
         if items is None:  # the stage it reads was skipped: nothing to do
             items = []
@@ -1009,7 +1127,7 @@ class ChainRun:
                 type="template_error",
                 message=f"over: expected a list, got {type(items).__name__}",
             )
-            self._end(unit, "failed", started, None, Usage(), 1, error)
+            self._end(unit, "failed", started, None, Usage(), unit.first_attempt, error)
             raise _StageFailed(error)
         items = list(items)
         total = len(items)
@@ -1019,7 +1137,7 @@ class ChainRun:
                 message=f"over: {total:,} items, more than the limit of {self.max_map_items:,} "
                 "(max_map_items)",
             )
-            self._end(unit, "failed", started, None, Usage(), 1, error)
+            self._end(unit, "failed", started, None, Usage(), unit.first_attempt, error)
             raise _StageFailed(error)
         if state is not None:
             state.completed, state.total = 0, total
@@ -1043,6 +1161,8 @@ class ChainRun:
         queue = deque(item_units)
         completed = 0
         ended: list[int] = []
+        # an interrupted run's log holds the first counts already: they are not sent again
+        shown = self.resume.progress.get(tuple(unit.path), 0) if self.resume is not None else 0
 
         async def worker() -> None:
             nonlocal completed
@@ -1062,11 +1182,13 @@ class ChainRun:
                 completed += 1
                 if state is not None:
                     state.completed = completed
+                if completed <= shown:
+                    continue
                 self._emit(
                     StageProgress,
                     stage=unit.stage_id,
                     path=unit.path,
-                    attempt=1,
+                    attempt=unit.first_attempt,
                     completed=completed,
                     total=total,
                 )
@@ -1087,18 +1209,22 @@ class ChainRun:
                 await self._cancel_tasks({t: None for t in pending})
         except BaseException:
             await self._cancel_tasks(workers)
-            self._end(unit, "cancelled", started, None, _sum_usage(item_units), 1, None)
+            self._end_lost(tuple(unit.path))
+            self._end(
+                unit, "cancelled", started, None, _sum_usage(item_units), unit.first_attempt, None
+            )
             raise
         usage = _sum_usage(item_units)
         if failure is not None:
             index = next((u.index for u in item_units if u.status == "failed"), None)
             where = f"item {index}: " if index is not None else ""
             error = ErrorInfo(type=failure.error.type, message=where + failure.error.message)
-            self._end(unit, "failed", started, None, usage, 1, error)
+            self._end_lost(tuple(unit.path))
+            self._end(unit, "failed", started, None, usage, unit.first_attempt, error)
             raise _StageFailed(error)
         self._done_weight += unit.share - sum(u.share for u in item_units)
         unit.reused = self.reuse is not None and all(u.reused for u in item_units)
-        self._end(unit, "succeeded", started, results, usage, 1, None)
+        self._end(unit, "succeeded", started, results, usage, unit.first_attempt, None)
         return results
 
     async def _run_sequence(self, item: _Unit, members: list[StageSpec]) -> dict[str, Any]:
@@ -1134,6 +1260,14 @@ class ChainRun:
         item.status = "succeeded"
         item.reused = bool(item.children) and all(c.reused for c in item.children)
         return outputs
+
+
+def _ended_state(state: StageState, end: StageEnded, fan_out: bool) -> None:
+    """A top-level stage's status as its stage-end (of an interrupted run's log) left it."""
+    state.status, state.attempt, state.output = end.status, end.attempt or 1, end.output
+    state.usage, state.duration_ms, state.error = end.usage, end.duration_ms, end.error
+    if fan_out and isinstance(end.output, list):
+        state.completed = state.total = len(end.output)
 
 
 def _flat_hits(output: Any) -> list[dict[str, Any]]:

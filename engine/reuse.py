@@ -15,6 +15,12 @@ so items are reused one by one. A re-run (``Reuse``) takes an earlier ``stage-en
 executing the stage when it succeeded, has the same path and the same fingerprint, and the stage
 is neither the ``from`` stage nor downstream of it. A failed, skipped or cancelled stage is never
 reused.
+
+A run that was interrupted (its worker died) is continued from its own log (``Resume``): the
+same run, the same ``run_id``, seq continuing after the log's last event, no second
+``run-start``. A stage (or map item) that had ended there is taken as it ended and not emitted
+again; one that was running gets a ``stage-retry`` for the lost attempt (the caller's error,
+e.g. ``worker_lost``) and a new ``stage-start`` with the next attempt; the rest runs as usual.
 """
 
 from __future__ import annotations
@@ -31,10 +37,14 @@ from pydantic import ValidationError
 from stagecast.engine.chain import Chain, stage_templates
 from stagecast.engine.errors import ChainError
 from stagecast.engine.events import (
+    ErrorInfo,
     RunEvent,
     RunStarted,
     SourceFound,
     StageEnded,
+    StageProgress,
+    StageRetried,
+    StageStarted,
     event_from_json,
 )
 from stagecast.engine.spec import LlmStage, MapStage, StageSpec
@@ -43,6 +53,8 @@ __all__ = [
     "Fingerprints",
     "Recording",
     "RecordingError",
+    "Resume",
+    "ResumeError",
     "Reuse",
     "ReuseError",
     "downstream_of",
@@ -58,6 +70,10 @@ class RecordingError(ChainError):
 
 class ReuseError(ChainError):
     """A recording cannot be reused for this run (another chain or version, an unknown stage)."""
+
+
+class ResumeError(ChainError):
+    """An interrupted run cannot be continued from its log (says why)."""
 
 
 @dataclass
@@ -261,3 +277,67 @@ class Reuse:
         if found is None or found.end.fingerprint != fingerprint:
             return None
         return found
+
+
+@dataclass
+class _Open:
+    """A unit that had started and not ended when the run was interrupted."""
+
+    ts: int
+    """When its (first) ``stage-start`` was made: its duration counts from there."""
+    attempt: int
+    """The attempt that was running (a ``stage-retry`` moves it on without a new stage-start)."""
+
+
+class Resume:
+    """Where an interrupted run stood, read from its own events, to continue it.
+
+    ``events`` are the run's log from seq 1 on, in order, without gaps; ``lost`` is the error
+    each unit that was running gets in its ``stage-retry`` (what interrupted it). Raises
+    ResumeError when the events cannot be continued: they do not start at seq 1 with
+    ``run-start`` (the log's early events are gone), have a gap, already hold the ``run-end``,
+    or a stage had already failed or been cancelled (the run was ending). ``ChainRun`` checks
+    the rest against its chain: the chain id, version and plan, and the model.
+    """
+
+    def __init__(self, events: list[RunEvent], lost: ErrorInfo) -> None:
+        if not events or not isinstance(events[0], RunStarted) or events[0].seq != 1:
+            first = f"seq {events[0].seq} ({events[0].type})" if events else "nothing"
+            raise ResumeError(
+                f"the run's log starts at {first}, not at its run-start (seq 1): its early "
+                "events are gone (the per-run cap, or they expired)"
+            )
+        self.start: RunStarted = events[0]
+        self.lost = lost
+        self.ended: dict[tuple[str | int, ...], StageEnded] = {}
+        """Each unit that had ended (succeeded or skipped), by path: taken, not emitted again."""
+        self.open: dict[tuple[str | int, ...], _Open] = {}
+        self.progress: dict[tuple[str | int, ...], int] = {}
+        """A map's last ``stage-progress`` ``completed``: the counts already emitted."""
+        for expected, event in enumerate(events, 1):
+            if event.seq != expected:
+                raise ResumeError(
+                    f"the run's log has a gap: seq {event.seq} where {expected} was expected"
+                )
+            if event.type == "run-end":
+                raise ResumeError("the run had already ended (its log holds its run-end)")
+            if event.path is None:
+                continue
+            key = tuple(event.path)
+            if isinstance(event, StageStarted):
+                self.open.setdefault(key, _Open(event.ts, event.attempt or 1))
+            elif isinstance(event, StageRetried):
+                found = self.open.get(key)
+                if found is not None:
+                    found.attempt = (event.attempt or 1) + 1
+            elif isinstance(event, StageProgress):
+                self.progress[key] = event.completed
+            elif isinstance(event, StageEnded):
+                self.open.pop(key, None)
+                if event.status not in ("succeeded", "skipped"):
+                    where = "/".join(str(p) for p in event.path)
+                    raise ResumeError(
+                        f"stage {where} had already ended {event.status}: the run was ending"
+                    )
+                self.ended[key] = event
+        self.last_seq = len(events)

@@ -863,6 +863,10 @@ export interface RunStatusModel {
   error: {
     [k: string]: unknown;
   } | null;
+  /**
+   * How many times another worker took the run over after its worker was lost (a deployment on Redis): 0 for a run worked by one worker from start to end.
+   */
+  takeovers: number;
 }
 
 // -- stagecast.js -------------------------------------------------------------------------------

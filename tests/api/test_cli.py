@@ -573,7 +573,7 @@ def test_version_prints_package_protocol_and_api_versions() -> None:
 
     result = cli("--version")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"stagecast {version('stagecast')} (event protocol v1, HTTP API 1.2)\n"
+    assert result.stdout == f"stagecast {version('stagecast')} (event protocol v1, HTTP API 1.3)\n"
 
 
 # -- usage the provider did not report ------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -265,16 +266,148 @@ def test_an_input_stage_is_answered_through_another_process(deployment: Deployme
     assert again.status_code == 409 and again.json()["error"]["code"] == "not_waiting_input"
 
 
-def test_a_killed_worker_s_run_ends_failed_within_the_heartbeat_timeout(
-    deployment: Deployment,
-) -> None:
+def settled(deployment: Deployment) -> None:
+    """No run holds a slot or a queue entry (bounded: the owner acks just after the run-end)."""
+    deadline = time.monotonic() + 5
+    while (
+        deployment.redis.zcard("stagecast:admitted")
+        or deployment.redis.xpending("stagecast:queue", "workers")["pending"]
+    ):
+        assert time.monotonic() < deadline, "a finished run still holds a slot or queue entry"
+        time.sleep(0.05)
+
+
+def outline(events: list[dict[str, Any]]) -> list[str]:
+    """The event sequence, one line per event, a stage's run of tokens as one line."""
+    lines: list[str] = []
+    for e in events:
+        where = ""
+        if e.get("path") is not None:
+            where = " " + ".".join(str(p) for p in e["path"]) + f"#{e['attempt']}"
+        line = e["type"] + where
+        if e["type"] == "stage-progress":
+            line += f" {e['completed']}/{e['total']}"
+        if e["type"] in ("stage-end", "run-end"):
+            line += f" {e['status']}"
+        if e["type"] == "stage-retry":
+            line += f" {e['error']['type']}"
+        if not (e["type"] == "token" and lines and lines[-1] == line + " …"):
+            lines.append(line + " …" if e["type"] == "token" else line)
+    return lines
+
+
+def relay(url: str) -> str:
+    body = {"chain": "relay", "inputs": {"text": TEXT}}
+    response = httpx.post(f"{url}/v1/runs", json=body, timeout=10)
+    assert response.status_code == 201, response.text
+    run_id: str = response.json()["run_id"]
+    return run_id
+
+
+def test_a_killed_worker_s_run_is_continued_from_its_ended_stages(deployment: Deployment) -> None:
     timeout = 1.0
     a = deployment.serve(work_runs="false", heartbeat_timeout=timeout)
     deployment.worker(heartbeat_timeout=timeout)
     deployment.worker(heartbeat_timeout=timeout)
+    whole = read_events(a, relay(a))  # the same run, never interrupted: what it ends with
+    check_invariants(whole)
+    assert whole[-1]["status"] == "succeeded"
+    assert status(a, whole[0]["run_id"])["takeovers"] == 0
+
+    run_id = relay(a)
+    killed: dict[str, Any] = {}
+
+    def kill_while_second_streams(events: list[dict[str, Any]]) -> bool:
+        """One viewer across the kill: the owner dies once it streamed 3 tokens of `second`."""
+        streamed = [e for e in events if e["type"] == "token" and e["stage"] == "second"]
+        if not killed and len(streamed) >= 3:
+            killed["worker"] = deployment.redis.hget(f"stagecast:runs:{run_id}", "worker")
+            os.kill(deployment.owner_pid(run_id), signal.SIGKILL)
+            killed["at"], killed["seen"] = time.monotonic(), events[-1]["seq"]
+        if killed and "retry" not in killed and any(e["type"] == "stage-retry" for e in events):
+            killed["retry"] = time.monotonic()
+        return False
+
+    events = read_events(a, run_id, until=kill_while_second_streams, timeout=60)
+    done = time.monotonic()
+    check_invariants(events)  # seq 1..n, no gap, no duplicate, one run-start, one run-end
+    lost = killed["worker"].decode()
+    assert events[-1]["status"] == "succeeded", outline(events)
+    # the exact sequence the viewer saw: `first` ended before the kill and is not sent again;
+    # `second` was streaming: stage-retry (worker_lost), stage-start attempt 2, its tokens again
+    assert outline(events) == [
+        "run-start",
+        "stage-start first#1",
+        "token first#1 …",
+        "stage-end first#1 succeeded",
+        "stage-start second#1",
+        "token second#1 …",
+        "stage-retry second#1 worker_lost",
+        "stage-start second#2",
+        "token second#2 …",
+        "stage-end second#2 succeeded",
+        "stage-start parts#1",
+        "stage-start parts.0#1",
+        "token parts.0#1 …",
+        "stage-end parts.0#1 succeeded",
+        "stage-progress parts#1 1/2",
+        "stage-start parts.1#1",
+        "token parts.1#1 …",
+        "stage-end parts.1#1 succeeded",
+        "stage-progress parts#1 2/2",
+        "stage-end parts#1 succeeded",
+        "stage-start third#1",
+        "token third#1 …",
+        "stage-end third#1 succeeded",
+        "run-end succeeded",
+    ]
+    retry = next(e for e in events if e["type"] == "stage-retry")
+    assert retry["seq"] > killed["seen"]  # written by the new owner, after what the viewer saw
+    owner = deployment.redis.hget(f"stagecast:runs:{run_id}", "worker").decode()
+    assert owner != lost
+    assert retry["error"] == {
+        "type": "worker_lost",
+        "message": f"the worker running this run ({lost}) stopped: no heartbeat for 1 s; "
+        f"worker {owner} continues the run, and this stage runs again",
+        "stage": "second",
+    }
+    # the lost attempt's tokens are discarded by the client; attempt 2 streams the whole answer
+    second = [e for e in events if e["stage"] == "second" and e["type"] == "token"]
+    again = "".join(e["text"] for e in second if e["attempt"] == 2)
+    assert (
+        again
+        == next(e for e in events if e["type"] == "stage-end" and e["stage"] == "second")["output"]
+    )
+    assert killed["retry"] - killed["at"] < timeout + timeout / 2 + 5  # heartbeat + takeover
+    assert done - killed["at"] < timeout + timeout / 2 + 20  # and the rest of the run
+    # the outputs equal those of the run that was never interrupted
+    assert events[-1]["outputs"] == whole[-1]["outputs"]
+    ended = {e["stage"]: e["output"] for e in events if e["type"] == "stage-end"}
+    assert ended == {e["stage"]: e["output"] for e in whole if e["type"] == "stage-end"}
+    final = status(a, run_id)
+    assert final["status"] == "succeeded" and final["takeovers"] == 1
+    assert final["outputs"] == whole[-1]["outputs"] and final["last_seq"] == events[-1]["seq"]
+    assert final["stages"]["first"]["status"] == "succeeded"
+    assert final["stages"]["second"]["attempt"] == 2
+    # the run's usage counts `first` once (it was not run again) and the lost attempt not at all
+    assert final["usage"]["output_tokens"] == whole[-1]["usage"]["output_tokens"]
+    # the survivor works the next run; nothing is left pending or holding a slot
+    after = relay(a)
+    check_invariants(read_events(a, after))
+    settled(deployment)
+
+
+def test_a_killed_worker_s_run_ends_failed_when_lost_runs_is_fail(
+    deployment: Deployment,
+) -> None:
+    timeout = 1.0
+    a = deployment.serve(work_runs="false", heartbeat_timeout=timeout)
+    deployment.worker(heartbeat_timeout=timeout, lost_runs="fail")
+    deployment.worker(heartbeat_timeout=timeout, lost_runs="fail")
     run_id = start(a)
     head = read_events(a, run_id, until=tokens(3))
     pid = deployment.owner_pid(run_id)
+    lost = deployment.redis.hget(f"stagecast:runs:{run_id}", "worker").decode()
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     rest = read_events(a, run_id, after=head[-1]["seq"])  # the viewer is released
@@ -283,21 +416,122 @@ def test_a_killed_worker_s_run_ends_failed_within_the_heartbeat_timeout(
     check_invariants(events)
     end = events[-1]
     assert end["status"] == "failed" and end["error"]["type"] == "worker_lost"
-    assert f"no heartbeat for {timeout:g} s" in end["error"]["message"]
-    assert "Start a new run to try again" in end["error"]["message"]
+    assert end["error"]["message"] == (
+        f"the worker running this run ({lost}) stopped: no heartbeat for 1 s; the run could "
+        "not be continued (lost_runs is `fail`), so it ended failed (stages that had not ended "
+        "are failed). Start a new run to try again"
+    )
     # the stage that was streaming ended failed before the run-end, after its last token
     failed = [e for e in rest if e["type"] == "stage-end"]
     assert failed and failed[-1]["stage"] == "first" and failed[-1]["status"] == "failed"
     assert failed[-1]["error"]["type"] == "worker_lost"
+    assert not [e for e in rest if e["type"] in ("stage-retry", "stage-start")]
     assert waited < timeout + timeout / 2 + 5, waited  # heartbeat timeout + takeover + bound
-    assert status(a, run_id)["status"] == "failed"
-    assert status(a, run_id)["error"]["type"] == "worker_lost"
+    final = status(a, run_id)
+    assert final["status"] == "failed" and final["takeovers"] == 1
+    assert final["error"]["type"] == "worker_lost"
     # the surviving worker works the next run; nothing is left pending or holding a slot
     after = start(a)
     check_invariants(read_events(a, after))
     assert status(a, after)["status"] == "succeeded"
-    assert deployment.redis.zcard("stagecast:admitted") == 0
-    assert deployment.redis.xpending("stagecast:queue", "workers")["pending"] == 0
+    settled(deployment)
+
+
+def test_an_input_stage_that_waited_on_a_killed_worker_asks_again(deployment: Deployment) -> None:
+    timeout = 1.0
+    a = deployment.serve(work_runs="false", heartbeat_timeout=timeout)
+    b = deployment.serve(work_runs="false", heartbeat_timeout=timeout)
+    deployment.worker(heartbeat_timeout=timeout)
+    deployment.worker(heartbeat_timeout=timeout)
+    created = httpx.post(f"{a}/v1/runs", json={"chain": "ask"}, timeout=10)
+    assert created.status_code == 201, created.text
+    run_id = created.json()["run_id"]
+    killed: list[float] = []
+
+    def kill_while_waiting(events: list[dict[str, Any]]) -> bool:
+        asked = [e for e in events if e["type"] == "input-required"]
+        if asked and not killed:
+            os.kill(deployment.owner_pid(run_id), signal.SIGKILL)
+            killed.append(time.monotonic())
+        return len(asked) == 2  # asked again by the new owner
+
+    head = read_events(b, run_id, until=kill_while_waiting, timeout=30)
+    assert time.monotonic() - killed[0] < timeout + timeout / 2 + 5
+    assert outline(head) == [
+        "run-start",
+        "stage-start ask#1",
+        "input-required ask#1",
+        "stage-retry ask#1 worker_lost",
+        "stage-start ask#2",
+        "input-required ask#2",
+    ]
+    assert head[-1]["prompt"] == head[2]["prompt"] == "How many **points**?"
+    deadline = time.monotonic() + 5  # the new owner's snapshot reaches the registry
+    while (now := status(a, run_id))["status"] != "waiting_input" or not now["pending_input"]:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+    assert now["takeovers"] == 1 and [p["stage"] for p in now["pending_input"]] == ["ask"]
+    # the answer reaches the new owner through the other process
+    good = httpx.post(
+        f"{a}/v1/runs/{run_id}/input", json={"stage": "ask", "value": {"count": 3}}, timeout=10
+    )
+    assert good.status_code == 202, good.text
+    rest = read_events(a, run_id, after=head[-1]["seq"])
+    check_invariants(head + rest)
+    assert outline(rest) == [
+        "stage-end ask#2 succeeded",
+        "stage-start after#1",
+        "token after#1 …",
+        "stage-end after#1 succeeded",
+        "run-end succeeded",
+    ]
+    assert rest[-1]["outputs"] == {"points": 3}
+    settled(deployment)
+
+
+def test_a_lost_run_that_cannot_be_continued_ends_failed_saying_why(
+    deployment: Deployment,
+) -> None:
+    timeout = 1.0
+    settings = {"heartbeat_timeout": timeout, "max_events_per_run": 12}
+    a = deployment.serve(work_runs="false", **settings)
+    first = deployment.worker(max_concurrent_runs=2, **settings)
+    bounced, capped = start(a, model="slower"), start(a, model="slower")
+    deployment.redis.hset(f"stagecast:runs:{bounced}", "takeovers", 3)  # 3 takeovers already
+    deadline = time.monotonic() + 15  # both on the first worker, past the log's cap of 12
+    while min(status(a, r)["last_seq"] for r in (bounced, capped)) < 16:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    lost = deployment.redis.hget(f"stagecast:runs:{capped}", "worker").decode()
+    assert deployment.owner_pid(bounced) == deployment.owner_pid(capped) == first.pid
+    deployment.worker(**settings)
+    os.kill(first.pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout + timeout / 2 + 5
+    while {status(a, r)["status"] for r in (bounced, capped)} != {"failed"}:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    why = {
+        bounced: "it was taken over 3 times already",
+        capped: r"its log starts at seq \d+: the first events were dropped "
+        r"\(max_events_per_run 12\)",
+    }
+    for run_id, reason in why.items():
+        final = status(a, run_id)
+        assert final["takeovers"] == (4 if run_id == bounced else 1)
+        message = final["error"]["message"]
+        assert re.fullmatch(
+            re.escape(f"the worker running this run ({lost}) stopped: no heartbeat for 1 s; ")
+            + re.escape("the run could not be continued (")
+            + reason
+            + re.escape("), so it ended failed (stages that had not ended are failed). ")
+            + "Start a new run to try again",
+            message,
+        ), message
+        tail = read_events(a, run_id, after=final["last_seq"] - 2)
+        assert [e["type"] for e in tail] == ["stage-end", "run-end"]
+        assert tail[0]["status"] == "failed" and tail[0]["error"]["type"] == "worker_lost"
+        assert tail[1]["error"]["message"] == message
+    settled(deployment)
 
 
 def test_redis_restarted_mid_run_gives_clear_errors_and_the_server_recovers(
