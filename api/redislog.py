@@ -772,10 +772,11 @@ class RedisEventLog(EventLog):
         first = _seq_of(entries[0][0]) if frames else None
         for follow in list(follows):
             if first is not None:
-                if first > follow.after + 1:  # the cap dropped events it had not read
-                    follow.error = EventsExpired(
-                        follow.run_id, follow.after, first, self.max_events
-                    )
+                if first > follow.after + 1:
+                    # entries it has not read come before these: it joined behind a read in
+                    # flight, or the cap dropped them. It reads them by itself (XRANGE), which
+                    # tells the two apart (the cap's loss is EventsExpired, never a gap)
+                    follow.lagging = True
                     follows.discard(follow)
                     follow.wake()
                     continue

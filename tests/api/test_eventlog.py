@@ -576,3 +576,28 @@ async def test_redis_away_ends_every_shared_viewer_with_unavailable(
             if task is not None:
                 task.cancel()
         await log.redis.aclose()
+
+
+async def test_redis_a_viewer_behind_a_shared_read_catches_up_instead_of_a_false_410(
+    redis_url: str,
+) -> None:
+    # a viewer whose replay answer was handled after a shared read that went past it (two
+    # connections, either order): the entries it lacks come before those read; it reads them
+    # by itself and gets every event once, with no EventsExpired (nothing was capped)
+    from stagecast.api.redislog import _Follow
+
+    log = RedisEventLog(redis_url, prefix="test:behind:")
+    log.create("r")
+    for seq in range(1, 11):
+        log.append("r", entry(seq))
+    await log.flush(5)
+    key = log.key("r").encode()
+    behind = _Follow(key, "r", 7)
+    raw = await log._raw.xread({key: b"1-8"}, count=10)  # what a read with cursor 8 returns
+    entries = raw[key] if isinstance(raw, dict) else raw[0][1]
+    log._deliver(key, {behind}, entries)
+    assert behind.lagging and behind.error is None and behind.frames == []
+    log.finish("r")
+    got = [e.seq async for batch in log.follow("r", 7) for e in batch]
+    assert got == [8, 9, 10]
+    await log.aclose()
