@@ -28,8 +28,8 @@ from stagecast.api.errors import ApiError, ErrorResponse
 from stagecast.api.eventlog import (
     CursorError,
     EventLog,
-    EventLogUnavailable,
     EventsExpired,
+    LogInfo,
     UnknownRun,
 )
 from stagecast.api.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
@@ -374,22 +374,7 @@ async def _stream(
     process of the deployment executes (a shared event log): it is streamed from the log."""
     run_id = managed.run_id if managed is not None else run_id
     assert run_id is not None
-    try:
-        info = await state.log.acheck_cursor(run_id, after)
-    except EventLogUnavailable as exc:
-        raise ApiError(
-            503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"}
-        ) from None
-    except UnknownRun as exc:
-        raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
-    except CursorError as exc:
-        raise ApiError(
-            400, "cursor_past_end", str(exc), {"after": exc.after, "last_seq": exc.last_seq}
-        ) from None
-    except EventsExpired as exc:
-        raise ApiError(
-            410, "events_expired", str(exc), {"after": exc.after, "first_seq": exc.first_seq}
-        ) from None
+    info = await _checked_cursor(state, run_id, after)
     if info.finished and after == info.last_seq:
         # Nothing more will come. 204 is what makes an EventSource stop reconnecting.
         return Response(status_code=204, headers=headers)
@@ -679,10 +664,6 @@ async def _run_recording(state: AppState, run_id: str) -> Recording:
     recording (the events its log still holds)."""
     try:
         part = await state.log.read(run_id, 0)
-    except EventLogUnavailable as exc:
-        raise ApiError(
-            503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"}
-        ) from None
     except UnknownRun as exc:
         raise ApiError(
             404, "unknown_run", f"reuse.run_id: {exc}", {"fields": {"reuse.run_id": str(exc)}}
@@ -788,14 +769,11 @@ async def create_replay(body: ReplayRequest, request: Request) -> Response:
     )
 
 
-async def _ndjson(state: AppState, run_id: str, after: int) -> Response:
-    """The run's events as NDJSON (a recording): what the log holds, then live to the end."""
+async def _checked_cursor(state: AppState, run_id: str, after: int) -> LogInfo:
+    """Where the run's log stands, once ``after`` is known to be a cursor it can resume from:
+    404, 400 or 410 otherwise (503 when the log is away: the app's EventLogUnavailable handler)."""
     try:
-        await state.log.acheck_cursor(run_id, after)
-    except EventLogUnavailable as exc:
-        raise ApiError(
-            503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"}
-        ) from None
+        return await state.log.acheck_cursor(run_id, after)
     except UnknownRun as exc:
         raise ApiError(404, "unknown_run", str(exc), {"run_id": run_id}) from None
     except CursorError as exc:
@@ -806,6 +784,11 @@ async def _ndjson(state: AppState, run_id: str, after: int) -> Response:
         raise ApiError(
             410, "events_expired", str(exc), {"after": exc.after, "first_seq": exc.first_seq}
         ) from None
+
+
+async def _ndjson(state: AppState, run_id: str, after: int) -> Response:
+    """The run's events as NDJSON (a recording): what the log holds, then live to the end."""
+    await _checked_cursor(state, run_id, after)
 
     async def lines() -> AsyncIterator[bytes]:
         async for batch in state.log.follow(run_id, after):
@@ -881,10 +864,6 @@ async def run_events(
         except UnknownRun:
             raise ApiError(
                 404, "unknown_run", str(RunNotFound(run_id)), {"run_id": run_id}
-            ) from None
-        except EventLogUnavailable as exc:
-            raise ApiError(
-                503, "event_log_unavailable", str(exc), headers={"Retry-After": "1"}
             ) from None
     cursor = _cursor(last_event_id, "Last-Event-ID")
     if cursor is None:
