@@ -65,7 +65,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
@@ -149,6 +149,19 @@ return 'ok'
 MAX_SOURCE_BYTES = 32 * 1024 * 1024
 """The most a queued run carries to its worker (``source:<id>``): a replay's recording, or
 what a re-run reuses (its earlier run's run-start and succeeded stage-ends, no tokens)."""
+
+
+@dataclass(slots=True)
+class _Written:
+    """What a run's registry entry holds (as this owner last wrote it), and when the owner last
+    looked at whether it changed."""
+
+    snapshot: str = ""
+    state: str = ""
+    """The status the entry says (``waiting_input`` counts in ``waiting``)."""
+    changes: tuple[int, str] | None = None
+    """(events other than tokens, status) at the last look."""
+    looked: float = 0.0
 
 
 class _Unstartable(Exception):
@@ -235,10 +248,7 @@ class Cluster:
         self.waiting = f"{prefix}waiting"
         self.heartbeat_timeout = settings.heartbeat_timeout
         self._owned: dict[str, bytes] = {}  # run_id -> queue entry id
-        self._snapshots: dict[str, str] = {}  # run_id -> the snapshot last written
-        self._states: dict[str, str] = {}  # run_id -> the status last written
-        # run_id -> ((changes, status), when) last looked at
-        self._changes: dict[str, tuple[tuple[int, str], float]] = {}
+        self._written: dict[str, _Written] = {}  # run_id -> what its registry entry holds
         self._tasks: list[asyncio.Task[None]] = []
         self._admit = self.redis.register_script(_ADMIT)
         self._grace: dict[str, asyncio.TimerHandle] = {}
@@ -728,7 +738,7 @@ class Cluster:
             return
         self._owned[run_id] = entry_id
         snapshot = json.dumps(self.manager.status(run_id))
-        self._snapshots[run_id] = snapshot
+        self._written[run_id] = _Written(snapshot)
         await self.redis.hset(
             key, mapping={"status": "running", "worker": self.worker_id, "snapshot": snapshot}
         )
@@ -810,9 +820,7 @@ class Cluster:
 
     async def _done(self, entry_id: bytes, run_id: str) -> None:
         self._owned.pop(run_id, None)
-        self._snapshots.pop(run_id, None)
-        self._states.pop(run_id, None)
-        self._changes.pop(run_id, None)
+        self._written.pop(run_id, None)
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(self.queue, GROUP, entry_id)
         pipe.xdel(self.queue, entry_id)
@@ -864,8 +872,9 @@ class Cluster:
         return _now_ms() + max(1, int(self.heartbeat_timeout * 1000))
 
     async def _renew_waiting(self) -> None:
-        waiting = [r for r, state in self._states.items() if state == "waiting_input"]
-        waiting = [r for r in waiting if r in self._owned]
+        waiting = [
+            r for r, w in self._written.items() if w.state == "waiting_input" and r in self._owned
+        ]
         if waiting:
             lease = self._lease()
             await self.redis.zadd(self.waiting, dict.fromkeys(waiting, lease), xx=True)
@@ -880,13 +889,15 @@ class Cluster:
         now = time.monotonic()
         built = 0
         for run_id in owned:
+            if run_id not in self._owned:  # done meanwhile (this loop yields between slices)
+                continue
             try:
                 managed = self.manager.get(run_id)
             except RunNotFound:
                 continue
+            written = self._written.setdefault(run_id, _Written())
             changes = (managed.changes, managed.status)
-            seen = self._changes.get(run_id)
-            if seen is not None and seen[0] == changes and now - seen[1] < SNAPSHOT_REFRESH:
+            if written.changes == changes and now - written.looked < SNAPSHOT_REFRESH:
                 continue  # only tokens since the last look: building the status can wait
             built += 1
             if built % SNAPSHOT_SLICE == 0:
@@ -895,15 +906,15 @@ class Cluster:
                 # ~100 ms; let the loop run between slices
                 await asyncio.sleep(0)
                 if run_id not in self._owned:
+                    self._written.pop(run_id, None)
                     continue
-            self._changes[run_id] = (changes, now)
+            written.changes, written.looked = changes, now
             status = self.manager.status(run_id)
             snapshot = json.dumps(status)
-            if self._snapshots.get(run_id) != snapshot and run_id in self._owned:
-                before = self._states.get(run_id)
+            if written.snapshot != snapshot:
+                before = written.state
                 state = status["status"]
-                self._snapshots[run_id] = snapshot
-                self._states[run_id] = state
+                written.snapshot, written.state = snapshot, state
                 pipe.hset(
                     self.runs_key(run_id),
                     mapping={"snapshot": snapshot, "status": state},
@@ -1017,9 +1028,8 @@ class Cluster:
         with contextlib.suppress(KeyError, ValueError, TypeError):
             managed.created_at = int(json.loads(record["snapshot"])["created_at"])
         self._owned[run_id] = entry_id
-        self._states[run_id] = _text(record.get("status", b""))
         snapshot = json.dumps(self.manager.status(run_id))
-        self._snapshots[run_id] = snapshot
+        self._written[run_id] = _Written(snapshot, _text(record.get("status", b"")))
         key = self.runs_key(run_id)
         await self.redis.hset(
             key,
