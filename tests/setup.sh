@@ -12,32 +12,22 @@ set -eu
 cd "$(dirname "$0")"
 
 status=0
-if ! sh browser/install_chromium.sh; then
-    if [ "${CI:-}" = "true" ]; then
-        status=1
-    else
-        echo "tests/setup.sh: no Chromium: the browser tests (tests/browser) will skip" >&2
+
+# step WHAT COMMAND...: run one installer; outside CI a failure only says which tests will skip
+step() {
+    what=$1
+    shift
+    if ! "$@"; then
+        if [ "${CI:-}" = "true" ]; then
+            status=1
+        else
+            echo "tests/setup.sh: no $what will skip" >&2
+        fi
     fi
-fi
-if ! sh conformance/install.sh; then
-    if [ "${CI:-}" = "true" ]; then
-        status=1
-    else
-        echo "tests/setup.sh: no npm clients: the conformance tests (tests/conformance) will skip" >&2
-    fi
-fi
-if ! sh redis/install_redis.sh; then
-    if [ "${CI:-}" = "true" ]; then
-        status=1
-    else
-        echo "tests/setup.sh: no redis-server: the Redis tests will skip" >&2
-    fi
-fi
-if ! sh typescript/install.sh; then
-    if [ "${CI:-}" = "true" ]; then
-        status=1
-    else
-        echo "tests/setup.sh: no TypeScript tools: the tests/typescript tests will skip" >&2
-    fi
-fi
+}
+
+step "Chromium: the browser tests (tests/browser)" sh browser/install_chromium.sh
+step "npm clients: the conformance tests (tests/conformance)" sh npm_ci.sh conformance
+step "redis-server: the Redis tests" sh redis/install_redis.sh
+step "TypeScript tools: the tests/typescript tests" sh npm_ci.sh typescript
 exit "$status"

@@ -1,13 +1,14 @@
 #!/bin/sh
-# Installs the foreign SSE clients of the conformance test (tests/conformance/package.json,
-# versions pinned by package-lock.json) with `npm ci`. Node.js and npm come from Debian's
-# packages when they are missing and this is root; never a downloaded toolchain.
+# `npm ci` in one folder of tests/ (its package-lock.json pins the versions): the foreign SSE
+# clients of tests/conformance, the TypeScript tools of tests/typescript. Node.js and npm come
+# from Debian's packages when they are missing and this is root; never a downloaded toolchain.
+#     sh tests/npm_ci.sh conformance
 set -eu
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/$1"
 
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null 2>&1; then
-        echo "conformance/install.sh: node and npm are missing;" \
+        echo "npm_ci.sh $1: node and npm are missing;" \
              "run: sudo apt-get update && sudo apt-get install -y nodejs npm" >&2
         exit 1
     fi
