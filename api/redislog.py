@@ -29,6 +29,15 @@ the finished marker wakes every blocked reader (it is the newest entry: nothing 
   that falls behind the window mid-stream gets ``EventsExpired`` too, never a silent gap.
 - **TTL.** A stream expires ``ttl`` seconds after ``finish`` (Redis deletes it: HTTP 404 after);
   a run whose process died before ``finish`` expires ``orphan_ttl`` seconds after its last write.
+- **Live frames.** The write script also PUBLISHes each run's new frames on a channel named
+  like its stream (``<first seq> <len>…\n<frames>``; ``end <last seq>`` after the finished
+  marker). A process holds one subscription connection, read with hiredis straight off the
+  socket (``_Subscription``), and subscribes a run's channel while it has viewers of that run at
+  the top of the stream; a message hands the frames to every such viewer with no read of the
+  stream. The stream stays the truth: a viewer's first join, a message that does not continue a
+  viewer (a gap), a lost subscription, and a sweep of every followed run each ``sweep_seconds``
+  are covered by one shared XREAD (no BLOCK) of just those runs; frames are never taken from a
+  channel past a gap.
 - **Reads** see this process's own writes: ``read`` and ``follow_frames`` first wait for the
   writer to send what is queued. ``info`` (synchronous) knows the runs this process writes;
   ``ainfo``/``acheck_cursor`` ask Redis and work for every run.
@@ -46,6 +55,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -81,7 +91,7 @@ WRITE_COUNT = 1000
 DELIVER_SLICE = 100
 """Runs handed out between two turns of the event loop, from one shared read."""
 SWEEP_SECONDS = 1.0
-"""How often the shared reader reads every followed run, whatever the channel said."""
+"""How often the shared XREAD reads every followed run, whatever the channel said."""
 LAG_FRAMES = 4 * WRITE_COUNT
 """A viewer with this many frames handed to it and not yet written leaves the shared read."""
 _DUPLICATE = "equal or smaller than the target stream top item"
@@ -89,46 +99,56 @@ BATCH_EVENTS = 1000
 """At most this many events per write script call (a script blocks Redis while it runs)."""
 _WRITE = """
 -- One writer round trip: every run's ops in order, one command to encode and one reply however
--- many runs it touched. KEYS: one per op; ARGV: cap, orphan TTL ms, finished TTL ms, the
--- channel that names the touched runs to every process's reader (one PUBLISH), then per op:
--- 'x', first seq, n, n frames (XADD 1-<seq>.. with exact MAXLEN, then the orphan TTL) |
--- 'c' (the created marker 0-1, orphan TTL) | 'f' (the finished marker 2-0, the TTL). An id
--- already there (a retry after a cut) is skipped. Returns '' or the first other error.
-local cap, orphan, ttl, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local at, refused = 5, ''
+-- many runs it touched. KEYS: one per op; ARGV: cap, orphan TTL ms, finished TTL ms, then per
+-- op: 'x', first seq, n, n frames (XADD 1-<seq>.. with exact MAXLEN, the orphan TTL, and the
+-- frames PUBLISHed on the run's key as '<first> <len>..\\n<frames>') | 'c' (the created marker
+-- 0-1, orphan TTL) | 'f', last seq (the finished marker 2-0, the TTL, 'end <last>' PUBLISHed).
+-- An id already there (a retry after a cut) is skipped. Returns '' or the first other error.
+local cap, orphan, ttl = ARGV[1], ARGV[2], ARGV[3]
+local at, refused = 4, ''
 local function check(r)
-  if type(r) == 'table' and r.err and refused == '' and
-     not string.find(r.err, 'equal or smaller', 1, true) then
-    refused = r.err
+  if type(r) == 'table' and r.err and not string.find(r.err, 'equal or smaller', 1, true) then
+    if refused == '' then refused = r.err end
+    return false
   end
+  return true
 end
 for k = 1, #KEYS do
   local key, kind = KEYS[k], ARGV[at]
   if kind == 'x' then
     local seq, n = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+    local ok, head = true, {ARGV[at + 1]}
     for i = 0, n - 1 do
-      check(redis.pcall('XADD', key, 'MAXLEN', cap, '1-' .. (seq + i), 'f', ARGV[at + 3 + i]))
+      local frame = ARGV[at + 3 + i]
+      ok = check(redis.pcall('XADD', key, 'MAXLEN', cap, '1-' .. (seq + i), 'f', frame)) and ok
+      head[i + 2] = #frame
     end
     redis.call('PEXPIRE', key, orphan)
+    if ok then
+      redis.call('PUBLISH', key,
+        table.concat(head, ' ') .. '\\n' .. table.concat(ARGV, '', at + 3, at + 2 + n))
+    end
     at = at + 3 + n
   elseif kind == 'c' then
     check(redis.pcall('XADD', key, '0-1', 'f', ''))
     redis.call('PEXPIRE', key, orphan)
     at = at + 1
   else
-    check(redis.pcall('XADD', key, '2-0', 'f', ''))
+    if check(redis.pcall('XADD', key, '2-0', 'f', '')) then
+      redis.call('PUBLISH', key, 'end ' .. ARGV[at + 1])
+    end
     redis.call('PEXPIRE', key, ttl)
-    at = at + 1
+    at = at + 2
   end
 end
-redis.call('PUBLISH', channel, table.concat(KEYS, '\\n'))
 return refused
 """
 
 
 POOL_CONNECTIONS = 64
 """Connections per client and process: commands beyond wait for one (``POOL_WAIT`` s at most).
-The shared reader holds one, whatever the number of viewers; redis-py's default pool would
+The shared XREAD holds one, whatever the number of viewers (the subscription has its own
+connection, outside the pool); redis-py's default pool would
 instead refuse the 101st concurrent command with "Too many connections"."""
 POOL_WAIT = 10.0
 RETRIES = 2
@@ -174,7 +194,7 @@ class _Local:
 
 @dataclass(slots=True, eq=False)
 class _Follow:
-    """One viewer following a run live through the process's shared reader."""
+    """One viewer following a run live through its run's channel and the shared read."""
 
     key: bytes
     run_id: str
@@ -211,6 +231,82 @@ def _ping(follow: _Follow, heartbeat: float) -> None:
     follow.timer = loop.call_later(wait, _ping, follow, heartbeat)
 
 
+class _Subscription:
+    """The process's connection subscribed to the channels of the runs its viewers follow.
+
+    Opened by redis-py (so the URL's every option applies: auth, TLS, a unix socket; RESP2),
+    then read with hiredis directly, each chunk the socket gives parsed at once: redis-py's
+    ``PubSub.get_message`` costs ~16 µs of Python per message, this ~0.5 (bench/RESULTS.md).
+    SUBSCRIBE and UNSUBSCRIBE are written without waiting: their confirmations come in order
+    with the messages (``RedisEventLog._on_reply``)."""
+
+    def __init__(self, log: RedisEventLog) -> None:
+        self.log = log
+        self.conn: Any = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.open = False
+
+    async def connect(self) -> None:
+        pool = self.log.redis.connection_pool
+        conn: Any = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
+        await conn.connect()
+        reader, writer = conn._reader, conn._writer  # the open stream, past the handshake
+        if reader is None or writer is None:
+            raise RedisConnectionError("the subscription connection did not open")
+        self.conn, self.writer, self.open = conn, writer, True
+        self.task = asyncio.get_running_loop().create_task(
+            self._read(reader), name="stagecast redis event log subscription"
+        )
+
+    def subscribe(self, keys: list[bytes]) -> None:
+        self._send(b"SUBSCRIBE", keys)
+
+    def unsubscribe(self, keys: list[bytes]) -> None:
+        self._send(b"UNSUBSCRIBE", keys)
+
+    def _send(self, command: bytes, keys: list[bytes]) -> None:
+        if not self.open or self.writer is None:
+            return  # a new connection subscribes what is watched then
+        for at in range(0, len(keys), 1000):
+            part = keys[at : at + 1000]
+            out = [b"*%d\r\n$%d\r\n%s\r\n" % (len(part) + 1, len(command), command)]
+            out += [b"$%d\r\n%s\r\n" % (len(key), key) for key in part]
+            self.writer.write(b"".join(out))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        parser = hiredis.Reader()
+        error: BaseException = RedisConnectionError("Redis closed the subscription connection")
+        on_reply = self.log._on_reply
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+                parser.feed(data)
+                while (reply := parser.gets()) is not False:
+                    try:
+                        on_reply(reply)
+                    except Exception:  # a bug: this reply's viewers wait for the sweep
+                        logger.exception("event log subscription: handling a reply failed")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc
+        finally:
+            self.open = False
+        with contextlib.suppress(Exception):
+            await self.conn.disconnect()
+        self.log._subscription_lost(self, error)
+
+    async def aclose(self) -> None:
+        self.open = False
+        if self.task is not None:
+            self.task.cancel()
+        with contextlib.suppress(Exception):
+            await self.conn.disconnect()
+
+
 def _unavailable(exc: BaseException) -> EventLogUnavailable:
     return EventLogUnavailable(f"the event log (Redis) is unavailable: {exc}")
 
@@ -243,9 +339,12 @@ def _write_calls(
             frames = []
         if kind == b"x":
             run_key, run_first, frames = key, seq, [frame]
+        elif kind == b"c":
+            keys.append(key)
+            args.append(b"c")
         else:
             keys.append(key)
-            args.append(b"c" if kind == b"c" else b"f")
+            args += [b"f", seq]
         events += 1
     if frames:
         keys.append(run_key)
@@ -269,6 +368,7 @@ class RedisEventLog(EventLog):
         codec: FrameCodec | None = None,
         max_pending: int = 1_000_000,
         retry_seconds: float = 0.5,
+        sweep_seconds: float = SWEEP_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if client is None:
@@ -297,14 +397,20 @@ class RedisEventLog(EventLog):
         self._writer: asyncio.Task[None] | None = None
         self.dropped_writes = 0
         self.write_errors = 0
-        # the reader: the runs this process's viewers follow live, read when the channel
-        # says a writer (of any process) appended to them
-        self.channel = f"{prefix}appended"
-        self._follows: dict[bytes, set[_Follow]] = {}
+        # the reader: the runs this process's viewers follow live; the write script PUBLISHes
+        # each run's frames on its key, which this process subscribes while it has viewers of it
+        self.sweep_seconds = sweep_seconds
+        self._follows: dict[bytes, set[_Follow]] = {}  # the viewers at the top, by run key
+        self._viewers: dict[bytes, int] = {}  # viewers that joined (subscribed while > 0)
+        self._confirmed: set[bytes] = set()  # subscriptions Redis has confirmed
         self._dirty: set[bytes] = set()  # followed runs to read next
         self._work: asyncio.Event | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._listener: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sub: _Subscription | None = None
+        self._connecting: asyncio.Task[_Subscription] | None = None
+        self._reopening: asyncio.Task[None] | None = None
+        self._closing = False
         # the reader's client: the same pool, XREAD's reply left as Redis sends it (lists, no
         # per-entry dict), which is most of redis-py's cost per event read
         self._raw = aioredis.Redis(connection_pool=client.connection_pool)
@@ -371,7 +477,7 @@ class RedisEventLog(EventLog):
             raise UnknownRun(run_id)
         if local.finished_at is None:
             local.finished_at = self.clock()
-            self._queue(b"f", run_id)
+            self._queue(b"f", run_id, local.last_seq)
 
     async def _write_loop(self, wake: asyncio.Event) -> None:
         while True:
@@ -401,7 +507,6 @@ class RedisEventLog(EventLog):
                         self.max_events,
                         orphan_ms,
                         ttl_ms,
-                        self.channel,
                         *call_args,
                     )
                 try:
@@ -463,10 +568,16 @@ class RedisEventLog(EventLog):
         if self._writer is not None:
             self._writer.cancel()
             self._writer = None
-        for task in (self._reader, self._listener):
+        self._closing = True
+        for task in (self._reader, self._connecting, self._reopening):
             if task is not None:
                 task.cancel()
-        self._reader = self._listener = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._reader = self._connecting = self._reopening = self._sweeper = None
+        if self._sub is not None:
+            await self._sub.aclose()
+            self._sub = None
         await self.redis.aclose()
 
     # -- reads -----------------------------------------------------------------------------
@@ -566,13 +677,14 @@ class RedisEventLog(EventLog):
         """The frames at hand and the seq of the last one (no frames: a ping).
 
         A replay (and a viewer that fell behind) is read with XRANGE by this viewer; once it is
-        at the top it joins the process's shared reader: the write script PUBLISHes the runs
-        each writer round trip touched on ``<prefix>appended``, and one XREAD (no BLOCK, one
-        connection) reads, for all of this process's viewers at once, just the followed runs
-        named since the last read; so a process's Redis work grows with what is written, not
-        with how many viewers wait. Raises ``EventsExpired`` when the cap dropped events this
-        viewer had not read yet (never a gap), ``UnknownRun`` when the run expired,
-        ``EventLogUnavailable`` when Redis is away.
+        at the top it joins the process's live delivery: its run's channel (subscribed once
+        per run and process) hands it the frames the write script publishes, and one shared
+        XREAD (no BLOCK) reads, for all of this process's viewers at once, just the runs whose
+        channel could not be trusted (a join, a gap, a lost connection, the sweep); so a
+        process's Redis work grows with what is written, not with how many viewers wait.
+        Raises ``EventsExpired`` when the cap dropped events this viewer had not read yet
+        (never a gap), ``UnknownRun`` when the run expired, ``EventLogUnavailable`` when Redis
+        is away.
         """
         info, _ = await self._state(run_id)
         self._check(run_id, info, after)
@@ -582,7 +694,7 @@ class RedisEventLog(EventLog):
         follow = _Follow(self.key(run_id).encode(), run_id, after, sent=loop.time())
         if heartbeat is not None:
             follow.timer = loop.call_later(heartbeat, _ping, follow, heartbeat)
-        joined = False
+        joined = watching = False
         try:
             while True:
                 if not joined:  # catch up by itself: a replay, or after falling behind
@@ -602,10 +714,10 @@ class RedisEventLog(EventLog):
                         yield frames, after
                     if raw and raw[-1][0] == FINISHED_ID:
                         return
-                    if len(raw) < WRITE_COUNT:  # at the top: follow through the shared reader
+                    if len(raw) < WRITE_COUNT:  # at the top: follow live
                         follow.after, follow.lagging = after, False
-                        self._join(follow)
-                        joined = True
+                        await self._join(follow, first=not watching)
+                        watching = joined = True
                     continue
                 if not follow.frames and not follow.done and follow.error is None:
                     if not follow.lagging:
@@ -639,22 +751,35 @@ class RedisEventLog(EventLog):
                 follow.timer.cancel()
                 follow.timer = None
             self._leave(follow)
+            if watching:
+                self._unwatch(follow.key)
 
-    # -- the shared reader ---------------------------------------------------------------
+    # -- live delivery: the run channels and the shared read ------------------------------
 
-    def _join(self, follow: _Follow) -> None:
-        self._follows.setdefault(follow.key, set()).add(follow)
-        self._dirty.add(follow.key)  # one read after the join: no event between is missed
-        if self._reader is None or self._reader.done():
-            self._work = asyncio.Event()
-            self._reader = asyncio.get_running_loop().create_task(
-                self._read_loop(self._work), name="stagecast redis event log reader"
-            )
-            self._listener = asyncio.get_running_loop().create_task(
-                self._listen(self._work), name="stagecast redis event log listener"
-            )
-        assert self._work is not None
-        self._work.set()
+    async def _join(self, follow: _Follow, first: bool) -> None:
+        """Follow live from ``follow.after``: its run's channel (subscribed on the viewer's
+        ``first`` join) hands it what is written; a read of the run right after the join (or
+        after the subscription is confirmed) covers what was written in between."""
+        key = follow.key
+        subscription = await self._subscription()
+        if first:
+            viewers = self._viewers.get(key, 0)
+            self._viewers[key] = viewers + 1
+            if not viewers:
+                subscription.subscribe([key])
+        self._follows.setdefault(key, set()).add(follow)
+        if key in self._confirmed:  # else its confirmation asks for the read
+            self._mark(key)
+
+    def _unwatch(self, key: bytes) -> None:
+        """A viewer that had joined has gone: the last one of a run unsubscribes its channel."""
+        viewers = self._viewers.pop(key, 1) - 1
+        if viewers:
+            self._viewers[key] = viewers
+            return
+        self._confirmed.discard(key)
+        if self._sub is not None:
+            self._sub.unsubscribe([key])
 
     def _leave(self, follow: _Follow) -> None:
         follows = self._follows.get(follow.key)
@@ -662,6 +787,28 @@ class RedisEventLog(EventLog):
             follows.discard(follow)
             if not follows:
                 del self._follows[follow.key]
+
+    def _mark(self, key: bytes) -> None:
+        """Read this followed run in the next shared read."""
+        self._dirty.add(key)
+        work = self._work
+        if work is None or self._reader is None or self._reader.done():
+            work = self._work = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(
+                self._read_loop(work), name="stagecast redis event log reader"
+            )
+            self._sweeper = loop.call_later(self.sweep_seconds, self._sweep)
+        work.set()
+
+    def _sweep(self) -> None:
+        """Every ``sweep_seconds``, read every followed run, whatever the channels said: a
+        message lost with a connection costs at most this long, never a viewer left waiting."""
+        if self._follows:
+            self._dirty.update(self._follows)
+            if self._work is not None:
+                self._work.set()
+        self._sweeper = asyncio.get_running_loop().call_later(self.sweep_seconds, self._sweep)
 
     def _fail_followers(self, error: BaseException) -> None:
         for follows in list(self._follows.values()):
@@ -671,57 +818,103 @@ class RedisEventLog(EventLog):
         self._follows.clear()
         self._dirty.clear()
 
-    async def _listen(self, work: asyncio.Event) -> None:
-        """The ``appended`` channel: the runs each writer round trip touched (any process's);
-        those this process's viewers follow are read next. Every ``SWEEP_SECONDS`` every
-        followed run is read (a safety net for a message lost with a connection)."""
-        channel = self.channel.encode()
-        loop = asyncio.get_running_loop()
-        while True:
-            pubsub = self.redis.pubsub()
+    async def _subscription(self) -> _Subscription:
+        """The process's subscription connection, opened (and every watched run subscribed
+        again) if it is not; ``EventLogUnavailable`` when Redis cannot be reached."""
+        sub = self._sub
+        if sub is not None and sub.open:
+            return sub
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_task(self._open())
+        try:
+            return await asyncio.shield(self._connecting)
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from None
+
+    async def _open(self) -> _Subscription:
+        try:
+            sub = _Subscription(self)
+            await sub.connect()
+            self._sub = sub
+            self._confirmed.clear()
+            if self._viewers:  # after a lost connection: each run's confirmation reads it
+                sub.subscribe(list(self._viewers))
+            return sub
+        finally:
+            self._connecting = None
+
+    def _subscription_lost(self, sub: _Subscription, exc: BaseException) -> None:
+        """The subscription's connection broke: open a new one (every watched run is
+        subscribed again and read once, so nothing published meanwhile is missed); if Redis
+        cannot be reached, every viewer hears of it."""
+        if self._sub is not sub or self._closing:
+            return
+        self._sub = None
+        self._confirmed.clear()
+        if not self._viewers:
+            return
+
+        async def reopen() -> None:
             try:
-                await pubsub.subscribe(channel)
-                self._dirty.update(self._follows)  # what was written while not subscribed
-                work.set()
-                swept = loop.time()
-                while True:
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=SWEEP_SECONDS
-                    )
-                    if loop.time() - swept >= SWEEP_SECONDS:
-                        # every followed run, now and then: a message lost while redis-py
-                        # reconnected the subscription (it resubscribes by itself) costs at
-                        # most this long, never a viewer left waiting
-                        swept = loop.time()
-                        if self._follows:
-                            self._dirty.update(self._follows)
-                            work.set()
-                    if message is None or message.get("type") != "message":
-                        continue
-                    follows = self._follows
-                    hit = False
-                    for key in message["data"].split(b"\n"):
-                        if key in follows:
-                            self._dirty.add(key)
-                            hit = True
-                    if hit:
-                        work.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis away: every follower hears of it, then resubscribe
-                self._fail_followers(_unavailable(exc))
-                await asyncio.sleep(self.retry_seconds)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._subscription()
+            except EventLogUnavailable as error:
+                self._fail_followers(error)
+
+        self._reopening = asyncio.get_running_loop().create_task(reopen())
+
+    def _on_reply(self, reply: Any) -> None:
+        """One reply on the subscription connection: a run's frames, a confirmation, a pong."""
+        if not isinstance(reply, list) or len(reply) < 3:
+            if isinstance(reply, Exception):
+                logger.warning("event log subscription: Redis replied %s", reply)
+            return
+        kind, key = reply[0], reply[1]
+        if kind == b"message":
+            follows = self._follows.get(key)
+            if follows:
+                self._published(key, follows, reply[2])
+        elif kind == b"subscribe":
+            if key in self._viewers:
+                self._confirmed.add(key)
+                if key in self._follows:
+                    self._mark(key)
+
+    def _published(self, key: bytes, follows: set[_Follow], data: bytes) -> None:
+        """A run's channel message from the write script: ``<first seq> <len>…\\n<frames>``,
+        or ``end <last seq>``. A viewer it does not continue (a message lost, or written
+        between its join and its subscription) is left to the next shared read."""
+        if data[:4] == b"end ":
+            last = int(data[4:])
+            for follow in list(follows):
+                if follow.after == last:
+                    follow.done = True
+                    follows.discard(follow)
+                    follow.wake()
+                else:
+                    self._mark(key)
+            if not follows:
+                self._follows.pop(key, None)
+            return
+        nl = data.index(b"\n")
+        head = data[:nl].split(b" ")
+        first = int(head[0])
+        frames: list[bytes] = []
+        at = nl + 1
+        for size in head[1:]:
+            end = at + int(size)
+            frames.append(data[at:end])
+            at = end
+        if any(follow.after + 1 < first for follow in follows):
+            self._mark(key)
+        self._deliver(key, follows, first, frames, False, lag=False)
 
     async def _read_loop(self, work: asyncio.Event) -> None:
-        """Read what changed for this process's viewers: one XREAD (no BLOCK) for the runs
-        named on the channel since the last read, or joined since."""
+        """Read what the channels did not hand out: one XREAD (no BLOCK) for the runs joined,
+        confirmed, missed or swept since the last read."""
         while True:
             await work.wait()
             work.clear()
-            await asyncio.sleep(0)  # let the messages and joins already at hand come in
+            await asyncio.sleep(0)  # let the joins and confirmations already at hand come in
             follows = self._follows
             keys = [key for key in self._dirty if key in follows]
             self._dirty.clear()
@@ -752,10 +945,12 @@ class RedisEventLog(EventLog):
                 if not followers:
                     continue
                 if len(entries) >= WRITE_COUNT:  # more than one read's worth: read on
-                    self._dirty.add(key)
-                    work.set()
+                    self._mark(key)
                 try:
-                    self._deliver(key, followers, entries)
+                    done = entries[-1][0] == FINISHED_ID
+                    frames = [f[1] for i, f in entries if i[:2] == b"1-"]
+                    first = _seq_of(entries[0][0]) if frames else None
+                    self._deliver(key, followers, first, frames, done, lag=True)
                 except Exception as exc:  # a bug: end these viewers, not the reader
                     logger.exception("event log reader: delivering %r failed", key)
                     for follow in followers:
@@ -764,26 +959,35 @@ class RedisEventLog(EventLog):
                     self._follows.pop(key, None)
 
     def _deliver(
-        self, key: bytes, follows: set[_Follow], entries: list[tuple[bytes, list[bytes]]]
+        self,
+        key: bytes,
+        follows: set[_Follow],
+        first: int | None,
+        frames: list[bytes],
+        done: bool,
+        *,
+        lag: bool,
     ) -> None:
-        """Hand a run's entries (as XREAD sent them: ``[id, [b"f", frame]]``) to its viewers."""
-        done = entries[-1][0] == FINISHED_ID
-        frames = [f[1] for i, f in entries if i[:2] == b"1-"]
-        first = _seq_of(entries[0][0]) if frames else None
+        """Hand a run's frames (``first`` is the seq of ``frames[0]``) to its viewers; ``done``:
+        the run's log ends after them. A viewer these do not continue is left alone, or with
+        ``lag`` (what a read of the stream found) reads by itself."""
         for follow in list(follows):
             if first is not None:
                 if first > follow.after + 1:
-                    # entries it has not read come before these: it joined behind a read in
-                    # flight, or the cap dropped them. It reads them by itself (XRANGE), which
-                    # tells the two apart (the cap's loss is EventsExpired, never a gap)
-                    follow.lagging = True
-                    follows.discard(follow)
-                    follow.wake()
+                    if lag:
+                        # entries it has not read come before these: it joined behind a read
+                        # in flight, or the cap dropped them. It reads them by itself (XRANGE),
+                        # which tells the two apart (the cap's loss is EventsExpired, never a gap)
+                        follow.lagging = True
+                        follows.discard(follow)
+                        follow.wake()
                     continue
                 new = frames[follow.after + 1 - first :]
                 if new:
                     follow.frames.extend(new)
                     follow.after += len(new)
+                elif not done:
+                    continue  # it had these already
             if done:
                 follow.done = True
                 follows.discard(follow)

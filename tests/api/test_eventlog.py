@@ -381,6 +381,7 @@ async def test_redis_viewers_of_many_runs_share_one_reader_connection(redis_url:
             while sum(len(fs) for fs in log._follows.values()) < 120:  # all at the top, waiting
                 await anyio.sleep(0.01)  # bounded by fail_after
             blocked = await _blocked(log)
+            clients = await log.redis.client_list()
             for seq in range(1, 31):
                 for run_id in runs:
                     log.append(run_id, entry(seq))
@@ -388,18 +389,23 @@ async def test_redis_viewers_of_many_runs_share_one_reader_connection(redis_url:
             for run_id in runs:
                 log.finish(run_id)
     assert got == {(r, v): list(range(1, 31)) for r in runs for v in range(3)}
-    # 120 viewers following live: no XREAD blocked in Redis for them (the channel wakes the
-    # shared reader; only its subscription waits), and the pool never opened more than its
-    # bound while 120 replays started at once
+    # 120 viewers following live: no XREAD blocked in Redis for them (their runs' channels
+    # bring the frames on one subscription connection), and the pool never opened more than
+    # its bound while 120 replays started at once
     assert blocked == 0
-    assert len(await log.redis.client_list()) <= POOL_CONNECTIONS
+    assert [c["sub"] for c in clients if c["flags"] == "P"] == ["40"]  # one subscription
+    assert len(clients) <= POOL_CONNECTIONS + 1
     assert log._follows == {}
     await log.aclose()
 
 
-async def test_redis_the_shared_reader_reads_only_the_runs_written_to(redis_url: str) -> None:
+async def test_redis_frames_reach_another_process_on_their_runs_channel_alone(
+    redis_url: str,
+) -> None:
+    # the write script PUBLISHes each run's frames on the run's key: a viewer in another
+    # process gets them with no read of the stream at all, and only the viewers of that run
     writer = RedisEventLog(redis_url, prefix="test:targeted:")  # another process's writes
-    log = RedisEventLog(redis_url, prefix="test:targeted:")
+    log = RedisEventLog(redis_url, prefix="test:targeted:", sweep_seconds=60)
     runs = [f"r{i}" for i in range(20)]
     for run_id in runs:
         writer.create(run_id)
@@ -414,20 +420,51 @@ async def test_redis_the_shared_reader_reads_only_the_runs_written_to(redis_url:
         async with anyio.create_task_group() as tg:
             for run_id in runs:
                 tg.start_soon(view, run_id)
-            while len(log._follows) < len(runs) or log._dirty or log.reading:
+            while len(log._confirmed) < len(runs) or log._dirty or log.reading:
                 await anyio.sleep(0.01)
             reads = log.shared_reads
-            for seq in range(1, 6):  # only r3 is written to: each read names r3 alone
+            for seq in range(1, 6):  # only r3 is written to
                 writer.append("r3", entry(seq))
                 await writer.flush(5)
                 while seen["r3"] != list(range(1, seq + 1)):
                     await anyio.sleep(0.005)
-                assert log.last_read == 1
-            assert 1 <= log.shared_reads - reads <= 5
+            assert log.shared_reads == reads  # the channel brought them: no XREAD
             for run_id in runs:
                 writer.finish(run_id)
     assert seen == {run_id: list(range(1, 6)) if run_id == "r3" else [] for run_id in runs}
+    assert log._viewers == {} and log._confirmed == set()  # the channels are unsubscribed
     await writer.aclose()
+    await log.aclose()
+
+
+async def test_redis_a_channel_message_past_a_gap_is_not_trusted(redis_url: str) -> None:
+    # a message that does not continue what a viewer has (one lost with a connection, or a
+    # stray one) hands it nothing: the shared read fills the gap from the stream, once
+    log = RedisEventLog(redis_url, prefix="test:gap:", sweep_seconds=60)
+    log.create("r")
+    log.append("r", entry(1))
+    seen: list[int] = []
+
+    async def view() -> None:
+        async for batch in log.follow("r", 0):
+            seen.extend(e.seq for e in batch)
+
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(view)
+            while b"test:gap:run:r" not in log._confirmed or log._dirty or log.reading:
+                await anyio.sleep(0.005)
+            assert seen == [1]
+            reads = log.shared_reads
+            stray = SSE_CODEC.encode(entry(9))
+            await log.redis.publish(log.key("r"), b"9 %d\n" % len(stray) + stray)
+            while log.shared_reads == reads:  # the gap asks for a read
+                await anyio.sleep(0.005)
+            assert seen == [1]
+            for seq in (2, 3):
+                log.append("r", entry(seq))
+            log.finish("r")
+    assert seen == [1, 2, 3]
     await log.aclose()
 
 
@@ -572,9 +609,11 @@ async def test_redis_away_ends_every_shared_viewer_with_unavailable(
         assert all(e.startswith("the event log (Redis) is unavailable: ") for e in errors)
         assert log._follows == {}
     finally:
-        for task in (log._writer, log._reader, log._listener):  # nothing to send to it
+        for task in (log._writer, log._reader, log._reopening):  # nothing to send to it
             if task is not None:
                 task.cancel()
+        if log._sub is not None:
+            await log._sub.aclose()
         await log.redis.aclose()
 
 
@@ -595,7 +634,8 @@ async def test_redis_a_viewer_behind_a_shared_read_catches_up_instead_of_a_false
     behind = _Follow(key, "r", 7)
     raw = await log._raw.xread({key: b"1-8"}, count=10)  # what a read with cursor 8 returns
     entries = raw[key] if isinstance(raw, dict) else raw[0][1]
-    log._deliver(key, {behind}, entries)
+    frames = [fields[1] for _, fields in entries]
+    log._deliver(key, {behind}, 9, frames, False, lag=True)
     assert behind.lagging and behind.error is None and behind.frames == []
     log.finish("r")
     got = [e.seq async for batch in log.follow("r", 7) for e in batch]
