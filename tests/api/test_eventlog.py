@@ -468,6 +468,47 @@ async def test_redis_a_channel_message_past_a_gap_is_not_trusted(redis_url: str)
     await log.aclose()
 
 
+async def test_redis_a_lost_subscription_is_reopened_and_loses_nothing(redis_url: str) -> None:
+    # Redis drops the subscription connection (CLIENT KILL) while viewers follow: what was
+    # published while it was away is read from the streams once the new connection's
+    # subscriptions are confirmed, and the channels bring the rest; no gap, no duplicate
+    writer = RedisEventLog(redis_url, prefix="test:lost:")
+    log = RedisEventLog(redis_url, prefix="test:lost:", sweep_seconds=60)
+    runs = ["a", "b", "c"]
+    for run_id in runs:
+        writer.create(run_id)
+    await writer.flush(5)
+    seen: dict[str, list[int]] = {run_id: [] for run_id in runs}
+
+    async def view(run_id: str) -> None:
+        async for batch in log.follow(run_id, 0):
+            seen[run_id].extend(e.seq for e in batch)
+
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            for run_id in runs:
+                tg.start_soon(view, run_id)
+            while len(log._confirmed) < len(runs) or log._dirty or log.reading:
+                await anyio.sleep(0.005)
+            first = log._sub
+            assert first is not None
+            killed = await writer.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            assert killed == 1
+            for run_id in runs:  # published while no subscription listens
+                for seq in (1, 2):
+                    writer.append(run_id, entry(seq))
+            await writer.flush(5)
+            while log._sub is first or len(log._confirmed) < len(runs):
+                await anyio.sleep(0.005)
+            for run_id in runs:
+                writer.append(run_id, entry(3))
+                writer.finish(run_id)
+    assert seen == {run_id: [1, 2, 3] for run_id in runs}
+    assert log._sub is not None and log._sub is not first and log._sub.open
+    await writer.aclose()
+    await log.aclose()
+
+
 async def test_redis_a_viewer_joining_as_the_run_ends_is_not_left_waiting(
     redis_url: str,
 ) -> None:
