@@ -1162,4 +1162,4 @@ class Cluster:
                     await pipe.execute()
                     await self._write_snapshots({run_id: self._owned[run_id]})
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # annotated only in newer redis-py
