@@ -51,8 +51,10 @@ class StagecastError(Exception):
 
 
 class _ServerHiccup(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(f"the server answered {status}")
+    """A 5xx to a resume: retried; its code and message end up in ``StreamLost`` if it lasts."""
+
+    def __init__(self, error: StagecastError) -> None:
+        super().__init__(f"the server answered {error}")
 
 
 class StreamLost(StagecastError):
@@ -230,7 +232,7 @@ class Client(_Base):
                         return
                     if response.status_code >= 500:  # a proxy or a restarting worker: retry
                         response.read()
-                        raise _ServerHiccup(response.status_code)
+                        raise _ServerHiccup(_error(response))
                     if response.status_code >= 400:
                         response.read()
                         raise _error(response)
@@ -244,8 +246,10 @@ class Client(_Base):
                         yield event
                         if event.type == "run-end":
                             return
-            except (httpx.TransportError, _ServerHiccup) as exc:
+            except httpx.TransportError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+            except _ServerHiccup as exc:
+                reason = str(exc)
             else:
                 reason = "the stream ended before run-end"
             failures += 1
@@ -360,7 +364,7 @@ class AsyncClient(_Base):
                         return
                     if response.status_code >= 500:  # a proxy or a restarting worker: retry
                         await response.aread()
-                        raise _ServerHiccup(response.status_code)
+                        raise _ServerHiccup(_error(response))
                     if response.status_code >= 400:
                         await response.aread()
                         raise _error(response)
@@ -374,8 +378,10 @@ class AsyncClient(_Base):
                         yield event
                         if event.type == "run-end":
                             return
-            except (httpx.TransportError, _ServerHiccup) as exc:
+            except httpx.TransportError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+            except _ServerHiccup as exc:
+                reason = str(exc)
             else:
                 reason = "the stream ended before run-end"
             failures += 1

@@ -45,7 +45,15 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from stagecast.api.eventlog import EventLogError, FrameBatch, FrameCodec, LogEntry
+from stagecast.api.eventlog import (
+    EventLogError,
+    EventLogUnavailable,
+    EventsExpired,
+    FrameBatch,
+    FrameCodec,
+    LogEntry,
+    UnknownRun,
+)
 
 __all__ = [
     "DIRECT_SEND",
@@ -67,6 +75,23 @@ SSE_HEADERS: dict[str, str] = {
     "x-accel-buffering": "no",
 }
 PING = b": ping\n"
+
+
+def ended_comment(exc: EventLogError) -> bytes:
+    """The comment line a stream cut short by the event log ends with: ``: ended <code>: <why>``,
+    the code being the HTTP error code a resume would get (a comment: never a message)."""
+    if isinstance(exc, EventLogUnavailable):
+        code = "event_log_unavailable"
+    elif isinstance(exc, EventsExpired):
+        code = "events_expired"
+    elif isinstance(exc, UnknownRun):
+        code = "unknown_run"
+    else:
+        code = "event_log_error"
+    why = " ".join(str(exc).split())  # one line whatever the message holds
+    return f": ended {code}: {why}\n".encode("utf-8", "backslashreplace")
+
+
 DIRECT_SEND = "stagecast.direct_send"
 """Scope key of the server's own ``send`` (set by the app, ``api.app.StagecastApp``): an event
 stream writes its body through it, past the middleware wrappers of ``send`` (error handlers,
@@ -240,8 +265,13 @@ class EventStreamResponse(Response):
                 self.send_since = None
                 if on_sent is not None and count:
                     on_sent(count)
-        except EventLogError:
-            pass  # the run expired under a slow viewer: end the stream like a finished one
+        except EventLogError as exc:
+            # The run expired under a slow viewer, or Redis went away: the stream ends without a
+            # run-end (clients resume with Last-Event-ID and get the 503/410 that says why) and
+            # its last line, a comment every SSE parser skips, says why to someone reading it.
+            last = ended_comment(exc)
+        else:
+            last = b""
         self.send_since = time.monotonic()  # the last write can stall too
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": last, "more_body": False})
         self.send_since = None

@@ -8,7 +8,14 @@ from typing import Any
 import anyio
 import pytest
 
-from stagecast.api.eventlog import FrameBatch, LogEntry
+from stagecast.api.eventlog import (
+    EventLogError,
+    EventLogUnavailable,
+    EventsExpired,
+    FrameBatch,
+    LogEntry,
+    UnknownRun,
+)
 from stagecast.api.sse import (
     PING,
     SSE_CODEC,
@@ -84,6 +91,57 @@ async def test_response_writes_start_open_batches_pings_and_end() -> None:
     ]
     assert [m["more_body"] for m in sent[1:]] == [True, True, True, True, False]
     assert counts == [2, 1] and closed == [False]
+
+
+@pytest.mark.parametrize(
+    ("error", "last"),
+    [
+        (
+            EventLogUnavailable("the event log (Redis) is unavailable: Connection\nrefused"),
+            b": ended event_log_unavailable: the event log (Redis) is unavailable: "
+            b"Connection refused\n",
+        ),
+        (
+            EventsExpired("r", 0, 9, 8),
+            b": ended events_expired: " + str(EventsExpired("r", 0, 9, 8)).encode() + b"\n",
+        ),
+        (
+            UnknownRun("r"),
+            b": ended unknown_run: no run 'r' (unknown, or expired after it finished)\n",
+        ),
+        (EventLogError("odd"), b": ended event_log_error: odd\n"),
+    ],
+)
+async def test_a_stream_the_log_cuts_short_ends_with_a_comment_saying_why(
+    error: EventLogError, last: bytes
+) -> None:
+    sent: list[dict[str, Any]] = []
+    closed: list[bool] = []
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def cut() -> AsyncIterator[list[LogEntry]]:
+        yield [LogEntry(1, "a", "{}")]
+        raise error
+
+    response = EventStreamResponse(cut(), retry_ms=10, on_close=closed.append)
+    with anyio.fail_after(2):
+        await response({"type": "http"}, receive, send)
+    bodies = [m["body"] for m in sent[1:]]
+    assert bodies == [
+        b"retry: 10\n: stagecast event stream v1\n",
+        b"event: a\ndata: {}\nid: 1\n\n",
+        last,
+    ]
+    assert [m["more_body"] for m in sent[1:]] == [True, True, False]
+    assert closed == [False]
+    # one comment line, no blank line: never a message, whatever came before it
+    assert last.startswith(b": ") and last.count(b"\n") == 1 and last.endswith(b"\n")
 
 
 async def test_response_stops_on_disconnect_and_reports_it() -> None:

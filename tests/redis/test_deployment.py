@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import httpx
 import pytest
 import redis
 
+from stagecast.api.client import Client, StagecastError, StreamLost
 from tests.api.sse_parse import complete, events_of
 from tests.redis_server import RedisServer, free_port
 
@@ -575,6 +577,80 @@ def test_redis_restarted_mid_run_gives_clear_errors_and_the_server_recovers(
     assert events_after[-1]["status"] == "succeeded"
     # the worker heartbeats again in the new Redis
     assert list(deployment.redis.scan_iter("stagecast:worker:*"))
+
+
+def test_viewers_open_when_redis_stops_are_ended_saying_why(
+    deployment: Deployment, redis_server: RedisServer
+) -> None:
+    a = deployment.serve(heartbeat_timeout=1)  # works the run
+    b = deployment.serve(work_runs="false", heartbeat_timeout=1)
+    run_id = start(a, model="slower")  # ~5 s
+    texts: dict[str, str] = {"owner": "", "other": ""}
+    ended: dict[str, float] = {}
+
+    def view(name: str, url: str) -> None:
+        """A raw SSE viewer: everything the server sends, to the end of the response."""
+        with (
+            httpx.Client(timeout=30) as http,
+            http.stream("GET", f"{url}/v1/runs/{run_id}/events") as response,
+        ):
+            assert response.status_code == 200
+            for chunk in response.iter_text():
+                texts[name] += chunk
+        ended[name] = time.monotonic()
+
+    viewers = [
+        threading.Thread(target=view, args=("owner", a), daemon=True),
+        threading.Thread(target=view, args=("other", b), daemon=True),
+    ]
+    for viewer in viewers:
+        viewer.start()
+    deadline = time.monotonic() + 15
+    while not all(tokens(3)(events_of(complete(t))) for t in texts.values()):
+        assert time.monotonic() < deadline, texts
+        time.sleep(0.02)
+    stopped = time.monotonic()
+    redis_server.stop()
+    for viewer in viewers:
+        viewer.join(15)
+        assert not viewer.is_alive(), "a viewer was not released when Redis stopped"
+    seen: dict[str, int] = {}
+    for name, text in texts.items():
+        assert ended[name] - stopped < 10, name
+        events = events_of(complete(text))
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))  # no gap, no dup
+        assert "run-end" not in [e["type"] for e in events]  # not ended as if finished
+        # the last line says why, as a comment every SSE parser skips
+        last_line = text.rstrip("\n").rsplit("\n", 1)[-1]
+        assert last_line.startswith(
+            ": ended event_log_unavailable: the event log (Redis) is unavailable: "
+        ), text[-300:]
+        seen[name] = events[-1]["seq"]
+    # a client that resumes while Redis is away retries, then gives up naming the server's error
+    with (
+        Client(b, max_reconnects=2, reconnect_delay=0.1) as client,
+        pytest.raises(StreamLost) as lost,
+    ):
+        list(client.events(run_id, after=seen["other"]))
+    assert lost.value.message.startswith(
+        "the server answered 503 event_log_unavailable: the event log (Redis) is unavailable: "
+    ), lost.value.message
+    assert lost.value.message.endswith(f" (after event {seen['other']})")
+    assert httpx.get(f"{a}/healthz", timeout=5).status_code == 200  # neither process crashed
+    assert httpx.get(f"{b}/healthz", timeout=5).status_code == 200
+    # Redis back, empty: the run went on meanwhile (its events written while Redis was away are
+    # kept, bounded, and sent now). A resume either continues gap-free to the run-end or, when
+    # events before the ones kept were lost with Redis, gets a clear 410: never a silent gap.
+    redis_server.start()
+    for name, url in (("owner", a), ("other", b)):
+        with Client(url, max_reconnects=20, reconnect_delay=0.2) as client:
+            try:
+                rest = list(client.events(run_id, after=seen[name]))
+            except StagecastError as exc:
+                assert (exc.status, exc.code) == (410, "events_expired"), exc
+            else:
+                assert [e.seq for e in rest] == list(range(seen[name] + 1, rest[-1].seq + 1))
+                assert rest[-1].type == "run-end"
 
 
 def test_a_worker_needs_a_shared_event_log(tmp_path: Path) -> None:
