@@ -51,7 +51,11 @@ input, with no sticky routing. The keys (prefix ``stagecast:``)::
   the seq). Either way no viewer waits forever; the registry's ``takeovers`` counts the
   takeovers (``GET /v1/runs/{id}`` shows it).
 - **Control.** Cancel sets the registry's ``cancel`` flag (a worker that starts the run later
-  sees it) and publishes on ``control``; the owning worker cancels within a round trip.
+  sees it) and publishes on ``control``; the owning worker cancels within a round trip. A
+  message lost while the owner's subscription was down is caught by the flag: the owner reads
+  its runs' flags when it subscribes again and at every heartbeat (a third of
+  ``heartbeat_timeout``). A run that ends while Redis is away keeps retrying to tell the
+  registry (``FINISH_RETRY_SECONDS``), so its slot is given back once Redis returns.
 """
 
 from __future__ import annotations
@@ -113,6 +117,8 @@ SNAPSHOT_REFRESH = 2.0
 counts; ``last_seq`` itself is read from the log by the status route)."""
 FINAL = ("succeeded", "failed", "cancelled")
 BLOCK_MS = 2000
+FINISH_RETRY_SECONDS = 0.5
+"""How often a worker retries telling the registry that a run ended while Redis is away."""
 MAX_TAKEOVERS = 3
 """A run taken over this many times (its workers keep dying, or it kills them) ends failed."""
 _REQUEST_KEYS = {"chain", "inputs", "model", "on_disconnect", "coalesce_ms", "reuse"}
@@ -603,6 +609,13 @@ class Cluster:
             status = await self.redis.hget(self.runs_key(run_id), "status")
             if status is None:
                 raise RunNotFound(run_id)
+            if _text(status) == "pending":  # queued, no worker has it yet: nothing asked
+                raise ApiError(
+                    409,
+                    "not_waiting_input",
+                    f"run {run_id!r} is not waiting for input (status: pending)",
+                    {"status": "pending", "waiting": []},
+                )
             if _text(status) in FINAL or await self._ended(run_id) is not None:
                 now = _text(status) if _text(status) in FINAL else "finished"
                 raise ApiError(
@@ -804,23 +817,39 @@ class Cluster:
         task.add_done_callback(self._finishing.discard)
 
     async def _finished(self, managed: ManagedRun, entry_id: bytes) -> None:
+        """The registry says the run ended, and its slot and queue entry are given back.
+
+        Retried until it lands: a run that ends while Redis is away would otherwise keep its
+        slot of the deployment (and its queue entry, re-claimed by the heartbeat) for as long as
+        this process lives. The owner check stops it if the run was taken over meanwhile."""
         run_id = managed.run_id
         snapshot = self.manager.status(run_id)
         snapshot["viewers"] = 0
-        await self.log.flush(5.0)  # the run-end is in the log before the registry says so
         ttl_ms = max(1, int(self.settings.finished_run_ttl * 1000))
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(
-            self.runs_key(run_id),
-            mapping={"status": managed.status, "snapshot": json.dumps(snapshot)},
-        )
-        pipe.pexpire(self.runs_key(run_id), ttl_ms)
-        await pipe.execute()
-        await self._done(entry_id, run_id)
+        failing = False
+        while True:
+            try:
+                await self.log.flush(5.0)  # the run-end is in the log before the registry says so
+                if run_id not in self._owned:
+                    return  # taken over by another worker meanwhile: not ours to end
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.hset(
+                    self.runs_key(run_id),
+                    mapping={"status": managed.status, "snapshot": json.dumps(snapshot)},
+                )
+                pipe.pexpire(self.runs_key(run_id), ttl_ms)
+                await pipe.execute()
+                await self._done(entry_id, run_id)
+                return
+            except (RedisError, OSError, EventLogUnavailable) as exc:
+                if not failing:
+                    logger.warning(
+                        "worker %s: run %s ended; Redis: %s; retrying", self.worker_id, run_id, exc
+                    )
+                failing = True
+                await asyncio.sleep(FINISH_RETRY_SECONDS)
 
     async def _done(self, entry_id: bytes, run_id: str) -> None:
-        self._owned.pop(run_id, None)
-        self._written.pop(run_id, None)
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(self.queue, GROUP, entry_id)
         pipe.xdel(self.queue, entry_id)
@@ -828,6 +857,24 @@ class Cluster:
         pipe.zrem(self.waiting, run_id)
         pipe.delete(self.source_key(run_id))
         await pipe.execute()
+        self._owned.pop(run_id, None)  # after: a failed call leaves the run to be retried
+        self._written.pop(run_id, None)
+
+    async def _cancel_flagged(self) -> None:
+        """Cancel the runs here whose registry entry says ``cancel``: a cancel whose control
+        message was lost (the subscription was reconnecting) still stops the run, within a
+        third of ``heartbeat_timeout`` at most."""
+        owned = list(self._owned)
+        if not owned:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in owned:
+            pipe.hget(self.runs_key(run_id), "cancel")
+        flags = await pipe.execute()
+        for run_id, flag in zip(owned, flags, strict=True):
+            if flag is not None and run_id in self._owned:
+                with contextlib.suppress(RunNotFound):
+                    self.manager.cancel(run_id)
 
     async def _heartbeat(self) -> None:
         period = self.heartbeat_timeout / 3
@@ -854,6 +901,7 @@ class Cluster:
                     self._owned.pop(run_id, None)
                     with contextlib.suppress(RunNotFound):
                         self.manager.cancel(run_id)
+            await self._cancel_flagged()
             await asyncio.sleep(period)
 
     async def _snapshot(self) -> None:
@@ -943,6 +991,10 @@ class Cluster:
                 start, claimed = answer[0], answer[1]
                 for entry_id, fields in claimed:
                     if not fields:
+                        continue
+                    if _text(fields[b"run"]) in self._owned:
+                        # its own run, idle because Redis was away longer than the timeout:
+                        # it goes on here (claimed again, as the heartbeat does), not twice
                         continue
                     self.taken_over += 1
                     await self._take(entry_id, _text(fields[b"run"]))
@@ -1138,6 +1190,9 @@ class Cluster:
         pubsub = self.redis.pubsub()
         try:
             await pubsub.subscribe(self.control)
+            # what was published while this subscription was down reached nobody: a cancel is
+            # also a flag in the registry, read now that new messages do arrive
+            await self._cancel_flagged()
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is None or message.get("type") != "message":

@@ -92,11 +92,22 @@ class RedisServer:
         finally:
             client.close()
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool = False) -> None:
+        """Kill the server; with ``keep_data`` it SAVEs first, and the next ``start`` loads it
+        (a Redis restarted with its data); without, the next start is empty."""
+        dump = self.workdir / "dump.rdb"
         if self.process is not None:
+            if keep_data:
+                client = redis.Redis.from_url(self.url)
+                try:
+                    client.save()
+                finally:
+                    client.close()
             self.process.kill()
             self.process.wait(10)
             self.process = None
+        if not keep_data:
+            dump.unlink(missing_ok=True)
 
     def flush(self) -> None:
         client = redis.Redis.from_url(self.url)

@@ -653,6 +653,80 @@ def test_viewers_open_when_redis_stops_are_ended_saying_why(
                 assert rest[-1].type == "run-end"
 
 
+def finished_here(url: str, count: int = 1) -> bool:
+    """The process's own count of succeeded runs (its /metrics: read without Redis)."""
+    wanted = f'stagecast_runs_finished_total{{status="succeeded"}} {count}'
+    return wanted in httpx.get(f"{url}/metrics", timeout=5).text.splitlines()
+
+
+def test_a_run_that_ends_while_redis_is_away_gives_its_slot_back(
+    deployment: Deployment, redis_server: RedisServer
+) -> None:
+    a = deployment.serve(max_concurrent_runs=1, heartbeat_timeout=1)
+    run_id = start(a)
+    read_events(a, run_id, until=tokens(3))
+    redis_server.stop(keep_data=True)  # it comes back with its data: the slot is still taken
+    deadline = time.monotonic() + 20
+    while not finished_here(a):  # the run ends while Redis is away
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # away for longer than the owner waits for its log to be written (5 s), and than
+    # heartbeat_timeout: the run's queue entry is idle when Redis is back
+    time.sleep(6)
+    redis_server.start()
+    settled(deployment)  # the slot and the queue entry are given back (bounded)
+    assert status(a, run_id)["status"] == "succeeded"
+    whole = read_events(a, run_id)  # written while Redis was away: kept, sent once it returned
+    check_invariants(whole)
+    assert whole[-1]["status"] == "succeeded"
+    # the deployment's one slot is free: a new run is taken, not refused with 429
+    fresh = start(a)
+    check_invariants(read_events(a, fresh))
+    assert status(a, fresh)["status"] == "succeeded" and status(a, fresh)["takeovers"] == 0
+    assert status(a, run_id)["takeovers"] == 0  # its own run, idle meanwhile: not taken over
+
+
+def test_a_cancel_whose_control_message_was_lost_still_stops_the_run(
+    deployment: Deployment,
+) -> None:
+    a = deployment.serve(heartbeat_timeout=1)  # works the run
+    b = deployment.serve(work_runs="false", heartbeat_timeout=1)
+    run_id = start(a, model="slower")  # ~5 s
+    seen = read_events(b, run_id, until=tokens(3))
+    # what a cancel writes when its pub/sub message reaches nobody (the owner's subscription
+    # was reconnecting after Redis came back): the registry's flag, and no message
+    deployment.redis.hset(f"stagecast:runs:{run_id}", "cancel", 1)
+    asked = time.monotonic()
+    # the owner reads its runs' cancel flags at each heartbeat (a third of heartbeat_timeout)
+    with Client(b, max_reconnects=20, reconnect_delay=0.1) as client:
+        rest = list(client.events(run_id, after=seen[-1]["seq"]))
+    assert time.monotonic() - asked < 1 / 3 + 2, "the cancel did not reach the owner in time"
+    assert rest[-1].type == "run-end" and rest[-1].status == "cancelled"
+    assert [e.seq for e in rest] == list(range(seen[-1]["seq"] + 1, rest[-1].seq + 1))
+    assert status(a, run_id)["status"] == "cancelled"
+    settled(deployment)
+
+
+def test_an_answer_to_a_run_no_worker_has_taken_yet_is_a_409_at_once(
+    deployment: Deployment,
+) -> None:
+    a = deployment.serve(work_runs="false")  # no worker: the run stays queued
+    created = httpx.post(f"{a}/v1/runs", json={"chain": "ask"}, timeout=10)
+    assert created.status_code == 201, created.text
+    run_id = created.json()["run_id"]
+    t0 = time.monotonic()
+    early = httpx.post(
+        f"{a}/v1/runs/{run_id}/input", json={"stage": "ask", "value": {"count": 3}}, timeout=10
+    )
+    assert time.monotonic() - t0 < 2  # not the 5 s wait for a worker that is not there
+    assert early.status_code == 409, early.text
+    assert early.json()["error"] == {
+        "code": "not_waiting_input",
+        "message": f"run {run_id!r} is not waiting for input (status: pending)",
+        "details": {"status": "pending", "waiting": []},
+    }
+
+
 def test_a_worker_needs_a_shared_event_log(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGECAST_")}
     env["STAGECAST_EVENT_LOG"] = "memory"
