@@ -11,6 +11,7 @@ another YAML file. A bad value is reported with where it came from::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -158,7 +159,15 @@ class ServerSettings(BaseModel):
     @classmethod
     def _event_log_kind(cls, value: str) -> str:
         value = value.strip()
-        if value == "memory" or value.startswith(("redis://", "rediss://", "unix://")):
+        if value == "memory":
+            return value
+        if value.startswith(("redis://", "rediss://", "unix://")):
+            missing = [m for m in ("redis", "hiredis") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise ValueError(
+                    f"a Redis event log needs the redis extra ({' and '.join(missing)} not "
+                    "installed): pip install 'stagecast[redis]'"
+                )
             return value
         raise ValueError(
             f"{value[:60]!r} is not an event log: expected `memory` or a Redis URL "

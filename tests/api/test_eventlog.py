@@ -197,6 +197,48 @@ async def test_a_created_run_with_no_event_yet_exists(make_log: Logs) -> None:
     assert [b async for b in log.follow_frames("r", 0)] == []
 
 
+async def test_a_finished_run_expires_after_the_ttl_on_both_logs(make_log: Logs) -> None:
+    """Real time, both logs: within the TTL a finished run is served; after it, 404
+    (``UnknownRun``) for its info, cursors and reads; a run still going is kept."""
+    log = make_log(3, ttl=0.5)
+    log.create("going")
+    log.append("going", entry(1))
+    log.finish("r")
+    await log.flush(5.0)
+    assert await log.acheck_cursor("r", 1) == LogInfo(1, 3, True)
+    assert [e.seq for e in (await log.read("r", 0)).entries] == [1, 2, 3]
+    await anyio.sleep(0.8)
+    assert log.expire() == ["r"]  # in memory the sweeper drops it; Redis deleted the stream
+    for check in (log.ainfo("r"), log.acheck_cursor("r", 0), log.read("r", 0)):
+        with pytest.raises(UnknownRun, match=r"no run 'r' \(unknown, or expired after it"):
+            await check
+    assert await log.ainfo("going") == LogInfo(1, 1, False)
+
+
+async def test_redis_streams_carry_the_ttl_and_an_orphan_ttl(redis_url: str) -> None:
+    """On Redis the TTL is the stream's own PEXPIRE: set by ``finish``; a run whose process
+    died before it finished expires ``orphan_ttl`` after its last write."""
+    import redis.asyncio as aioredis
+
+    log = RedisEventLog(redis_url, prefix="test:ttl:", ttl=30.0, orphan_ttl=300.0)
+    direct = aioredis.Redis.from_url(redis_url)
+    try:
+        log.create("done")
+        log.create("orphan")
+        log.append("done", entry(1))
+        log.append("orphan", entry(1))
+        await log.flush(5.0)
+        assert 290_000 < await direct.pttl("test:ttl:run:orphan") <= 300_000
+        log.finish("done")
+        await log.flush(5.0)
+        assert 25_000 < await direct.pttl("test:ttl:run:done") <= 30_000
+        assert 290_000 < await direct.pttl("test:ttl:run:orphan") <= 300_000
+    finally:
+        await log.aclose()
+        await direct.delete("test:ttl:run:done", "test:ttl:run:orphan")
+        await direct.aclose()
+
+
 async def test_finished_runs_expire_after_the_ttl() -> None:
     now = [100.0]
     log = filled(2, ttl=10.0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,36 @@ def test_the_event_log_is_memory_or_a_redis_url() -> None:
         environ={"STAGECAST_WORK_RUNS": "false", "STAGECAST_HEARTBEAT_TIMEOUT": "2.5"},
     )
     assert settings.work_runs is False and settings.heartbeat_timeout == 2.5
+
+
+@pytest.mark.parametrize(
+    ("command", "blocked", "missing"),
+    [
+        (["worker"], ["redis"], "redis"),
+        (["serve", "--port", "1"], ["hiredis"], "hiredis"),
+        (["serve", "--workers", "2", "--port", "1"], ["redis", "hiredis"], "redis and hiredis"),
+    ],
+)
+def test_a_redis_event_log_without_the_redis_extra_says_which_extra(
+    tmp_path: Path, command: list[str], blocked: list[str], missing: str
+) -> None:
+    """A plain `pip install stagecast` has no redis-py: a Redis URL gets one line, not a
+    traceback (the modules are blocked in the child as if they were not installed)."""
+    block = "; ".join(f"sys.modules[{m!r}] = None" for m in blocked)
+    code = f"import sys; {block}; from stagecast.api.cli import main; main()"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STAGECAST_")}
+    env["STAGECAST_EVENT_LOG"] = "redis://127.0.0.1:1/0"
+    done = subprocess.run(
+        [sys.executable, "-c", code, *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: STAGECAST_EVENT_LOG: event_log: Value error, a Redis event log needs the redis "
+        f"extra ({missing} not installed): pip install 'stagecast[redis]'"
+    )
+    assert "Traceback" not in done.stderr
