@@ -229,6 +229,7 @@ def create_app(
             watcher.cancel()
             if cluster is not None:
                 await cluster.stop_taking()
+                await cluster.hand_over()  # the runs going on here continue elsewhere
             await manager.shutdown(settings.shutdown_timeout)
             if cluster is not None:
                 await cluster.aclose()

@@ -50,6 +50,11 @@ input, with no sticky routing. The keys (prefix ``stagecast:``)::
   stage that had not ended gets a failed ``stage-end`` first, then the ``run-end``, continuing
   the seq). Either way no viewer waits forever; the registry's ``takeovers`` counts the
   takeovers (``GET /v1/runs/{id}`` shows it).
+- **Shutdown.** A worker that stops (SIGTERM) hands its runs over (``hand_over``) instead of
+  cancelling them: it stops writing their logs, puts each queue entry back as a new one, and
+  marks the registry (``handover``, ``handovers``); the worker that takes it continues it at
+  once as above, its ``stage-retry`` saying the worker shut down. Hand-overs do not count
+  toward ``MAX_TAKEOVERS``.
 - **Control.** Cancel sets the registry's ``cancel`` flag (a worker that starts the run later
   sees it) and publishes on ``control``; the owning worker cancels within a round trip. A
   message lost while the owner's subscription was down is caught by the flag: the owner reads
@@ -192,20 +197,26 @@ def _ndjson(events: Iterable[RunEvent], field: str, name: str) -> str:
     return text
 
 
-def worker_lost_message(worker: str, timeout: float, why: str) -> str:
+def _how_lost(worker: str, timeout: float, handed_over: bool) -> str:
+    if handed_over:
+        return f"the worker running this run ({worker}) shut down and handed it over"
+    return f"the worker running this run ({worker}) stopped: no heartbeat for {timeout:g} s"
+
+
+def worker_lost_message(worker: str, timeout: float, why: str, handed_over: bool = False) -> str:
     """The error of a lost worker's run that is not continued: ``why`` says why not."""
     return (
-        f"the worker running this run ({worker}) stopped: no heartbeat for {timeout:g} s; "
-        f"the run could not be continued ({why}), so it ended failed (stages that had not "
-        "ended are failed). Start a new run to try again"
+        f"{_how_lost(worker, timeout, handed_over)}; the run could not be continued ({why}), "
+        "so it ended failed (stages that had not ended are failed). Start a new run to try again"
     )
 
 
-def continued_message(worker: str, timeout: float, taker: str) -> str:
-    """The ``stage-retry`` error of a stage that was running when its worker was lost."""
+def continued_message(worker: str, timeout: float, taker: str, handed_over: bool = False) -> str:
+    """The ``stage-retry`` error of a stage that was running when its worker was lost (killed,
+    or shut down and handed the run over)."""
     return (
-        f"the worker running this run ({worker}) stopped: no heartbeat for {timeout:g} s; "
-        f"worker {taker} continues the run, and this stage runs again"
+        f"{_how_lost(worker, timeout, handed_over)}; worker {taker} continues the run, and this "
+        "stage runs again"
     )
 
 
@@ -296,6 +307,53 @@ class Cluster:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def hand_over(self) -> list[str]:
+        """Shutting down (SIGTERM, a rolling restart): hand the runs going on here to the other
+        workers instead of cancelling them. Each run's copy here stops writing its log
+        (``RedisEventLog.release``) and is stopped; once what it wrote is in Redis, its queue
+        entry is put back as a new one, which any worker takes at once (no heartbeat timeout)
+        and continues from the log as it does a lost worker's run (``stage-retry`` for what was
+        running, its message saying the worker shut down). Its slot stays taken. Not for
+        ``lost_runs: fail`` or replays (cancelled, as before). Returns the runs handed over."""
+        if not self.work or self.settings.lost_runs != "continue":
+            return []
+        handed: dict[str, bytes] = {}
+        for run_id, entry_id in list(self._owned.items()):
+            try:
+                managed = self.manager.get(run_id)
+            except RunNotFound:
+                continue
+            if managed.finished or managed.chain is None:  # ended, or a replay
+                continue
+            self._owned.pop(run_id, None)
+            self._written.pop(run_id, None)
+            self.log.release(run_id)
+            managed.run.cancel()  # what this copy emits while it stops is not written
+            handed[run_id] = entry_id
+        if not handed:
+            return []
+        if not await self.log.flush(5.0):
+            logger.error("worker %s: its log writes did not all land before the hand-over")
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            for run_id, entry_id in handed.items():
+                key = self.runs_key(run_id)
+                pipe.hset(key, "handover", self.worker_id)
+                pipe.hincrby(key, "handovers", 1)
+                pipe.xack(self.queue, GROUP, entry_id)
+                pipe.xdel(self.queue, entry_id)
+                pipe.xadd(self.queue, {"run": run_id})
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            # the entries stay pending under this worker: taken over after heartbeat_timeout
+            logger.error(
+                "worker %s: hand-over failed (%s): the runs wait for the heartbeat timeout",
+                self.worker_id,
+                exc,
+            )
+        logger.warning("worker %s: handed over %d run(s)", self.worker_id, len(handed))
+        return list(handed)
 
     async def stop(self) -> None:
         """After the runs here ended: their registry updates, then the loops stop."""
@@ -1005,24 +1063,40 @@ class Cluster:
         """A started run whose worker was lost: continue it here, or end it failed (why)."""
         worker = _text(record.get("worker", b"?"))
         key = self.runs_key(run_id)
-        takeovers = int(await self.redis.hincrby(key, "takeovers", 1))
-        why = await self._continue_lost(entry_id, run_id, worker, record, takeovers)
+        handed_over = record.get("handover") is not None  # its worker shut down (hand_over)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hincrby(key, "takeovers", 1)
+        pipe.hdel(key, "handover")  # a later loss of this run is told as what it is
+        takeovers = int((await pipe.execute())[0])
+        why = await self._continue_lost(entry_id, run_id, worker, record, takeovers, handed_over)
         if why is None:
             logger.warning(
-                "worker %s: continues run %s of lost worker %s", self.worker_id, run_id, worker
+                "worker %s: continues run %s of %s worker %s",
+                self.worker_id,
+                run_id,
+                "shut-down" if handed_over else "lost",
+                worker,
             )
             return
-        await self._fail_lost(run_id, worker, why, takeovers)
+        await self._fail_lost(run_id, worker, why, takeovers, handed_over)
         await self._done(entry_id, run_id)
 
     async def _continue_lost(
-        self, entry_id: bytes, run_id: str, worker: str, record: dict[str, Any], takeovers: int
+        self,
+        entry_id: bytes,
+        run_id: str,
+        worker: str,
+        record: dict[str, Any],
+        takeovers: int,
+        handed_over: bool = False,
     ) -> str | None:
         """Start the lost run again here from its log (``engine.reuse.Resume``); None when it
         goes on, else why it cannot."""
         if self.settings.lost_runs == "fail":
             return "lost_runs is `fail`"
-        if takeovers > MAX_TAKEOVERS:
+        # the guard is against runs that keep killing their workers: hand-overs of workers that
+        # shut down (a rolling restart) do not count
+        if takeovers - int(record.get("handovers", 0)) > MAX_TAKEOVERS:
             return f"it was taken over {MAX_TAKEOVERS} times already"
         try:
             request = json.loads(record["request"])
@@ -1059,7 +1133,7 @@ class Cluster:
         part = await self.log.read(run_id, 0)
         lost = ErrorInfo(
             type="worker_lost",
-            message=continued_message(worker, self.heartbeat_timeout, self.worker_id),
+            message=continued_message(worker, self.heartbeat_timeout, self.worker_id, handed_over),
         )
         try:
             resume = Resume([event_from_json(item.data) for item in part.entries], lost)
@@ -1095,9 +1169,11 @@ class Cluster:
             managed.run.cancel()
         return None
 
-    async def _fail_lost(self, run_id: str, worker: str, why: str, takeovers: int = 0) -> None:
+    async def _fail_lost(
+        self, run_id: str, worker: str, why: str, takeovers: int = 0, handed_over: bool = False
+    ) -> None:
         """End a run whose worker died: failed stage-ends for the open stages, then run-end."""
-        message = worker_lost_message(worker, self.heartbeat_timeout, why)
+        message = worker_lost_message(worker, self.heartbeat_timeout, why, handed_over)
         try:
             info = await self.log.ainfo(run_id)
             part = await self.log.read(run_id, info.first_seq - 1)

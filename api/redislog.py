@@ -190,6 +190,8 @@ class _Local:
 
     last_seq: int = 0
     finished_at: float | None = None
+    released: bool = False
+    """Handed over to another worker: what this process's copy emits after is not written."""
 
 
 @dataclass(slots=True, eq=False)
@@ -460,10 +462,21 @@ class RedisEventLog(EventLog):
         """Write the events after ``last_seq`` of a run another process created (a takeover)."""
         self._local[run_id] = _Local(last_seq=last_seq)
 
+    def release(self, run_id: str) -> None:
+        """Stop writing the run here (a shutting-down worker hands it over): later ``append``
+        and ``finish`` calls for it are dropped, so the copy being stopped adds nothing to the
+        log the next owner continues. What was appended before is still sent (``flush``)."""
+        local = self._local.get(run_id)
+        if local is None:
+            raise UnknownRun(run_id)
+        local.released = True
+
     def append(self, run_id: str, entry: LogEntry) -> None:
         local = self._local.get(run_id)
         if local is None:
             raise UnknownRun(run_id)
+        if local.released:
+            return
         if local.finished_at is not None:
             raise ValueError(f"run {run_id!r} is finished; its log takes no more events")
         if entry.seq != local.last_seq + 1:
@@ -475,6 +488,9 @@ class RedisEventLog(EventLog):
         local = self._local.get(run_id)
         if local is None:
             raise UnknownRun(run_id)
+        if local.released:
+            local.finished_at = self.clock()  # forgotten here after the TTL; nothing written
+            return
         if local.finished_at is None:
             local.finished_at = self.clock()
             self._queue(b"f", run_id, local.last_seq)

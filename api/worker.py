@@ -2,8 +2,10 @@
 
 It reads the same settings as ``stagecast serve`` (configs/server.yaml, ``STAGECAST_*``);
 ``event_log`` must be a Redis URL. It takes queued runs (``api.cluster``), heartbeats, takes
-over the runs of workers that died, and stops on SIGINT/SIGTERM: it takes no new run, cancels
-the ones it runs (each ends ``cancelled``, its viewers see the run-end) and exits.
+over the runs of workers that died, and stops on SIGINT/SIGTERM: it takes no new run, hands
+the runs going on here to the other workers (``Cluster.hand_over``: they continue each from its
+log at once, with a ``stage-retry`` for what was running; with ``lost_runs: fail``, and for
+replays, they are cancelled instead) and exits.
 
     STAGECAST_EVENT_LOG=redis://127.0.0.1:6379/0 stagecast worker
 """
@@ -54,6 +56,7 @@ async def work(settings: ServerSettings, *, ready: asyncio.Event | None = None) 
             manager.expire()
     finally:
         await cluster.stop_taking()
+        await cluster.hand_over()  # the runs going on here continue on the other workers
         await manager.shutdown(settings.shutdown_timeout)
         await cluster.aclose()
         await log.aclose()

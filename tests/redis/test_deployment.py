@@ -399,6 +399,118 @@ def test_a_killed_worker_s_run_is_continued_from_its_ended_stages(deployment: De
     settled(deployment)
 
 
+def test_a_worker_that_shuts_down_hands_its_run_over_at_once(deployment: Deployment) -> None:
+    timeout = 30.0  # the run must move long before a lost heartbeat would move it
+    a = deployment.serve(work_runs="false", heartbeat_timeout=timeout)
+    first = deployment.worker(heartbeat_timeout=timeout)
+    second = deployment.worker(heartbeat_timeout=timeout)
+    whole = read_events(a, relay(a))  # the same run, never interrupted: what it ends with
+    check_invariants(whole)
+    run_id = relay(a)
+    stopped: dict[str, Any] = {}
+
+    def terminate_while_second_streams(events: list[dict[str, Any]]) -> bool:
+        """One viewer across the shutdown: SIGTERM to the owner once `second` streamed 3."""
+        streamed = [e for e in events if e["type"] == "token" and e["stage"] == "second"]
+        if not stopped and len(streamed) >= 3:
+            stopped["worker"] = deployment.redis.hget(f"stagecast:runs:{run_id}", "worker")
+            pid = deployment.owner_pid(run_id)
+            stopped["process"] = first if pid == first.pid else second
+            stopped["process"].send_signal(signal.SIGTERM)
+            stopped["at"], stopped["seen"] = time.monotonic(), events[-1]["seq"]
+        if stopped and "retry" not in stopped and any(e["type"] == "stage-retry" for e in events):
+            stopped["retry"] = time.monotonic()
+        return False
+
+    events = read_events(a, run_id, until=terminate_while_second_streams, timeout=60)
+    check_invariants(events)  # seq 1..n, no gap, no duplicate, one run-start, one run-end
+    assert stopped["process"].wait(15) == 0  # it exits by itself, cleanly
+    assert stopped["retry"] - stopped["at"] < 5  # at once: not after the 30 s heartbeat timeout
+    handed = stopped["worker"].decode()
+    owner = deployment.redis.hget(f"stagecast:runs:{run_id}", "worker").decode()
+    assert owner != handed
+    assert events[-1]["status"] == "succeeded", outline(events)
+    # nothing cancelled: `first` had ended and is not sent again, `second` runs again
+    assert outline(events) == [
+        "run-start",
+        "stage-start first#1",
+        "token first#1 …",
+        "stage-end first#1 succeeded",
+        "stage-start second#1",
+        "token second#1 …",
+        "stage-retry second#1 worker_lost",
+        "stage-start second#2",
+        "token second#2 …",
+        "stage-end second#2 succeeded",
+        "stage-start parts#1",
+        "stage-start parts.0#1",
+        "token parts.0#1 …",
+        "stage-end parts.0#1 succeeded",
+        "stage-progress parts#1 1/2",
+        "stage-start parts.1#1",
+        "token parts.1#1 …",
+        "stage-end parts.1#1 succeeded",
+        "stage-progress parts#1 2/2",
+        "stage-end parts#1 succeeded",
+        "stage-start third#1",
+        "token third#1 …",
+        "stage-end third#1 succeeded",
+        "run-end succeeded",
+    ]
+    retry = next(e for e in events if e["type"] == "stage-retry")
+    assert retry["error"] == {
+        "type": "worker_lost",
+        "message": f"the worker running this run ({handed}) shut down and handed it over; "
+        f"worker {owner} continues the run, and this stage runs again",
+        "stage": "second",
+    }
+    assert events[-1]["outputs"] == whole[-1]["outputs"]
+    final = status(a, run_id)
+    assert final["status"] == "succeeded" and final["takeovers"] == 1
+    assert final["usage"]["output_tokens"] == whole[-1]["usage"]["output_tokens"]
+    assert deployment.redis.hget(f"stagecast:runs:{run_id}", "handover") is None
+    settled(deployment)
+
+
+def test_a_serve_process_that_shuts_down_hands_its_run_over(deployment: Deployment) -> None:
+    timeout = 30.0  # the run must move long before a lost heartbeat would move it
+    b = deployment.serve(work_runs="false", heartbeat_timeout=timeout)
+    a = deployment.serve(heartbeat_timeout=timeout)  # the only process working runs, for now
+    serving = deployment.processes[-1]
+    run_id = relay(b)
+    head = read_events(b, run_id, until=tokens(3))
+    assert deployment.owner_pid(run_id) == serving.pid
+    handed = deployment.redis.hget(f"stagecast:runs:{run_id}", "worker").decode()
+    deployment.worker(heartbeat_timeout=timeout)
+    serving.send_signal(signal.SIGTERM)  # uvicorn's shutdown: the app's lifespan hands over
+    stopped = time.monotonic()
+    retried: list[float] = []
+
+    def note_retry(events: list[dict[str, Any]]) -> bool:
+        if not retried and any(e["type"] == "stage-retry" for e in events):
+            retried.append(time.monotonic())
+        return False
+
+    rest = read_events(b, run_id, after=head[-1]["seq"], until=note_retry, timeout=60)
+    events = head + rest
+    check_invariants(events)
+    # shut down within the bound (uvicorn re-raises the SIGTERM it handled once it is done)
+    assert serving.wait(15) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in deployment.log(f"serve-{a.rsplit(':', 1)[1]}")
+    assert retried[0] - stopped < 5  # at once: not after the 30 s heartbeat timeout
+    assert events[-1]["status"] == "succeeded", outline(events)
+    assert not [e for e in events if e.get("status") == "cancelled"]
+    owner = deployment.redis.hget(f"stagecast:runs:{run_id}", "worker").decode()
+    retry = next(e for e in rest if e["type"] == "stage-retry")
+    assert retry["error"]["type"] == "worker_lost"
+    assert retry["error"]["message"] == (
+        f"the worker running this run ({handed}) shut down and handed it over; "
+        f"worker {owner} continues the run, and this stage runs again"
+    )
+    assert status(b, run_id)["takeovers"] == 1
+    settled(deployment)
+
+
 def test_a_killed_worker_s_run_ends_failed_when_lost_runs_is_fail(
     deployment: Deployment,
 ) -> None:
