@@ -271,6 +271,7 @@ class Cluster:
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._finishing: set[asyncio.Task[None]] = set()
         manager.on_finished.append(self._on_finished)
+        self.log.on_fenced = self._fenced
         self.taken_over = 0
 
     def runs_key(self, run_id: str) -> str:
@@ -307,6 +308,16 @@ class Cluster:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    def _fenced(self, run_id: str) -> None:
+        """The log refused this worker's writes of the run: another worker took it over (this
+        one looked dead). Its copy here stops at once, not at the next heartbeat."""
+        if self._owned.pop(run_id, None) is None:
+            return
+        self._written.pop(run_id, None)
+        logger.error("worker %s: run %s was taken over; stopping it here", self.worker_id, run_id)
+        with contextlib.suppress(RunNotFound):
+            self.manager.cancel(run_id)
 
     async def hand_over(self) -> list[str]:
         """Shutting down (SIGTERM, a rolling restart): hand the runs going on here to the other
@@ -1111,6 +1122,9 @@ class Cluster:
         entry = self.catalog.find(chain_id)
         if entry is None or entry.chain is None:
             return f"chain {chain_id!r} is not on this worker"
+        # this worker is the run's writer from now on: a lost owner that is alive after all
+        # (stalled, cut off) cannot add to the log it reads next
+        await self.log.fence(run_id)
         try:
             info = await self.log.ainfo(run_id)
         except UnknownRun:
@@ -1174,6 +1188,7 @@ class Cluster:
     ) -> None:
         """End a run whose worker died: failed stage-ends for the open stages, then run-end."""
         message = worker_lost_message(worker, self.heartbeat_timeout, why, handed_over)
+        await self.log.fence(run_id)  # the lost owner, if alive after all, writes no more
         try:
             info = await self.log.ainfo(run_id)
             part = await self.log.read(run_id, info.first_seq - 1)

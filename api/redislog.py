@@ -24,6 +24,12 @@ the finished marker wakes every blocked reader (it is the newest entry: nothing 
   drops the oldest and says so) and retries every ``retry_seconds``; an ``XADD`` that already
   landed before a cut is recognised (Redis refuses an id that is not above the top) and
   skipped, so nothing is written twice.
+- **One writer per run (fencing).** ``<key>:w`` holds the token of the log that writes the run
+  (set by its created marker, or by the first write). A worker that takes a run over calls
+  ``fence`` before it reads the log: from then on the write script skips the old writer's ops
+  for that run and tells it (``on_fenced``), so a worker taken for dead that is not (stalled,
+  cut off from Redis for longer than the heartbeat timeout) never interleaves its events with
+  the new owner's.
 - **Per-run cap.** ``MAXLEN = max_events`` (exact trimming): the oldest events go; a cursor before
   the kept window gets ``EventsExpired`` (HTTP 410), the same as the in-memory log. A follower
   that falls behind the window mid-stream gets ``EventsExpired`` too, never a silent gap.
@@ -51,6 +57,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,13 +106,16 @@ BATCH_EVENTS = 1000
 """At most this many events per write script call (a script blocks Redis while it runs)."""
 _WRITE = """
 -- One writer round trip: every run's ops in order, one command to encode and one reply however
--- many runs it touched. KEYS: one per op; ARGV: cap, orphan TTL ms, finished TTL ms, then per
--- op: 'x', first seq, n, n frames (XADD 1-<seq>.. with exact MAXLEN, the orphan TTL, and the
--- frames PUBLISHed on the run's key as '<first> <len>..\\n<frames>') | 'c' (the created marker
--- 0-1, orphan TTL) | 'f', last seq (the finished marker 2-0, the TTL, 'end <last>' PUBLISHed).
--- An id already there (a retry after a cut) is skipped. Returns '' or the first other error.
-local cap, orphan, ttl = ARGV[1], ARGV[2], ARGV[3]
-local at, refused = 4, ''
+-- many runs it touched. KEYS: one per op; ARGV: cap, orphan TTL ms, finished TTL ms, the
+-- writer's token, then per op: 'x', first seq, n, n frames (XADD 1-<seq>.. with exact MAXLEN,
+-- the orphan TTL, and the frames PUBLISHed on the run's key as '<first> <len>..\\n<frames>') |
+-- 'c' (the created marker 0-1, orphan TTL) | 'f', last seq (the finished marker 2-0, the TTL,
+-- 'end <last>' PUBLISHed). An id already there (a retry after a cut) is skipped.
+-- Fencing: <key>:w names the run's writer. 'c' claims it; 'x' and 'f' claim it when no one has
+-- and are skipped when another writer has (the run was taken over: ``RedisEventLog.fence``).
+-- Returns {the first other error or '', the keys of the runs fenced off}.
+local cap, orphan, ttl, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local at, refused, fenced = 5, '', {}
 local function check(r)
   if type(r) == 'table' and r.err and not string.find(r.err, 'equal or smaller', 1, true) then
     if refused == '' then refused = r.err end
@@ -113,35 +123,49 @@ local function check(r)
   end
   return true
 end
+local function mine(key, keep)
+  local w = redis.call('GET', key .. ':w')
+  if w and w ~= token then
+    fenced[#fenced + 1] = key
+    return false
+  end
+  redis.call('SET', key .. ':w', token, 'PX', keep)
+  return true
+end
 for k = 1, #KEYS do
   local key, kind = KEYS[k], ARGV[at]
   if kind == 'x' then
     local seq, n = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
-    local ok, head = true, {ARGV[at + 1]}
-    for i = 0, n - 1 do
-      local frame = ARGV[at + 3 + i]
-      ok = check(redis.pcall('XADD', key, 'MAXLEN', cap, '1-' .. (seq + i), 'f', frame)) and ok
-      head[i + 2] = #frame
-    end
-    redis.call('PEXPIRE', key, orphan)
-    if ok then
-      redis.call('PUBLISH', key,
-        table.concat(head, ' ') .. '\\n' .. table.concat(ARGV, '', at + 3, at + 2 + n))
+    if mine(key, orphan) then
+      local ok, head = true, {ARGV[at + 1]}
+      for i = 0, n - 1 do
+        local frame = ARGV[at + 3 + i]
+        ok = check(redis.pcall('XADD', key, 'MAXLEN', cap, '1-' .. (seq + i), 'f', frame)) and ok
+        head[i + 2] = #frame
+      end
+      redis.call('PEXPIRE', key, orphan)
+      if ok then
+        redis.call('PUBLISH', key,
+          table.concat(head, ' ') .. '\\n' .. table.concat(ARGV, '', at + 3, at + 2 + n))
+      end
     end
     at = at + 3 + n
   elseif kind == 'c' then
     check(redis.pcall('XADD', key, '0-1', 'f', ''))
     redis.call('PEXPIRE', key, orphan)
+    redis.call('SET', key .. ':w', token, 'PX', orphan)
     at = at + 1
   else
-    if check(redis.pcall('XADD', key, '2-0', 'f', '')) then
-      redis.call('PUBLISH', key, 'end ' .. ARGV[at + 1])
+    if mine(key, ttl) then
+      if check(redis.pcall('XADD', key, '2-0', 'f', '')) then
+        redis.call('PUBLISH', key, 'end ' .. ARGV[at + 1])
+      end
+      redis.call('PEXPIRE', key, ttl)
     end
-    redis.call('PEXPIRE', key, ttl)
     at = at + 2
   end
 end
-return refused
+return {refused, unpack(fenced)}
 """
 
 
@@ -389,6 +413,13 @@ class RedisEventLog(EventLog):
         self._codec = codec or SSE_CODEC
         self._encode = self._codec.encode
         self._local: dict[str, _Local] = {}
+        self.token = uuid.uuid4().hex
+        """This log's writer token: ``<key>:w`` holds it for the runs it writes (fencing)."""
+        self.on_fenced: Callable[[str], None] | None = None
+        """Called with a run's id when its writes were refused because another writer took
+        the run over (``fence``): the run's copy here should stop (its later writes are
+        dropped)."""
+        self.fenced = 0
         # the writer: ops queued by the synchronous methods, sent in order by one task
         self._ops: list[tuple[bytes, str, int, bytes]] = []  # (kind, key, seq, frame)
         self._queued = 0
@@ -462,6 +493,17 @@ class RedisEventLog(EventLog):
         """Write the events after ``last_seq`` of a run another process created (a takeover)."""
         self._local[run_id] = _Local(last_seq=last_seq)
 
+    async def fence(self, run_id: str) -> None:
+        """Make this log the run's only writer, before reading the log to continue it (a
+        takeover): a writer that still holds the run (a worker taken for dead that is not)
+        has its later writes skipped by Redis, and is told (``on_fenced``), so two copies never
+        interleave in one stream. What it wrote before this is in the read that follows."""
+        keep = max(1, int(self.orphan_ttl * 1000))
+        try:
+            await self.redis.set(self.key(run_id) + ":w", self.token, px=keep)
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from None
+
     def release(self, run_id: str) -> None:
         """Stop writing the run here (a shutting-down worker hands it over): later ``append``
         and ``finish`` calls for it are dropped, so the copy being stopped adds nothing to the
@@ -523,6 +565,7 @@ class RedisEventLog(EventLog):
                         self.max_events,
                         orphan_ms,
                         ttl_ms,
+                        self.token,
                         *call_args,
                     )
                 try:
@@ -545,6 +588,10 @@ class RedisEventLog(EventLog):
                     self._ops[:0] = ops
                     continue
                 for result in results:
+                    if isinstance(result, list):  # {first refusal or '', fenced run keys}
+                        for key in result[1:]:
+                            self._fenced_off(key)
+                        result = result[0] if result else b""
                     if isinstance(result, bytes) and result:  # the script's first refusal
                         result = ResponseError(result.decode(errors="replace"))
                     if isinstance(result, ResponseError) and _DUPLICATE not in str(result):
@@ -552,6 +599,19 @@ class RedisEventLog(EventLog):
                         logger.error("event log write refused by Redis: %s", result)
                 self._sent += len(ops)
                 self._release()
+
+    def _fenced_off(self, key: bytes | str) -> None:
+        """Another writer took this run over: write nothing more of it, and say so."""
+        name = key.decode() if isinstance(key, bytes) else key
+        run_id = name[len(self.prefix) + len("run:") :]
+        local = self._local.get(run_id)
+        if local is None or local.released:
+            return
+        local.released = True
+        self.fenced += 1
+        logger.error("event log: run %s was taken over by another writer: not written here", run_id)
+        if self.on_fenced is not None:
+            self.on_fenced(run_id)
 
     def _release(self) -> None:
         sent = self._sent

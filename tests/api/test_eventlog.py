@@ -239,6 +239,54 @@ async def test_redis_streams_carry_the_ttl_and_an_orphan_ttl(redis_url: str) -> 
         await direct.aclose()
 
 
+async def test_a_run_taken_over_is_fenced_off_its_old_writer(redis_url: str) -> None:
+    """A worker taken for dead that is not (stalled, cut off) keeps writing: once the new owner
+    fenced the run, Redis skips the old writer's events and the old writer is told, so the
+    stream holds one writer's events at each seq, never both interleaved."""
+    old = RedisEventLog(redis_url, prefix="test:fence:")
+    new = RedisEventLog(redis_url, prefix="test:fence:")
+    told: list[str] = []
+    old.on_fenced = told.append
+
+    def event(seq: int, writer: str) -> LogEntry:
+        return LogEntry(seq, "token", f'{{"seq":{seq},"by":"{writer}"}}')
+
+    try:
+        old.create("r")
+        for seq in (1, 2, 3):
+            old.append("r", event(seq, "old"))
+        assert await old.flush(5.0)
+        await new.fence("r")  # the takeover: fence, then read the log, then continue it
+        assert (await new.ainfo("r")).last_seq == 3
+        new.adopt("r", 3)
+        old.append("r", event(4, "old"))  # the old owner goes on, unaware
+        old.append("r", event(5, "old"))
+        assert await old.flush(5.0)
+        assert told == ["r"] and old.fenced == 1
+        old.append("r", event(6, "old"))  # dropped here: nothing more is sent
+        old.finish("r")
+        assert await old.flush(5.0)
+        for seq in (4, 5, 6):
+            new.append("r", event(seq, "new"))
+        new.finish("r")
+        assert await new.flush(5.0)
+        entries = (await new.read("r", 0)).entries
+        assert [(e.seq, e.data) for e in entries] == [
+            (1, '{"seq":1,"by":"old"}'),
+            (2, '{"seq":2,"by":"old"}'),
+            (3, '{"seq":3,"by":"old"}'),
+            (4, '{"seq":4,"by":"new"}'),
+            (5, '{"seq":5,"by":"new"}'),
+            (6, '{"seq":6,"by":"new"}'),
+        ]
+        assert (await new.ainfo("r")).finished
+        assert (old.write_errors, new.write_errors, new.fenced) == (0, 0, 0)
+    finally:
+        await new.redis.delete("test:fence:run:r", "test:fence:run:r:w")
+        await old.aclose()
+        await new.aclose()
+
+
 async def test_finished_runs_expire_after_the_ttl() -> None:
     now = [100.0]
     log = filled(2, ttl=10.0)
