@@ -345,7 +345,9 @@ class Cluster:
         if not handed:
             return []
         if not await self.log.flush(5.0):
-            logger.error("worker %s: its log writes did not all land before the hand-over")
+            logger.error(
+                "worker %s: its log writes did not all land before the hand-over", self.worker_id
+            )
         try:
             pipe = self.redis.pipeline(transaction=True)
             for run_id, entry_id in handed.items():

@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import hiredis
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -277,9 +278,19 @@ class _Subscription:
         pool = self.log.redis.connection_pool
         conn: Any = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
         await conn.connect()
-        reader, writer = conn._reader, conn._writer  # the open stream, past the handshake
+        # the open stream, past the handshake: redis-py's asyncio connections keep it in these
+        # (private) attributes since 4.2; pyproject pins redis below the next major so a rename
+        # is caught by the tests, and a missing one is a connection error here, not a crash
+        # (viewers then get their frames from the once-a-second sweep)
+        reader = getattr(conn, "_reader", None)
+        writer = getattr(conn, "_writer", None)
         if reader is None or writer is None:
-            raise RedisConnectionError("the subscription connection did not open")
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            raise RedisConnectionError(
+                "the subscription connection did not open (redis-py "
+                f"{getattr(redis, '__version__', '?')}: no _reader/_writer stream)"
+            )
         self.conn, self.writer, self.open = conn, writer, True
         self.task = asyncio.get_running_loop().create_task(
             self._read(reader), name="stagecast redis event log subscription"
