@@ -270,6 +270,9 @@ class Cluster:
         self._admit = self.redis.register_script(_ADMIT)
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._finishing: set[asyncio.Task[None]] = set()
+        self._moved: set[str] = set()
+        """Runs whose copy here was stopped because another worker has them (handed over,
+        fenced off, taken over): their status comes from the registry, not from that copy."""
         manager.on_finished.append(self._on_finished)
         self.log.on_fenced = self._fenced
         self.taken_over = 0
@@ -302,22 +305,35 @@ class Cluster:
                 self._tasks.append(loop.create_task(self._forever(job), name=job.__name__))
 
     async def stop_taking(self) -> None:
-        """Take no more runs from the queue (the first step of a shutdown)."""
+        """Take no more runs (the first step of a shutdown): neither queued ones nor those of
+        lost workers, which a process on its way out would only cancel or hand on again."""
+        await self._stop_loops("_consume", "_takeover")
+
+    async def _stop_loops(self, *names: str) -> None:
         for task in self._tasks:
-            if task.get_name() == "_consume":
+            if task.get_name() in names:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
+    def _stop_copy(self, run_id: str) -> None:
+        """Stop this process's copy of a run another worker has now: nothing more of it is
+        written (the log drops its events), its status is no longer answered from it."""
+        self._owned.pop(run_id, None)
+        self._written.pop(run_id, None)
+        self._moved.add(run_id)
+        with contextlib.suppress(UnknownRun):
+            self.log.release(run_id)
+        with contextlib.suppress(RunNotFound):
+            self.manager.cancel(run_id)
+
     def _fenced(self, run_id: str) -> None:
         """The log refused this worker's writes of the run: another worker took it over (this
         one looked dead). Its copy here stops at once, not at the next heartbeat."""
-        if self._owned.pop(run_id, None) is None:
+        if run_id not in self._owned:
             return
-        self._written.pop(run_id, None)
         logger.error("worker %s: run %s was taken over; stopping it here", self.worker_id, run_id)
-        with contextlib.suppress(RunNotFound):
-            self.manager.cancel(run_id)
+        self._stop_copy(run_id)
 
     async def hand_over(self) -> list[str]:
         """Shutting down (SIGTERM, a rolling restart): hand the runs going on here to the other
@@ -329,6 +345,8 @@ class Cluster:
         ``lost_runs: fail`` or replays (cancelled, as before). Returns the runs handed over."""
         if not self.work or self.settings.lost_runs != "continue":
             return []
+        # no status snapshot of a run handed over may land after the new owner's
+        await self._stop_loops("_snapshot")
         handed: dict[str, bytes] = {}
         for run_id, entry_id in list(self._owned.items()):
             try:
@@ -337,10 +355,7 @@ class Cluster:
                 continue
             if managed.finished or managed.chain is None:  # ended, or a replay
                 continue
-            self._owned.pop(run_id, None)
-            self._written.pop(run_id, None)
-            self.log.release(run_id)
-            managed.run.cancel()  # what this copy emits while it stops is not written
+            self._stop_copy(run_id)  # what this copy emits while it stops is not written
             handed[run_id] = entry_id
         if not handed:
             return []
@@ -365,6 +380,7 @@ class Cluster:
                 self.worker_id,
                 exc,
             )
+            return []
         logger.warning("worker %s: handed over %d run(s)", self.worker_id, len(handed))
         return list(handed)
 
@@ -605,10 +621,11 @@ class Cluster:
             self.runs_key(run_id), ["snapshot", "viewers", "takeovers"]
         )
         local: dict[str, Any] | None = None
-        try:
-            local = self.manager.status(run_id)
-        except RunNotFound:
-            pass
+        if run_id not in self._moved:  # a copy stopped here (handed over, fenced) is not it
+            try:
+                local = self.manager.status(run_id)
+            except RunNotFound:
+                pass
         if local is None and got[0] is None:
             raise RunNotFound(run_id)
         status: dict[str, Any] = local if local is not None else json.loads(got[0])
@@ -815,12 +832,22 @@ class Cluster:
             await self._take_lost(entry_id, run_id, record)
             return
         try:
+            started = (await self.log.ainfo(run_id)).last_seq > 0
+        except UnknownRun:
+            started = False
+        if started:
+            # started by a worker that never got to say so in the registry (Redis went away, or
+            # it was stopped right then): continued from its log, never started twice
+            await self._take_lost(entry_id, run_id, record)
+            return
+        try:
             managed = await self._start_pending(run_id, json.loads(record["request"]))
         except _Unstartable as exc:  # checked when queued; a worker with other configs fails it
             await self._fail_unstarted(run_id, str(exc))
             await self._done(entry_id, run_id)
             return
         self._owned[run_id] = entry_id
+        self._moved.discard(run_id)  # its own again (a copy stopped here earlier is replaced)
         snapshot = json.dumps(self.manager.status(run_id))
         self._written[run_id] = _Written(snapshot)
         await self.redis.hset(
@@ -957,21 +984,24 @@ class Cluster:
             )
             owned = dict(self._owned)
             if owned:
-                kept: Any = await self.redis.xclaim(
-                    self.queue, GROUP, self.worker_id, 0, list(owned.values()), justid=True
-                )
-                kept_ids = {k if isinstance(k, bytes) else str(k).encode() for k in kept}
-                for run_id, entry_id in owned.items():
-                    if entry_id in kept_ids or run_id not in self._owned:
-                        continue
-                    owner = await self.redis.hget(self.runs_key(run_id), "worker")
-                    if owner is None or _text(owner) == self.worker_id:
-                        continue  # the queue was lost (Redis restarted empty): the run goes on
-                    # another worker took the run over (this one looked dead): stop it here
-                    logger.error("worker %s: run %s was taken over", self.worker_id, run_id)
-                    self._owned.pop(run_id, None)
-                    with contextlib.suppress(RunNotFound):
-                        self.manager.cancel(run_id)
+                # first who the registry says owns each run: a worker that took one over (this
+                # one looked dead) has it now, and re-claiming its entry (XCLAIM with no idle
+                # time moves it whoever holds it) would only steal it back
+                pipe = self.redis.pipeline(transaction=False)
+                for run_id in owned:
+                    pipe.hget(self.runs_key(run_id), "worker")
+                owners = await pipe.execute()
+                for (run_id, _), owner in zip(list(owned.items()), owners, strict=True):
+                    if owner is not None and _text(owner) != self.worker_id:
+                        if run_id in self._owned:
+                            logger.error("worker %s: run %s was taken over", self.worker_id, run_id)
+                            self._stop_copy(run_id)
+                        del owned[run_id]
+                # a run with no registry entry goes on: Redis restarted empty
+                if owned:
+                    await self.redis.xclaim(
+                        self.queue, GROUP, self.worker_id, 0, list(owned.values()), justid=True
+                    )
             await self._cancel_flagged()
             await asyncio.sleep(period)
 
@@ -1077,11 +1107,10 @@ class Cluster:
         worker = _text(record.get("worker", b"?"))
         key = self.runs_key(run_id)
         handed_over = record.get("handover") is not None  # its worker shut down (hand_over)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hincrby(key, "takeovers", 1)
-        pipe.hdel(key, "handover")  # a later loss of this run is told as what it is
-        takeovers = int((await pipe.execute())[0])
+        takeovers = int(await self.redis.hincrby(key, "takeovers", 1))
         why = await self._continue_lost(entry_id, run_id, worker, record, takeovers, handed_over)
+        if handed_over:
+            await self.redis.hdel(key, "handover")  # a later loss is told as what it is
         if why is None:
             logger.warning(
                 "worker %s: continues run %s of %s worker %s",
@@ -1170,6 +1199,7 @@ class Cluster:
         with contextlib.suppress(KeyError, ValueError, TypeError):
             managed.created_at = int(json.loads(record["snapshot"])["created_at"])
         self._owned[run_id] = entry_id
+        self._moved.discard(run_id)  # its own again (a copy stopped here earlier is replaced)
         snapshot = json.dumps(self.manager.status(run_id))
         self._written[run_id] = _Written(snapshot, _text(record.get("status", b"")))
         key = self.runs_key(run_id)

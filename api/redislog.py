@@ -112,8 +112,9 @@ _WRITE = """
 -- the orphan TTL, and the frames PUBLISHed on the run's key as '<first> <len>..\\n<frames>') |
 -- 'c' (the created marker 0-1, orphan TTL) | 'f', last seq (the finished marker 2-0, the TTL,
 -- 'end <last>' PUBLISHed). An id already there (a retry after a cut) is skipped.
--- Fencing: <key>:w names the run's writer. 'c' claims it; 'x' and 'f' claim it when no one has
--- and are skipped when another writer has (the run was taken over: ``RedisEventLog.fence``).
+-- Fencing: <key>:w names the run's writer. Every op claims it when no one has and is skipped
+-- when another writer has (the run was taken over: ``RedisEventLog.fence``); checked once per
+-- run per call.
 -- Returns {the first other error or '', the keys of the runs fenced off}.
 local cap, orphan, ttl, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local at, refused, fenced = 5, '', {}
@@ -124,14 +125,20 @@ local function check(r)
   end
   return true
 end
+local seen = {}
 local function mine(key, keep)
-  local w = redis.call('GET', key .. ':w')
-  if w and w ~= token then
-    fenced[#fenced + 1] = key
-    return false
+  if seen[key] == nil then  -- once per run and call: a run's later ops in it follow suit
+    local w = redis.call('GET', key .. ':w')
+    seen[key] = not (w and w ~= token)
+    if seen[key] then
+      redis.call('SET', key .. ':w', token, 'PX', keep)
+    else
+      fenced[#fenced + 1] = key
+    end
+  elseif seen[key] and keep == ttl then
+    redis.call('PEXPIRE', key .. ':w', ttl)  -- finished: the writer key goes with the stream
   end
-  redis.call('SET', key .. ':w', token, 'PX', keep)
-  return true
+  return seen[key]
 end
 for k = 1, #KEYS do
   local key, kind = KEYS[k], ARGV[at]
@@ -152,9 +159,10 @@ for k = 1, #KEYS do
     end
     at = at + 3 + n
   elseif kind == 'c' then
-    check(redis.pcall('XADD', key, '0-1', 'f', ''))
-    redis.call('PEXPIRE', key, orphan)
-    redis.call('SET', key .. ':w', token, 'PX', orphan)
+    if mine(key, orphan) then
+      check(redis.pcall('XADD', key, '0-1', 'f', ''))
+      redis.call('PEXPIRE', key, orphan)
+    end
     at = at + 1
   else
     if mine(key, ttl) then
@@ -622,7 +630,10 @@ class RedisEventLog(EventLog):
         self.fenced += 1
         logger.error("event log: run %s was taken over by another writer: not written here", run_id)
         if self.on_fenced is not None:
-            self.on_fenced(run_id)
+            try:
+                self.on_fenced(run_id)
+            except Exception:  # a bug there must not stop the writer's bookkeeping
+                logger.exception("event log: on_fenced(%s) failed", run_id)
 
     def _release(self) -> None:
         sent = self._sent

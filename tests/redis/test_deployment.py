@@ -511,6 +511,48 @@ def test_a_serve_process_that_shuts_down_hands_its_run_over(deployment: Deployme
     settled(deployment)
 
 
+def test_a_worker_whose_run_was_taken_over_stops_its_copy_and_does_not_claim_it_back(
+    deployment: Deployment,
+) -> None:
+    """A worker taken for dead that is not: another took its waiting run over. At its next
+    heartbeat it sees the registry's new owner, stops its copy (nothing more written) and
+    leaves the queue entry with the new owner instead of re-claiming it."""
+    timeout = 1.0
+    a = deployment.serve(work_runs="false", heartbeat_timeout=timeout)
+    deployment.worker(heartbeat_timeout=timeout)
+    created = httpx.post(f"{a}/v1/runs", json={"chain": "ask"}, timeout=10)
+    assert created.status_code == 201, created.text
+    run_id = created.json()["run_id"]
+    head = read_events(a, run_id, until=lambda ev: ev and ev[-1]["type"] == "input-required")
+    r = deployment.redis
+    pending = r.xpending_range("stagecast:queue", "workers", "-", "+", 10)
+    assert len(pending) == 1
+    entry = pending[0]["message_id"]
+    # what a takeover by another worker ("ghost", a stand-in) leaves: the log fenced, the
+    # registry naming it, the entry claimed (a heartbeat of the old owner between a real
+    # taker's claim and its registry write may move the entry back once; the taker's own
+    # heartbeat then re-claims it, and the old owner, seeing the registry, lets it be)
+    r.set(f"stagecast:run:{run_id}:w", "ghost-token")
+    r.hset(f"stagecast:runs:{run_id}", "worker", "ghost")
+    r.xclaim("stagecast:queue", "workers", "ghost", 0, [entry], justid=True)
+    # the ghost is alive: it re-claims its entry as a heartbeat does (so it never looks idle);
+    # the old owner heartbeats every third of a second: a re-claim of its own would show here
+    for _ in range(15):
+        time.sleep(0.2)
+        pending = r.xpending_range("stagecast:queue", "workers", "-", "+", 10)
+        assert [(p["message_id"], p["consumer"]) for p in pending] == [(entry, b"ghost")]
+        r.xclaim("stagecast:queue", "workers", "ghost", 0, [entry], justid=True)
+    # the copy was stopped without a word in the log: no cancelled stage-end, no run-end
+    last = r.xrevrange(f"stagecast:run:{run_id}", count=1)
+    assert last[0][0].decode() == f"1-{head[-1]['seq']}"
+    # an answer is no longer taken by the stopped copy: nobody there answers it in time
+    answer = httpx.post(
+        f"{a}/v1/runs/{run_id}/input", json={"stage": "ask", "value": {"count": 3}}, timeout=15
+    )
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "worker_unavailable"
+
+
 def test_a_killed_worker_s_run_ends_failed_when_lost_runs_is_fail(
     deployment: Deployment,
 ) -> None:
@@ -759,7 +801,8 @@ def test_viewers_open_when_redis_stops_are_ended_saying_why(
             try:
                 rest = list(client.events(run_id, after=seen[name]))
             except StagecastError as exc:
-                assert (exc.status, exc.code) == (410, "events_expired"), exc
+                # 410: the stream is back from the events kept meanwhile; 404: not yet rewritten
+                assert (exc.status, exc.code) in ((410, "events_expired"), (404, "unknown_run"))
             else:
                 assert [e.seq for e in rest] == list(range(seen[name] + 1, rest[-1].seq + 1))
                 assert rest[-1].type == "run-end"
@@ -812,7 +855,7 @@ def test_a_cancel_whose_control_message_was_lost_still_stops_the_run(
     # the owner reads its runs' cancel flags at each heartbeat (a third of heartbeat_timeout)
     with Client(b, max_reconnects=20, reconnect_delay=0.1) as client:
         rest = list(client.events(run_id, after=seen[-1]["seq"]))
-    assert time.monotonic() - asked < 1 / 3 + 2, "the cancel did not reach the owner in time"
+    assert time.monotonic() - asked < 1 / 3 + 5, "the cancel did not reach the owner in time"
     assert rest[-1].type == "run-end" and rest[-1].status == "cancelled"
     assert [e.seq for e in rest] == list(range(seen[-1]["seq"] + 1, rest[-1].seq + 1))
     assert status(a, run_id)["status"] == "cancelled"
