@@ -130,10 +130,15 @@ local function mine(key, keep)
   if seen[key] == nil then  -- once per run and call: a run's later ops in it follow suit
     local w = redis.call('GET', key .. ':w')
     seen[key] = not (w and w ~= token)
-    if seen[key] then
+    -- claimed when no one holds it; its TTL is not renewed on every write (one GET is the hot
+    -- path's whole cost): once it lapses, the next write claims it again
+    if not w then
       redis.call('SET', key .. ':w', token, 'PX', keep)
-    else
+    elseif not seen[key] then
       fenced[#fenced + 1] = key
+    end
+    if seen[key] and w and keep == ttl then
+      redis.call('PEXPIRE', key .. ':w', ttl)
     end
   elseif seen[key] and keep == ttl then
     redis.call('PEXPIRE', key .. ':w', ttl)  -- finished: the writer key goes with the stream
