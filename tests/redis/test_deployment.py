@@ -298,6 +298,36 @@ def outline(events: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+RELAY_CONTINUED_IN_SECOND = [
+    "run-start",
+    "stage-start first#1",
+    "token first#1 …",
+    "stage-end first#1 succeeded",
+    "stage-start second#1",
+    "token second#1 …",
+    "stage-retry second#1 worker_lost",
+    "stage-start second#2",
+    "token second#2 …",
+    "stage-end second#2 succeeded",
+    "stage-start parts#1",
+    "stage-start parts.0#1",
+    "token parts.0#1 …",
+    "stage-end parts.0#1 succeeded",
+    "stage-progress parts#1 1/2",
+    "stage-start parts.1#1",
+    "token parts.1#1 …",
+    "stage-end parts.1#1 succeeded",
+    "stage-progress parts#1 2/2",
+    "stage-end parts#1 succeeded",
+    "stage-start third#1",
+    "token third#1 …",
+    "stage-end third#1 succeeded",
+    "run-end succeeded",
+]
+"""A `relay` run whose worker was lost (killed, or shut down) while `second` streamed, as a viewer
+across it sees it: `first` had ended and is not sent again, `second` runs again (attempt 2)."""
+
+
 def relay(url: str) -> str:
     body = {"chain": "relay", "inputs": {"text": TEXT}}
     response = httpx.post(f"{url}/v1/runs", json=body, timeout=10)
@@ -337,32 +367,7 @@ def test_a_killed_worker_s_run_is_continued_from_its_ended_stages(deployment: De
     assert events[-1]["status"] == "succeeded", outline(events)
     # the exact sequence the viewer saw: `first` ended before the kill and is not sent again;
     # `second` was streaming: stage-retry (worker_lost), stage-start attempt 2, its tokens again
-    assert outline(events) == [
-        "run-start",
-        "stage-start first#1",
-        "token first#1 …",
-        "stage-end first#1 succeeded",
-        "stage-start second#1",
-        "token second#1 …",
-        "stage-retry second#1 worker_lost",
-        "stage-start second#2",
-        "token second#2 …",
-        "stage-end second#2 succeeded",
-        "stage-start parts#1",
-        "stage-start parts.0#1",
-        "token parts.0#1 …",
-        "stage-end parts.0#1 succeeded",
-        "stage-progress parts#1 1/2",
-        "stage-start parts.1#1",
-        "token parts.1#1 …",
-        "stage-end parts.1#1 succeeded",
-        "stage-progress parts#1 2/2",
-        "stage-end parts#1 succeeded",
-        "stage-start third#1",
-        "token third#1 …",
-        "stage-end third#1 succeeded",
-        "run-end succeeded",
-    ]
+    assert outline(events) == RELAY_CONTINUED_IN_SECOND
     retry = next(e for e in events if e["type"] == "stage-retry")
     assert retry["seq"] > killed["seen"]  # written by the new owner, after what the viewer saw
     owner = deployment.redis.hget(f"stagecast:runs:{run_id}", "worker").decode()
@@ -431,32 +436,7 @@ def test_a_worker_that_shuts_down_hands_its_run_over_at_once(deployment: Deploym
     assert owner != handed
     assert events[-1]["status"] == "succeeded", outline(events)
     # nothing cancelled: `first` had ended and is not sent again, `second` runs again
-    assert outline(events) == [
-        "run-start",
-        "stage-start first#1",
-        "token first#1 …",
-        "stage-end first#1 succeeded",
-        "stage-start second#1",
-        "token second#1 …",
-        "stage-retry second#1 worker_lost",
-        "stage-start second#2",
-        "token second#2 …",
-        "stage-end second#2 succeeded",
-        "stage-start parts#1",
-        "stage-start parts.0#1",
-        "token parts.0#1 …",
-        "stage-end parts.0#1 succeeded",
-        "stage-progress parts#1 1/2",
-        "stage-start parts.1#1",
-        "token parts.1#1 …",
-        "stage-end parts.1#1 succeeded",
-        "stage-progress parts#1 2/2",
-        "stage-end parts#1 succeeded",
-        "stage-start third#1",
-        "token third#1 …",
-        "stage-end third#1 succeeded",
-        "run-end succeeded",
-    ]
+    assert outline(events) == RELAY_CONTINUED_IN_SECOND
     retry = next(e for e in events if e["type"] == "stage-retry")
     assert retry["error"] == {
         "type": "worker_lost",
