@@ -322,6 +322,10 @@ class Cluster:
         self._owned.pop(run_id, None)
         self._written.pop(run_id, None)
         self._moved.add(run_id)
+        # the stopped copy is kept by the manager until its TTL, then forgotten: so is this
+        asyncio.get_running_loop().call_later(
+            self.settings.finished_run_ttl + 60, self._moved.discard, run_id
+        )
         with contextlib.suppress(UnknownRun):
             self.log.release(run_id)
         with contextlib.suppress(RunNotFound):
