@@ -58,9 +58,10 @@ input, with no sticky routing. The keys (prefix ``stagecast:``)::
 - **Control.** Cancel sets the registry's ``cancel`` flag (a worker that starts the run later
   sees it) and publishes on ``control``; the owning worker cancels within a round trip. A
   message lost while the owner's subscription was down is caught by the flag: the owner reads
-  its runs' flags when it subscribes again and at every heartbeat (a third of
-  ``heartbeat_timeout``). A run that ends while Redis is away keeps retrying to tell the
-  registry (``FINISH_RETRY_SECONDS``), so its slot is given back once Redis returns.
+  its runs' flags (and owners: ``_look_at_registry``) when it subscribes again and at every
+  heartbeat (a third of ``heartbeat_timeout``). A run that ends while Redis is away keeps
+  retrying to tell the registry (``FINISH_RETRY_SECONDS``), so its slot is given back once
+  Redis returns.
 """
 
 from __future__ import annotations
@@ -962,21 +963,29 @@ class Cluster:
         self._owned.pop(run_id, None)  # after: a failed call leaves the run to be retried
         self._written.pop(run_id, None)
 
-    async def _cancel_flagged(self) -> None:
-        """Cancel the runs here whose registry entry says ``cancel``: a cancel whose control
-        message was lost (the subscription was reconnecting) still stops the run, within a
-        third of ``heartbeat_timeout`` at most."""
-        owned = list(self._owned)
+    async def _look_at_registry(self) -> dict[str, bytes]:
+        """What the registry says of the runs here, in one round trip: a run another worker
+        now owns (it took it over: this one looked dead) has its copy here stopped; a run whose
+        ``cancel`` flag is set is cancelled (its control message may have been lost while the
+        subscription was reconnecting). Returns the runs that are still this worker's."""
+        owned = dict(self._owned)
         if not owned:
-            return
+            return owned
         pipe = self.redis.pipeline(transaction=False)
         for run_id in owned:
-            pipe.hget(self.runs_key(run_id), "cancel")
-        flags = await pipe.execute()
-        for run_id, flag in zip(owned, flags, strict=True):
-            if flag is not None and run_id in self._owned:
+            pipe.hmget(self.runs_key(run_id), ["worker", "cancel"])
+        looks = await pipe.execute()
+        for run_id, (owner, cancel) in zip(list(owned), looks, strict=True):
+            if run_id not in self._owned:
+                del owned[run_id]
+            elif owner is not None and _text(owner) != self.worker_id:
+                logger.error("worker %s: run %s was taken over", self.worker_id, run_id)
+                self._stop_copy(run_id)
+                del owned[run_id]
+            elif cancel is not None:
                 with contextlib.suppress(RunNotFound):
                     self.manager.cancel(run_id)
+        return owned
 
     async def _heartbeat(self) -> None:
         period = self.heartbeat_timeout / 3
@@ -986,27 +995,14 @@ class Cluster:
                 json.dumps({"runs": len(self._owned), "ts": _now_ms()}),
                 px=max(1, int(self.heartbeat_timeout * 1000)),
             )
-            owned = dict(self._owned)
+            # the registry first: re-claiming the entry of a run another worker took over
+            # (XCLAIM with no idle time moves it whoever holds it) would only steal it back; a
+            # run with no registry entry goes on (Redis restarted empty)
+            owned = await self._look_at_registry()
             if owned:
-                # first who the registry says owns each run: a worker that took one over (this
-                # one looked dead) has it now, and re-claiming its entry (XCLAIM with no idle
-                # time moves it whoever holds it) would only steal it back
-                pipe = self.redis.pipeline(transaction=False)
-                for run_id in owned:
-                    pipe.hget(self.runs_key(run_id), "worker")
-                owners = await pipe.execute()
-                for (run_id, _), owner in zip(list(owned.items()), owners, strict=True):
-                    if owner is not None and _text(owner) != self.worker_id:
-                        if run_id in self._owned:
-                            logger.error("worker %s: run %s was taken over", self.worker_id, run_id)
-                            self._stop_copy(run_id)
-                        del owned[run_id]
-                # a run with no registry entry goes on: Redis restarted empty
-                if owned:
-                    await self.redis.xclaim(
-                        self.queue, GROUP, self.worker_id, 0, list(owned.values()), justid=True
-                    )
-            await self._cancel_flagged()
+                await self.redis.xclaim(
+                    self.queue, GROUP, self.worker_id, 0, list(owned.values()), justid=True
+                )
             await asyncio.sleep(period)
 
     async def _snapshot(self) -> None:
@@ -1112,6 +1108,9 @@ class Cluster:
         key = self.runs_key(run_id)
         handed_over = record.get("handover") is not None  # its worker shut down (hand_over)
         takeovers = int(await self.redis.hincrby(key, "takeovers", 1))
+        # this worker is the run's writer from now on, continued or failed: a lost owner that
+        # is alive after all (stalled, cut off) cannot add to the log read next
+        await self.log.fence(run_id)
         why = await self._continue_lost(entry_id, run_id, worker, record, takeovers, handed_over)
         if handed_over:
             await self.redis.hdel(key, "handover")  # a later loss is told as what it is
@@ -1157,9 +1156,6 @@ class Cluster:
         entry = self.catalog.find(chain_id)
         if entry is None or entry.chain is None:
             return f"chain {chain_id!r} is not on this worker"
-        # this worker is the run's writer from now on: a lost owner that is alive after all
-        # (stalled, cut off) cannot add to the log it reads next
-        await self.log.fence(run_id)
         try:
             info = await self.log.ainfo(run_id)
         except UnknownRun:
@@ -1224,7 +1220,6 @@ class Cluster:
     ) -> None:
         """End a run whose worker died: failed stage-ends for the open stages, then run-end."""
         message = worker_lost_message(worker, self.heartbeat_timeout, why, handed_over)
-        await self.log.fence(run_id)  # the lost owner, if alive after all, writes no more
         try:
             info = await self.log.ainfo(run_id)
             part = await self.log.read(run_id, info.first_seq - 1)
@@ -1319,7 +1314,7 @@ class Cluster:
             await pubsub.subscribe(self.control)
             # what was published while this subscription was down reached nobody: a cancel is
             # also a flag in the registry, read now that new messages do arrive
-            await self._cancel_flagged()
+            await self._look_at_registry()
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is None or message.get("type") != "message":

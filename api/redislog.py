@@ -126,22 +126,17 @@ local function check(r)
   return true
 end
 local seen = {}
-local function mine(key, keep)
-  if seen[key] == nil then  -- once per run and call: a run's later ops in it follow suit
+local function mine(key)  -- once per run and call: a run's later ops in it follow suit
+  if seen[key] == nil then
     local w = redis.call('GET', key .. ':w')
     seen[key] = not (w and w ~= token)
     -- claimed when no one holds it; its TTL is not renewed on every write (one GET is the hot
     -- path's whole cost): once it lapses, the next write claims it again
     if not w then
-      redis.call('SET', key .. ':w', token, 'PX', keep)
+      redis.call('SET', key .. ':w', token, 'PX', orphan)
     elseif not seen[key] then
       fenced[#fenced + 1] = key
     end
-    if seen[key] and w and keep == ttl then
-      redis.call('PEXPIRE', key .. ':w', ttl)
-    end
-  elseif seen[key] and keep == ttl then
-    redis.call('PEXPIRE', key .. ':w', ttl)  -- finished: the writer key goes with the stream
   end
   return seen[key]
 end
@@ -149,7 +144,7 @@ for k = 1, #KEYS do
   local key, kind = KEYS[k], ARGV[at]
   if kind == 'x' then
     local seq, n = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
-    if mine(key, orphan) then
+    if mine(key) then
       local ok, head = true, {ARGV[at + 1]}
       for i = 0, n - 1 do
         local frame = ARGV[at + 3 + i]
@@ -164,17 +159,18 @@ for k = 1, #KEYS do
     end
     at = at + 3 + n
   elseif kind == 'c' then
-    if mine(key, orphan) then
+    if mine(key) then
       check(redis.pcall('XADD', key, '0-1', 'f', ''))
       redis.call('PEXPIRE', key, orphan)
     end
     at = at + 1
   else
-    if mine(key, ttl) then
+    if mine(key) then
       if check(redis.pcall('XADD', key, '2-0', 'f', '')) then
         redis.call('PUBLISH', key, 'end ' .. ARGV[at + 1])
       end
       redis.call('PEXPIRE', key, ttl)
+      redis.call('PEXPIRE', key .. ':w', ttl)  -- the writer key goes with the stream
     end
     at = at + 2
   end
